@@ -1,0 +1,3 @@
+"""rise-ray: RISE (Recursive Introspection) on Ray."""
+
+__version__ = "0.1.0"

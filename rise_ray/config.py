@@ -1,0 +1,185 @@
+"""The run configuration: one pydantic schema, YAML files, and `key=value` dotted overrides.
+
+A bad config fails at load with the field's path and the reason (ConfigError), never a
+traceback from deep inside the run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the field and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EnvConfig(_Strict):
+    name: str = "arithmetic"  # arithmetic | gsm8k | math
+    train_path: str | None = None  # local JSONL, or a `datasets` hub name ("openai/gsm8k")
+    test_path: str | None = None
+    num_train: int | None = Field(None, ge=1)  # cap on problems used (None = all)
+    num_test: int | None = Field(None, ge=1)
+    unparsed_reward: float = -1.0  # reward when no answer can be read (the paper's GSM8K code: -1)
+    feedback: str = "The answer is incorrect. Please try again."
+    repeat_question: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)  # env-specific (e.g. arithmetic ranges)
+
+
+class TinyModelConfig(_Strict):
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(384, ge=16)
+    max_position_embeddings: int = Field(1024, ge=64)
+
+
+class ModelConfig(_Strict):
+    path: str | None = None  # local HF directory or hub id; None = build the tiny model
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    max_model_len: int = Field(1024, ge=32)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+class RolloutConfig(_Strict):
+    engine: Literal["hf", "vllm"] = "hf"
+    num_engines: int = Field(1, ge=1)  # persistent engine actors
+    num_cpus_per_engine: float = Field(1.0, gt=0)
+    num_gpus_per_engine: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)  # problems per Ray Data batch
+    kv_cache_memory_bytes: int = Field(256 * 2**20, ge=2**20)  # vLLM on CPU
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    turns: int = Field(5, ge=1)  # turns per collected trajectory
+    best_of_n: int = Field(8, ge=1)  # candidates for the improved answer at a wrong turn
+    improve_with: Literal["self", "teacher"] = "self"  # self-distillation or distillation
+    context_window: int | None = Field(None, ge=1)  # keep only the latest k attempts in the prompt
+    seed: int = 0
+
+
+class TeacherConfig(_Strict):
+    path: str | None = None  # required when rollout.improve_with == "teacher"
+    engine: Literal["hf", "vllm"] = "hf"
+    num_engines: int = Field(1, ge=1)
+    num_cpus_per_engine: float = Field(1.0, gt=0)
+    num_gpus_per_engine: float = Field(0.0, ge=0)
+    max_model_len: int = Field(2048, ge=32)
+
+
+class EvalConfig(_Strict):
+    turns: int = Field(5, ge=1)
+    parallel: int = Field(5, ge=1)  # m{k}@t1 / p{k}@t1: k parallel first answers
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    context_window: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 1234
+
+
+class RunConfig(_Strict):
+    name: str = "default"
+    run_dir: str = "runs"
+    seed: int = 0
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    # Sections owned by later stages are kept as free-form dicts until their schema lands.
+    data: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    serve: dict[str, Any] = Field(default_factory=dict)
+    iterations: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _teacher_needs_path(self) -> RunConfig:
+        if self.rollout.improve_with == "teacher" and not self.teacher.path:
+            raise ValueError("rollout.improve_with is 'teacher' but teacher.path is not set")
+        return self
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override '{item}': expected key=value with a dotted key, e.g. rollout.turns=3")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' was already set to a value")
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in e.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+        lines.append(f"  {path}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The resolved config: defaults < YAML file < key=value overrides."""
+    data = read_yaml(path) if path else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    source = path or "defaults"
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def dump_config(cfg: RunConfig, path: str) -> None:
+    from rise_ray.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,129 @@
+"""What every RISE environment provides: problems, a grader and the feedback text.
+
+An environment is a multi-turn MDP over one problem: the model answers, the grader scores the
+answer, and if it is wrong the conversation goes on with the feedback message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+INCORRECT_FEEDBACK = "The answer is incorrect. Please try again."
+
+
+class DataError(ValueError):
+    """A data row that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    reference: str  # the data set's own gold field (GSM8K `answer`, MATH `solution`, ...)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grade:
+    correct: bool
+    answer: str | None  # the extracted final answer; None when none could be read
+    reward: float
+
+
+@dataclass
+class Env:
+    """Base class. Subclasses implement `extract` and `is_equivalent`, and set the problems."""
+
+    name: str = "base"
+    train: list[Problem] = field(default_factory=list)
+    test: list[Problem] = field(default_factory=list)
+    system_prompt: str | None = None
+    feedback: str = INCORRECT_FEEDBACK
+    repeat_question: bool = True  # the paper repeats the question after the feedback
+    correct_reward: float = 1.0
+    wrong_reward: float = 0.0
+    unparsed_reward: float = -1.0  # the paper's GSM8K code gives -1 when no answer can be read
+
+    # --- to implement -------------------------------------------------------------------------
+    def extract(self, response: str) -> str | None:
+        """The model's final answer in `response`, or None when none can be read."""
+        raise NotImplementedError
+
+    def gold(self, reference: str) -> str:
+        """The gold answer inside a reference field."""
+        raise NotImplementedError
+
+    def is_equivalent(self, answer: str, gold: str) -> bool:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------
+    def grade(self, response: str, reference: str) -> Grade:
+        answer = self.extract(response)
+        if answer is None:
+            return Grade(False, None, self.unparsed_reward)
+        ok = self.is_equivalent(answer, self.gold(reference))
+        return Grade(ok, answer, self.correct_reward if ok else self.wrong_reward)
+
+    def answer_key(self, answer: str | None) -> str | None:
+        """A canonical form used for majority voting (equal keys = same answer)."""
+        return None if answer is None else answer.strip()
+
+    def first_prompt(self, problem: Problem) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*msgs, {"role": "user", "content": problem.question}]
+
+    def feedback_message(self, problem: Problem) -> dict[str, str]:
+        text = f"{self.feedback}\n\n{problem.question}" if self.repeat_question else self.feedback
+        return {"role": "user", "content": text}
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-blank line; a bad line is a DataError naming file and line."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def require_fields(row: dict[str, Any], fields: Iterable[str], where: str) -> None:
+    for name in fields:
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{where}: row has no '{name}' (fields present: {sorted(row)})")
+
+
+def iter_rows(path: str, split: str, hub_config: str | None = None) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(where, line or row number, row) from a local JSONL file, else from a `datasets` hub name.
+
+    `where` ("file:line" or "name[split]:row") is what DataErrors quote. The hub is only tried
+    when `path` is not an existing local file, so a mistyped local path still says so clearly.
+    """
+    import os
+
+    if os.path.isfile(path):
+        for lineno, row in iter_jsonl(path):
+            yield f"{path}:{lineno}", lineno, row
+        return
+    if path.endswith((".jsonl", ".json")) or path.startswith(("/", "./", "../", "~")):
+        raise DataError(f"{path}: no such data file")
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise DataError(f"{path}: not a local file, and the `datasets` package is not installed") from None
+    try:
+        rows = datasets.load_dataset(path, hub_config, split=split)
+    except Exception as e:  # any hub failure becomes one clear data error
+        raise DataError(f"{path}: not a local file, and loading it from the hub failed: {e}") from e
+    for i, row in enumerate(rows, start=1):
+        yield f"{path}[{split}]:{i}", i, dict(row)

@@ -1,0 +1,66 @@
+"""The rollout-engine protocol shared by vLLM (GPU or the CPU build) and transformers.
+
+An engine turns chat conversations into sampled assistant replies. Everything above it
+(episodes, the rollout pool, evaluation, serving) talks only to this protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+
+    def with_(self, **kw: Any) -> SamplingParams:
+        return replace(self, **kw)
+
+
+class Completion(str):
+    """A reply: a plain str (the protocol's type) that also says whether it ended on its own."""
+
+    finished: bool  # False when the reply hit max_tokens without an end-of-turn token
+
+    def __new__(cls, text: str, finished: bool = True) -> Completion:
+        obj = super().__new__(cls, text)
+        obj.finished = finished
+        return obj
+
+    def __reduce__(self):  # keep `finished` through pickling (Ray object store)
+        return (Completion, (str(self), self.finished))
+
+
+class PromptTooLong(ValueError):
+    """A conversation does not fit the model's context with room to answer."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    max_model_len: int
+
+    def generate(
+        self, conversations: list[Conversation], n: int, params: SamplingParams
+    ) -> list[list[str]]:
+        """n completions (Completion, a str) for each conversation, in order. Raises PromptTooLong for a prompt that
+        leaves no room for max_tokens."""
+        ...
+
+    def prompt_len(self, conversation: Conversation) -> int:
+        """Tokens of the chat-templated conversation, generation prompt included."""
+        ...
+
+    def update_weights(self, weights: Any) -> None:
+        """Load new weights in place: a {name: tensor} state dict or a checkpoint directory."""
+        ...
+
+    def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[tuple[int, float]]:
+        """The k most likely next tokens (id, log-probability) after the generation prompt: used
+        to check that synced weights match the trained model."""
+        ...

@@ -1,0 +1,221 @@
+"""Multi-turn episodes: the RISE MDP run over a batch of problems.
+
+Steps, per turn t = 1..T:
+  1. build each live conversation: the question, then the latest attempts, each followed by the
+     feedback ("The answer is incorrect. Please try again."), trimmed to a context window;
+  2. send all live conversations to the engine in one call (n candidates each);
+  3. grade every candidate, drop runaway repetitions, keep one (best by reward when collecting,
+     the first when evaluating: choosing by reward would use the gold answer);
+  4. with an oracle, a conversation ends at its first correct answer; without one it runs T turns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from rise_ray.envs.base import Env, Problem
+from rise_ray.rollout.engine import Conversation, Engine, SamplingParams
+
+
+@dataclass
+class Turn:
+    response: str  # the kept reply: it goes into the next turn's context
+    answer: str | None
+    reward: float
+    correct: bool
+    source: str  # "policy" or "teacher"
+    finished: bool  # ended on its own (not cut at max_tokens)
+    degenerate: bool  # every candidate was a runaway repetition: never trained on
+    candidates: list[str] = field(default_factory=list)
+    candidate_answers: list[str | None] = field(default_factory=list)
+    candidate_rewards: list[float] = field(default_factory=list)
+    candidate_correct: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class Trajectory:
+    problem_id: str
+    question: str
+    reference: str
+    turns: list[Turn] = field(default_factory=list)
+    degenerate_dropped: int = 0  # candidates dropped as runaway repetitions
+    stop_reason: str = "turns"  # turns | correct | prompt_too_long
+    meta: str = "{}"  # the problem's meta as JSON (keeps the parquet schema fixed)
+
+    def to_record(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_record(rec: dict) -> Trajectory:
+        turns = [Turn(**{k: _plain(v) for k, v in t.items()}) for t in rec["turns"]]
+        fields = {k: rec[k] for k in ("problem_id", "question", "reference", "degenerate_dropped", "stop_reason", "meta")}
+        return Trajectory(turns=turns, **fields)
+
+
+def _plain(v):
+    """numpy arrays (from parquet via pandas) back to lists."""
+    return v.tolist() if hasattr(v, "tolist") and not isinstance(v, (str, bytes)) else v
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    turns: int = 5
+    params: SamplingParams = SamplingParams()
+    first_n: int = 1  # candidates at turn 1 (evaluation: the parallel samples for m5@t1)
+    later_n: int = 1  # candidates at turns >= 2 (collection: best-of-N)
+    choose: Literal["best", "first"] = "first"  # best: by reward (collection); first: evaluation
+    oracle: bool = False  # stop a conversation at its first correct answer
+    context_window: int | None = None  # keep only the latest k attempts in the prompt
+    drop_degenerate: bool = False  # collection drops runaway repetitions; evaluation keeps them
+
+
+def is_degenerate(text: str, finished: bool, min_repeats: int = 4, max_period: int = 64) -> bool:
+    """A runaway repetition: the reply hit max_tokens and its tail is one snippet repeated."""
+    if finished or len(text) < 2 * min_repeats:
+        return False
+    for period in range(1, min(max_period, len(text) // min_repeats) + 1):
+        unit = text[-period:]
+        if text[-period * min_repeats :] == unit * min_repeats:
+            return True
+    return False
+
+
+def build_conversation(env: Env, problem: Problem, attempts: list[str], window: int | None) -> Conversation:
+    """The prompt for the next turn: the question, then the kept attempts each with feedback."""
+    conv = list(env.first_prompt(problem))
+    for attempt in attempts[-window:] if window else attempts:
+        conv.append({"role": "assistant", "content": attempt})
+        conv.append(env.feedback_message(problem))
+    return conv
+
+
+def run_episodes(
+    engine: Engine,
+    env: Env,
+    problems: list[Problem],
+    spec: EpisodeSpec,
+    improver: Engine | None = None,
+) -> list[Trajectory]:
+    """Run the multi-turn MDP for every problem. `improver` (a teacher) answers turns >= 2."""
+    trajs = [Trajectory(p.id, p.question, p.reference, meta=json.dumps(p.meta, default=str)) for p in problems]
+    live = list(range(len(problems)))
+    for t in range(spec.turns):
+        use_teacher = t > 0 and improver is not None
+        producer = improver if use_teacher else engine
+        n = spec.first_n if t == 0 else spec.later_n
+        convs, keep = [], []
+        for i in live:
+            conv = build_conversation(env, problems[i], [x.response for x in trajs[i].turns], spec.context_window)
+            if producer.prompt_len(conv) + spec.params.max_tokens > producer.max_model_len:
+                trajs[i].stop_reason = "prompt_too_long"
+                continue
+            convs.append(conv)
+            keep.append(i)
+        live = keep
+        if not live:
+            break
+        params = spec.params if spec.params.seed is None else spec.params.with_(seed=spec.params.seed + t)
+        outputs = producer.generate(convs, n, params)
+        for i, cands in zip(live, outputs, strict=True):
+            turn = _choose(env, problems[i], cands, spec, "teacher" if use_teacher else "policy")
+            trajs[i].degenerate_dropped += sum(
+                spec.drop_degenerate and is_degenerate(c, getattr(c, "finished", True)) for c in cands
+            )
+            trajs[i].turns.append(turn)
+        if spec.oracle:
+            for i in live:
+                if trajs[i].turns[-1].correct:
+                    trajs[i].stop_reason = "correct"
+            live = [i for i in live if not trajs[i].turns[-1].correct]
+    return trajs
+
+
+def _choose(env: Env, problem: Problem, cands: list[str], spec: EpisodeSpec, source: str) -> Turn:
+    grades = [env.grade(c, problem.reference) for c in cands]
+    finished = [getattr(c, "finished", True) for c in cands]
+    bad = [spec.drop_degenerate and is_degenerate(c, f) for c, f in zip(cands, finished, strict=True)]
+    usable = [k for k in range(len(cands)) if not bad[k]] or [0]
+    if spec.choose == "best":
+        k = max(usable, key=lambda j: (grades[j].reward, -j))  # ties: the earliest candidate
+    else:
+        k = usable[0]
+    return Turn(
+        response=str(cands[k]),
+        answer=grades[k].answer,
+        reward=grades[k].reward,
+        correct=grades[k].correct,
+        source=source,
+        finished=finished[k],
+        degenerate=bad[k],
+        candidates=[str(c) for c in cands],
+        candidate_answers=[g.answer for g in grades],
+        candidate_rewards=[g.reward for g in grades],
+        candidate_correct=[g.correct for g in grades],
+    )
+
+
+def trajectory_schema():
+    """A fixed Arrow schema for trajectory records, so every batch and file agrees."""
+    import pyarrow as pa
+
+    turn = pa.struct(
+        [
+            ("response", pa.string()),
+            ("answer", pa.string()),
+            ("reward", pa.float64()),
+            ("correct", pa.bool_()),
+            ("source", pa.string()),
+            ("finished", pa.bool_()),
+            ("degenerate", pa.bool_()),
+            ("candidates", pa.list_(pa.string())),
+            ("candidate_answers", pa.list_(pa.string())),
+            ("candidate_rewards", pa.list_(pa.float64())),
+            ("candidate_correct", pa.list_(pa.bool_())),
+        ]
+    )
+    return pa.schema(
+        [
+            ("problem_id", pa.string()),
+            ("question", pa.string()),
+            ("reference", pa.string()),
+            ("turns", pa.list_(turn)),
+            ("degenerate_dropped", pa.int64()),
+            ("stop_reason", pa.string()),
+            ("meta", pa.string()),
+        ]
+    )
+
+
+def to_table(trajs: list[Trajectory]):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([t.to_record() for t in trajs], schema=trajectory_schema())
+
+
+def write_trajectories(trajs: list[Trajectory], path: str) -> None:
+    """Write records to one parquet file atomically."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from rise_ray.files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    pq.write_table(to_table(trajs), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_trajectories(path: str) -> list[Trajectory]:
+    """Records from a parquet file or a directory of them (sorted by file name)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    files = (
+        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
+        if os.path.isdir(path)
+        else [path]
+    )
+    return [Trajectory.from_record(r) for f in files for r in pq.read_table(f).to_pylist()]

@@ -1,0 +1,210 @@
+"""A pool of persistent rollout-engine actors, fed by Ray Data.
+
+Steps of `RolloutPool.run`:
+  1. the problems become a Ray Dataset (one row each, with its index);
+  2. `map_batches` streams batches through light tasks; batch k drives engine actor k mod N;
+  3. each task runs the multi-turn episodes (rise_ray.rollout.episodes) with the actor as its
+     engine, so every turn of the batch is one generate call on a warm engine;
+  4. the trajectory records come back as Arrow rows with a fixed schema.
+
+The actors live across RISE iterations (engines are never rebuilt per round): new weights are
+loaded in place with `update_weights`. An actor that dies is restarted by Ray, reloads the latest
+synced weights from the pointer file, and the call in flight is retried, so no batch is lost or
+counted twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import ray
+
+from rise_ray.envs.base import Problem
+from rise_ray.rollout.engine import Conversation, SamplingParams
+from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, to_table
+
+READY_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_READY_TIMEOUT_S", "600"))
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class EngineActor:
+    """Holds one engine (vLLM or transformers) for the life of the run."""
+
+    def __init__(self, kind: str, model_path: str, engine_kwargs: dict[str, Any], pointer_path: str | None):
+        from rise_ray.rollout import make_engine
+
+        self.model_path = model_path
+        self.engine = make_engine(kind, model_path, **engine_kwargs)
+        self.weights_version = "initial"
+        # After a restart, come back with the latest synced weights, not the initial ones.
+        if pointer_path and os.path.exists(pointer_path):
+            with open(pointer_path) as f:
+                pointer = json.load(f)
+            self.engine.update_weights(pointer["checkpoint"])
+            self.weights_version = pointer["version"]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_path": self.model_path,
+            "max_model_len": self.engine.max_model_len,
+            "weights_version": self.weights_version,
+            "pid": os.getpid(),
+        }
+
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+        return self.engine.generate(conversations, n, params)
+
+    def update_weights(self, weights: Any, version: str) -> None:
+        self.engine.update_weights(weights)
+        self.weights_version = version
+
+    def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[tuple[int, float]]:
+        return self.engine.top_logprobs(conversation, k)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class RemoteEngine:
+    """The Engine protocol over an EngineActor handle (used inside Ray Data tasks)."""
+
+    def __init__(self, actor, model_path: str, max_model_len: int):
+        self.actor = actor
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+        return ray.get(self.actor.generate.remote(conversations, n, params))
+
+    def prompt_len(self, conversation: Conversation) -> int:
+        # Tokenised here, not on the actor: one round trip per turn, not per conversation.
+        tok = _tokenizer(self.model_path)
+        return len(tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+    def update_weights(self, weights: Any) -> None:
+        ray.get(self.actor.update_weights.remote(weights, "manual"))
+
+    def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[tuple[int, float]]:
+        return ray.get(self.actor.top_logprobs.remote(conversation, k))
+
+
+@functools.lru_cache(maxsize=8)
+def _env(name: str, options_json: str):
+    from rise_ray.envs import get_env
+
+    return get_env(name, **json.loads(options_json))
+
+
+def _episode_batch(batch, *, actors, model_path, max_model_len, teacher, env_name, env_options, spec, batch_size):
+    """One Ray Data batch: run its episodes on engine actor (batch number mod N)."""
+    rows = batch.to_pylist()
+    env = _env(env_name, env_options)
+    problems = [Problem(r["id"], r["question"], r["reference"], json.loads(r["meta"])) for r in rows]
+    engine = RemoteEngine(actors[(rows[0]["idx"] // batch_size) % len(actors)], model_path, max_model_len)
+    improver = None
+    if teacher is not None:
+        t_actors, t_path, t_len = teacher
+        improver = RemoteEngine(t_actors[(rows[0]["idx"] // batch_size) % len(t_actors)], t_path, t_len)
+    return to_table(run_episodes(engine, env, problems, spec, improver=improver))
+
+
+class RolloutPool:
+    """N persistent engine actors and the Ray Data pipeline that feeds them."""
+
+    def __init__(
+        self,
+        kind: str,
+        model_path: str,
+        num_engines: int = 1,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        engine_kwargs: dict[str, Any] | None = None,
+        pointer_path: str | None = None,
+    ):
+        self.kind = kind
+        self.model_path = model_path
+        self.pointer_path = pointer_path
+        self.actors = [
+            EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+                kind, model_path, engine_kwargs or {}, pointer_path
+            )
+            for _ in range(num_engines)
+        ]
+        infos = ray.get([a.info.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
+        self.max_model_len = infos[0]["max_model_len"]
+
+    def run(
+        self,
+        env_name: str,
+        env_options: dict[str, Any],
+        problems: list[Problem],
+        spec: EpisodeSpec,
+        batch_size: int = 64,
+        teacher: RolloutPool | None = None,
+    ) -> list[Trajectory]:
+        """Stream the problems through the engines; trajectories come back in problem order."""
+        if not problems:
+            return []
+        rows = [
+            {"idx": i, "id": p.id, "question": p.question, "reference": p.reference, "meta": json.dumps(p.meta, default=str)}
+            for i, p in enumerate(problems)
+        ]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+        ds = ds.map_batches(
+            _episode_batch,
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            # Tasks only route work to the engine actors: a sliver of CPU each, or on a small machine
+            # the pipeline would wait for CPUs the engines hold (deadlock on 2 cores).
+            num_cpus=0.05,
+            compute=ray.data.TaskPoolStrategy(size=2 * len(self.actors)),
+            max_retries=3,
+            fn_kwargs={
+                "actors": self.actors,
+                "model_path": self.model_path,
+                "max_model_len": self.max_model_len,
+                "teacher": None if teacher is None else (teacher.actors, teacher.model_path, teacher.max_model_len),
+                "env_name": env_name,
+                "env_options": json.dumps(env_options, sort_keys=True, default=str),
+                "spec": spec,
+                "batch_size": batch_size,
+            },
+        )
+        by_id = {}
+        for rec in ds.iter_rows():
+            by_id[rec["problem_id"]] = Trajectory.from_record(rec)
+        missing = [p.id for p in problems if p.id not in by_id]
+        if missing or len(by_id) != len(problems):
+            raise RuntimeError(f"rollout lost {len(missing)} problems (e.g. {missing[:3]}); ids must be unique")
+        return [by_id[p.id] for p in problems]
+
+    def update_weights(self, weights: Any, version: str, checkpoint_dir: str | None = None) -> float:
+        """Load new weights into every live engine in place; returns seconds taken.
+
+        `weights` is a state dict (sent once through the object store) or a checkpoint dir. The
+        pointer file names the checkpoint so an engine restarted later loads the same weights.
+        """
+        start = time.perf_counter()
+        ref = ray.put(weights) if isinstance(weights, dict) else weights
+        ray.get([a.update_weights.remote(ref, version) for a in self.actors])
+        if self.pointer_path and (checkpoint_dir or isinstance(weights, str)):
+            from rise_ray.files import atomic_write_json
+
+            atomic_write_json(self.pointer_path, {"checkpoint": checkpoint_dir or weights, "version": version})
+        return time.perf_counter() - start
+
+    def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[list[tuple[int, float]]]:
+        return ray.get([a.top_logprobs.remote(conversation, k) for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

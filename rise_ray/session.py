@@ -1,0 +1,81 @@
+"""From a config to live pieces: Ray, the environment, the model directory and engine pools."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rise_ray.config import EnvConfig, ModelConfig, RolloutConfig
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster at RAY_ADDRESS, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
+    """Options for `get_env`. Without data: only what grading and prompting need (cheap to build
+    in every worker)."""
+    opts: dict[str, Any] = {
+        "unparsed_reward": cfg.unparsed_reward,
+        "feedback": cfg.feedback,
+        "repeat_question": cfg.repeat_question,
+        **cfg.options,
+    }
+    if with_data:
+        opts.update(train_path=cfg.train_path, test_path=cfg.test_path, num_train=cfg.num_train, num_test=cfg.num_test)
+    return opts
+
+
+def make_env(cfg: EnvConfig):
+    from rise_ray.envs import get_env
+
+    return get_env(cfg.name, **env_options(cfg))
+
+
+def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
+    """The model directory: cfg.path, or the tiny model built (once) under work_dir."""
+    if cfg.path:
+        return cfg.path
+    from rise_ray.models.tiny import build_tiny_model
+
+    out = os.path.join(work_dir, "base_model")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        tmp = out + ".tmp"
+        build_tiny_model(tmp, **cfg.tiny.model_dump())
+        os.replace(tmp, out)
+    return out
+
+
+def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, seed: int) -> dict[str, Any]:
+    kw: dict[str, Any] = {"max_model_len": model.max_model_len, "dtype": model.dtype}
+    if rollout.engine == "vllm":
+        kw.update(
+            seed=seed,
+            tensor_parallel_size=rollout.tensor_parallel_size,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            kv_cache_memory_bytes=rollout.kv_cache_memory_bytes if rollout.num_gpus_per_engine == 0 else None,
+        )
+    return kw
+
+
+def make_pool(rollout: RolloutConfig, model: ModelConfig, model_path: str, seed: int, pointer_path: str | None = None):
+    from rise_ray.rollout.pool import RolloutPool
+
+    return RolloutPool(
+        rollout.engine,
+        model_path,
+        num_engines=rollout.num_engines,
+        num_cpus=rollout.num_cpus_per_engine,
+        num_gpus=rollout.num_gpus_per_engine,
+        engine_kwargs=engine_kwargs(rollout, model, seed),
+        pointer_path=pointer_path,
+    )

@@ -1,0 +1,80 @@
+"""Config loading: defaults, YAML, overrides, and readable errors for malformed configs."""
+
+import pytest
+
+from rise_ray.config import ConfigError, load_config, parse_overrides
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["rollout.turns=3", "eval.context_window=2", "name=x", "env.options.task=muladd"])
+    assert cfg.rollout.turns == 3 and cfg.eval.context_window == 2 and cfg.name == "x"
+    assert cfg.env.options == {"task": "muladd"}
+
+
+def test_yaml_then_override(tmp_path):
+    path = write(tmp_path, "rollout:\n  turns: 4\n  best_of_n: 2\n")
+    cfg = load_config(path, ["rollout.turns=2"])
+    assert (cfg.rollout.turns, cfg.rollout.best_of_n) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("rollout:\n  turns: 0\n", [], "rollout.turns: Input should be greater than or equal to 1"),
+        ("rollout:\n  turns: many\n", [], "rollout.turns"),
+        ("rollout:\n  engine: tgi\n", [], "rollout.engine"),
+        ("rollout:\n  tunrs: 3\n", [], "rollout.tunrs: unknown field"),
+        ("eval:\n  temperature: -1\n", [], "eval.temperature"),
+        ("rollout:\n  improve_with: teacher\n", [], "teacher.path is not set"),
+        ("", ["model.max_model_len=abc"], "model.max_model_len"),
+        ("", ["nosuchsection.x=1"], "nosuchsection: unknown field"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, text, overrides, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    assert expected in str(e.value)
+    assert path in str(e.value)  # the message names the file
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "rollout:\n  turns: 3\n  best_of_n: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+:\d+: not valid YAML"):
+        load_config(path)
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("item", ["turns", "=3", "a..b=1", ".a=1"])
+def test_bad_override_syntax(item):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides([item])
+
+
+def test_override_values_are_yaml_scalars():
+    assert parse_overrides(["a=1", "b=0.5", "c=true", "d=null", "e=hi", "f=[1,2]"]) == {
+        "a": 1, "b": 0.5, "c": True, "d": None, "e": "hi", "f": [1, 2]
+    }
+
+
+def test_cli_reports_config_error(tmp_path, capsys):
+    from rise_ray.cli import main
+
+    assert main(["eval", write(tmp_path, "eval:\n  turns: -2\n")]) == 2
+    err = capsys.readouterr().err
+    assert "eval.turns" in err and "Traceback" not in err
