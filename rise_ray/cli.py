@@ -1,4 +1,4 @@
-"""`rise` command line: run | eval | train | serve | report.
+"""`rise` command line: run | eval | train | report.
 
 Every command takes an optional CONFIG (YAML) and `key=value` dotted overrides, torchtune style:
     rise eval configs/gsm8k.yaml model.path=/models/my-ckpt eval.turns=3
@@ -44,6 +44,45 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(ns: argparse.Namespace) -> int:
+    """The RISE loop on a config (no config: the embedded default)."""
+    from rise_ray import driver
+
+    if ns.resume:
+        path, overrides = _split(ns.args)
+        if path:
+            raise ConfigError("with --resume the config comes from the run directory; pass only key=value overrides")
+        driver.resume(ns.resume, overrides)
+    else:
+        driver.run(_config(ns.args))
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    """Regenerate metrics.json, report.md and turns.png of a run directory."""
+    from rise_ray.report import write_report
+
+    write_report(ns.run_dir)
+    print(f"wrote {ns.run_dir}/metrics.json, report.md, turns.png")
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    """Weighted SFT on trajectories (or a built data set): `rise train CONFIG data=PATH model.path=PATH`."""
+    from rise_ray.session import init_ray
+    from rise_ray.train.trainer import train_command
+
+    data_args = [a for a in ns.args if a.startswith("data=")]
+    if len(data_args) != 1:
+        raise ConfigError("rise train needs data=PATH (a trajectories directory or parquet file, or a built data set)")
+    cfg = _config([a for a in ns.args if not a.startswith("data=")])
+    out = ns.out or os.path.join(cfg.run_dir, cfg.name, "train")
+    init_ray()
+    path = train_command(cfg, data_args[0].split("=", 1)[1], out)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
     p.add_argument("--out", help="output directory (default: RUN_DIR/NAME/eval)")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("run", help="run RISE iterations (collect, build data, train, sync, evaluate)")
+    p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory at its first unfinished stage")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("train", help="reward-weighted SFT on trajectories (Ray Train + DeepSpeed)")
+    p.add_argument("args", nargs="*", help="[CONFIG] data=PATH [model.path=PATH] [key=value ...]")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/NAME/train)")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("report", help="regenerate a run's metrics.json, report.md and turns.png")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_report)
     ns = parser.parse_args(argv)
     try:
         return ns.fn(ns)

@@ -64,6 +64,8 @@ class RolloutConfig(_Strict):
     best_of_n: int = Field(8, ge=1)  # candidates for the improved answer at a wrong turn
     improve_with: Literal["self", "teacher"] = "self"  # self-distillation or distillation
     context_window: int | None = Field(None, ge=1)  # keep only the latest k attempts in the prompt
+    stop_when_correct: bool = True  # the paper's collection: a trajectory ends at its first correct answer
+    problems_per_iteration: int | None = Field(None, ge=1)  # None: every training problem each iteration
     seed: int = 0
 
 
@@ -87,6 +89,89 @@ class EvalConfig(_Strict):
     seed: int = 1234
 
 
+class DataConfig(_Strict):
+    """Trajectories -> weighted training examples (rise_ray.data.builder)."""
+
+    # Which turns are trained (the paper's `criteria`): all | better (reward above the previous
+    # turn's) | best (no earlier turn did better) | success (correct turns only).
+    criteria: Literal["all", "better", "best", "success"] = "all"
+    tau: float = Field(0.4, gt=0)  # turn weight = exp(reward / tau)
+    center_rewards: bool = False  # subtract the prompt's mean reward first (the AWR-like variant)
+    max_weight: float | None = Field(None, gt=0)  # cap on a turn's weight
+    only_successful: bool = False  # keep only trajectories that end correct
+    dedupe: bool = True  # drop empty and repeated responses within a trajectory (the paper's code)
+    stop_at_correct: bool = True  # cut a trajectory after its first correct turn (the paper's code)
+    layout: Literal["packed", "prefix"] = "packed"  # packed: one row per trajectory; prefix: per turn
+    max_length: int = Field(2048, ge=8)  # tokens per example
+    overflow: Literal["truncate_left", "drop"] = "truncate_left"  # too-long examples
+    # Attempts kept in the prompt: "rollout" = rollout.context_window (the conversation the model
+    # saw), None = the whole history, k = the latest k.
+    context_window: int | Literal["rollout"] | None = "rollout"
+    shuffle: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _window_positive(self) -> DataConfig:
+        if isinstance(self.context_window, int) and self.context_window < 1:
+            raise ValueError("data.context_window must be >= 1, 'rollout' or null")
+        return self
+
+
+class LoRAConfig(_Strict):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge: bool = True  # save the merged model (True) or the adapter alone (False)
+
+
+class TrainConfig(_Strict):
+    """Reward-weighted SFT on Ray Train + DeepSpeed (rise_ray.train)."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    micro_batch_size: int = Field(4, ge=1)  # rows per worker per forward
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step (per worker)
+    warmup_ratio: float = Field(0.04, ge=0, le=1)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping
+    gradient_checkpointing: bool = False
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    save_every_steps: int = Field(0, ge=0)  # 0 = only the final model
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=-1)  # worker restarts Ray Train may make (-1 = unlimited)
+    log_every_steps: int = Field(1, ge=1)
+    seed: int = 0
+    bf16: bool | Literal["auto"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Extra DeepSpeed config merged over ours, e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+
+class WarmupConfig(_Strict):
+    """Warm-up SFT that turns the random tiny model into the embedded default's base model."""
+
+    enabled: bool | None = None  # None: on when the tiny model is built here (model.path unset)
+    num_problems: int = Field(4000, ge=1)  # demonstrations, drawn from the training problems
+    turns: int = Field(3, ge=1)  # attempts per demonstration; each an independent guess
+    p_correct: float = Field(0.35, ge=0, le=1)  # chance a demonstrated guess is right
+    max_offset: int = Field(3, ge=1)  # a wrong guess is off by 1..max_offset
+    seed: int = 0
+    train: dict[str, Any] = Field(
+        default_factory=lambda: {"lr": 3e-3, "epochs": 3, "micro_batch_size": 64, "warmup_ratio": 0.02}
+    )  # overrides of the `train` section for the warm-up only
+
+
+class SyncConfig(_Strict):
+    check: bool = True  # compare engine logprobs with the trained checkpoint after every sync
+    tolerance: float = Field(1e-2, gt=0)  # max |logprob difference| (fp32 CPU is ~1e-5; bf16 needs more)
+
+
 class RunConfig(_Strict):
     name: str = "default"
     run_dir: str = "runs"
@@ -97,10 +182,12 @@ class RunConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # Sections owned by later stages are kept as free-form dicts until their schema lands.
-    data: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     serve: dict[str, Any] = Field(default_factory=dict)
     iterations: int = Field(2, ge=0)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
 
     @model_validator(mode="after")
     def _teacher_needs_path(self) -> RunConfig:

@@ -137,10 +137,8 @@ def _choose(env: Env, problem: Problem, cands: list[str], spec: EpisodeSpec, sou
     finished = [getattr(c, "finished", True) for c in cands]
     bad = [spec.drop_degenerate and is_degenerate(c, f) for c, f in zip(cands, finished, strict=True)]
     usable = [k for k in range(len(cands)) if not bad[k]] or [0]
-    if spec.choose == "best":
-        k = max(usable, key=lambda j: (grades[j].reward, -j))  # ties: the earliest candidate
-    else:
-        k = usable[0]
+    # best: by reward, ties to the earliest candidate; first: evaluation never peeks at the gold
+    k = max(usable, key=lambda j: (grades[j].reward, -j)) if spec.choose == "best" else usable[0]
     return Turn(
         response=str(cands[k]),
         answer=grades[k].answer,

@@ -166,7 +166,6 @@ class RolloutPool:
             # the pipeline would wait for CPUs the engines hold (deadlock on 2 cores).
             num_cpus=0.05,
             compute=ray.data.TaskPoolStrategy(size=2 * len(self.actors)),
-            max_retries=3,
             fn_kwargs={
                 "actors": self.actors,
                 "model_path": self.model_path,

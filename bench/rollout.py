@@ -1,0 +1,117 @@
+"""Rollout throughput, measured side by side in one run on the same tiny model and workload.
+
+Steps:
+  1. build the tiny model; start one engine in this process and a RolloutPool with one actor;
+  2. "direct": run_episodes on the in-process engine, all problems in one batch;
+  3. "pipeline": the same episodes through Ray Data and the persistent engine actor;
+  4. "sequential": one request at a time (the paper's code calls its FastChat worker this way),
+     on a subset, since only the rate matters;
+  5. print generated tokens/s and the ratios; write bench/results/rollout.json.
+
+    python bench/rollout.py [--engine vllm|hf] [--problems 256] [--turns 3] [--n 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+from rise_ray.envs import get_env
+from rise_ray.files import atomic_write_json
+from rise_ray.models.tiny import build_tiny_model
+from rise_ray.rollout import make_engine
+from rise_ray.rollout.engine import SamplingParams
+from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
+from rise_ray.rollout.pool import RolloutPool
+
+
+def generated_tokens(trajs, tokenizer) -> int:
+    return sum(len(tokenizer(c)["input_ids"]) for t in trajs for turn in t.turns for c in turn.candidates)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", default="vllm")
+    ap.add_argument("--problems", type=int, default=256)
+    ap.add_argument("--sequential-problems", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--n", type=int, default=4, help="samples at turn 1")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=0, help="Ray Data batch (0: all problems in one)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rollout.json"))
+    args = ap.parse_args()
+
+    import ray
+    from transformers import AutoTokenizer
+
+    model_dir = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    env = get_env("arithmetic", num_train=0, num_test=args.problems)
+    problems = env.test
+    spec = EpisodeSpec(turns=args.turns, params=SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=None),
+                       first_n=args.n, later_n=1, choose="first", oracle=False)
+    kw = {"max_model_len": 512}
+
+    engine = make_engine(args.engine, model_dir, **kw)
+    run_episodes(engine, env, problems[:8], spec)  # warm up
+    direct, t_direct = timed(lambda: run_episodes(engine, env, problems, spec))
+    seq_problems = problems[: args.sequential_problems]
+
+    def one_at_a_time():
+        class OneRequest:  # forwards each conversation and each sample as its own request
+            max_model_len = engine.max_model_len
+            prompt_len = engine.prompt_len
+
+            def generate(self, convs, n, params):
+                return [[engine.generate([c], 1, params)[0][0] for _ in range(n)] for c in convs]
+
+        return run_episodes(OneRequest(), env, seq_problems, spec)
+
+    sequential, t_seq = timed(one_at_a_time)
+    del engine
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    pool = RolloutPool(args.engine, model_dir, num_engines=1, num_cpus=1, engine_kwargs=kw)
+    batch = args.batch_size or len(problems)
+    pool.run(env.name, {}, problems[:8], spec, batch_size=8)  # warm up the actor and Ray Data
+    piped, t_pipe = timed(lambda: pool.run(env.name, {}, problems, spec, batch_size=batch))
+    ray.shutdown()
+
+    rate = {
+        "direct": generated_tokens(direct, tok) / t_direct,
+        "pipeline": generated_tokens(piped, tok) / t_pipe,
+        "sequential": generated_tokens(sequential, tok) / t_seq,
+    }
+    result = {
+        "engine": args.engine,
+        "problems": len(problems),
+        "turns": args.turns,
+        "n": args.n,
+        "max_tokens": args.max_tokens,
+        "ray_data_batch": batch,
+        "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
+        "seconds": {"direct": round(t_direct, 2), "pipeline": round(t_pipe, 2), "sequential": round(t_seq, 2)},
+        "overhead_vs_direct": round(rate["direct"] / rate["pipeline"], 3),
+        "speedup_vs_sequential": round(rate["pipeline"] / rate["sequential"], 1),
+    }
+    print(f"{'mode':<12}{'tokens/s':>12}{'seconds':>10}")
+    for k in rate:
+        print(f"{k:<12}{rate[k]:>12.0f}{result['seconds'][k]:>10.2f}")
+    print(f"overhead vs direct (direct/pipeline tokens/s): {result['overhead_vs_direct']}  (target <= 1.15)")
+    print(f"speed-up vs one request at a time:            {result['speedup_vs_sequential']}x  (target >= 20x)")
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The RISE driver: Algorithm 1 of the paper as an explicit loop over resumable stages.
+
+    base  <- the model (the embedded default builds a tiny one and warms it up)
+    evaluate(base)                                   -> iter_0/eval
+    for k in 1..K:
+        D_k   <- collect(policy, teacher, train problems)   on-policy turns + improved answers
+        data  <- build_dataset(D_k)                          exp(r/tau)-weighted turns
+        theta <- train(data, init=theta)                     weighted SFT (Ray Train + DeepSpeed)
+        sync(policy engines <- theta)                        in place, then a logprob check
+        evaluate(policy)                                     -> iter_k/eval
+    report()
+
+Every stage writes into runs/<name>/ atomically and records itself in manifest.json; a restarted
+run (`rise run --resume runs/<name>`) skips what finished and starts the pool from the latest
+trained weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from rise_ray.collect import collect, collection_stats, problems_for_iteration
+from rise_ray.config import ConfigError, RunConfig, dump_config, load_config
+from rise_ray.eval.evaluate import evaluate
+from rise_ray.manifest import Manifest
+from rise_ray.report import write_report
+from rise_ray.rollout.episodes import write_trajectories
+from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
+
+
+def run(cfg: RunConfig, run_dir: str | None = None) -> list[dict]:
+    run_dir = run_dir or os.path.join(cfg.run_dir, cfg.name)
+    os.makedirs(run_dir, exist_ok=True)
+    dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+    manifest = Manifest(run_dir)
+    wall_start = time.perf_counter() - manifest.data.get("wall_s", 0.0)
+    env = make_env(cfg.env)
+    grader_opts = env_options(cfg.env, with_data=False)
+    init_ray()
+
+    base = manifest.run_stage("base_model", build_base, cfg, env, run_dir)
+    weights = latest_weights(manifest, cfg.iterations) or base
+    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, os.path.join(run_dir, "weights.json"))
+    teacher = make_teacher(cfg)
+
+    def evaluate_stage(k: int) -> dict:
+        out = os.path.join(run_dir, f"iter_{k}", "eval")
+        return evaluate(policy, env, grader_opts, env.test, cfg.eval, out, label={"iteration": k})
+
+    manifest.run_stage("iter_0/eval", evaluate_stage, 0)
+    for k in range(1, cfg.iterations + 1):
+        it = os.path.join(run_dir, f"iter_{k}")
+        problems = problems_for_iteration(env.train, cfg.rollout.problems_per_iteration, k)
+        trajs = manifest.run_stage(f"iter_{k}/collect", collect_stage, policy, teacher, env, grader_opts, problems, cfg, k, it)
+        data = manifest.run_stage(f"iter_{k}/dataset", build_data, cfg, trajs["path"], weights, it)
+        weights = manifest.run_stage(f"iter_{k}/train", train_stage, cfg, data, weights, os.path.join(it, "checkpoint"))
+        manifest.run_stage(f"iter_{k}/sync", sync, policy, weights, f"iter_{k}", cfg)
+        manifest.run_stage(f"iter_{k}/eval", evaluate_stage, k)
+
+    wall = time.perf_counter() - wall_start
+    manifest.data["wall_s"] = wall
+    manifest.record("report", os.path.join(run_dir, "report.md"), 0.0)
+    return write_report(run_dir, wall_s=wall)
+
+
+def latest_weights(manifest: Manifest, iterations: int) -> str | None:
+    for k in range(iterations, 0, -1):
+        if manifest.done(f"iter_{k}/train"):
+            return manifest.output(f"iter_{k}/train")
+    return None
+
+
+def build_base(cfg: RunConfig, env, run_dir: str) -> str:
+    path = resolve_model(cfg.model, run_dir)
+    enabled = cfg.warmup.enabled if cfg.warmup.enabled is not None else cfg.model.path is None
+    if not enabled:
+        return path
+    from rise_ray.warmup import warmup
+
+    return warmup(cfg, env, path, os.path.join(run_dir, "warmup"))
+
+
+def make_teacher(cfg: RunConfig):
+    if cfg.rollout.improve_with != "teacher":
+        return None
+    from rise_ray.config import ModelConfig
+
+    tcfg = cfg.teacher
+    rollout = cfg.rollout.model_copy(update={
+        "engine": tcfg.engine, "num_engines": tcfg.num_engines,
+        "num_cpus_per_engine": tcfg.num_cpus_per_engine, "num_gpus_per_engine": tcfg.num_gpus_per_engine,
+    })
+    return make_pool(rollout, ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len), tcfg.path, cfg.seed)
+
+
+def collect_stage(policy, teacher, env, grader_opts, problems, cfg: RunConfig, k: int, it: str) -> dict:
+    trajs = collect(policy, teacher, env.name, grader_opts, problems, cfg.rollout, k)
+    write_trajectories(trajs, os.path.join(it, "trajectories", "part-00000.parquet"))
+    return {"path": os.path.join(it, "trajectories"), **collection_stats(trajs)}
+
+
+def build_data(cfg: RunConfig, trajectories: str, model_path: str, it: str) -> dict:
+    from rise_ray.train.trainer import prepare_dataset
+
+    out = os.path.join(it, "dataset")
+    prepare_dataset(cfg, trajectories, model_path, out)
+    return {"path": out}
+
+
+def train_stage(cfg: RunConfig, data: dict, init: str, out: str) -> str:
+    from rise_ray.train.trainer import train
+
+    return train(cfg, data["path"], init, out)
+
+
+def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:
+    """Load the trained weights into the live engines, then check a few logprobs against the
+    checkpoint computed here with transformers: a mismatch fails the run loudly."""
+    from rise_ray.rollout.sync import check_engines, load_state_dict
+
+    seconds = policy.update_weights(load_state_dict(checkpoint), version, checkpoint_dir=checkpoint)
+    max_err = check_engines(policy, checkpoint, tolerance=cfg.sync.tolerance) if cfg.sync.check else None
+    return {"seconds": round(seconds, 3), "max_logprob_error": max_err}
+
+
+def resume(run_dir: str, overrides: list[str] | None = None) -> list[dict]:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    return run(load_config(path, overrides), run_dir=run_dir)
+
+

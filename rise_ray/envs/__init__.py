@@ -1,0 +1,73 @@
+"""Environments by name: `get_env("gsm8k", test_path=...)` is the one entry point the rest uses.
+
+Options are checked against the builder's signature plus the shared Env fields, so a typo in a
+config fails at once with its name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from rise_ray.envs.arithmetic import ArithmeticEnv, check_line, make_arithmetic
+from rise_ray.envs.base import DataError, Env, Grade, Problem
+from rise_ray.envs.gsm8k import GSM8KEnv, make_gsm8k
+from rise_ray.envs.math import MathEnv, make_math
+
+# Env fields any builder taking **env_fields accepts (rewards, prompt and feedback text)
+ENV_FIELDS = ("system_prompt", "feedback", "repeat_question", "correct_reward", "wrong_reward", "unparsed_reward")
+
+REGISTRY: dict[str, Callable[..., Env]] = {
+    "arithmetic": make_arithmetic,
+    "gsm8k": make_gsm8k,
+    "math": make_math,
+}
+
+
+def register_env(name: str, builder: Callable[..., Env]) -> None:
+    """Add an environment; `builder(**options)` returns the Env."""
+    REGISTRY[name] = builder
+
+
+def env_options(name: str) -> list[str]:
+    """The option names `get_env(name, ...)` accepts."""
+    params = inspect.signature(REGISTRY[name]).parameters.values()
+    names = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        names += [f for f in ENV_FIELDS if f not in names]
+    return names
+
+
+def get_env(name: str, **options) -> Env:
+    """The environment `name` built with `options` (paths, caps, rewards, env-specific settings).
+
+    Unknown name: ValueError listing the known ones. Unknown option: TypeError naming it.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown env {name!r}; known envs: {sorted(REGISTRY)}")
+    allowed = env_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"env {name!r} got unknown option(s) {unknown}; it accepts {sorted(allowed)}")
+    for cap in ("num_train", "num_test"):
+        v = options.get(cap)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"env {name!r}: {cap} must be a non-negative int or None, got {v!r}")
+    return REGISTRY[name](**options)
+
+
+__all__ = [
+    "ENV_FIELDS",
+    "REGISTRY",
+    "ArithmeticEnv",
+    "DataError",
+    "Env",
+    "GSM8KEnv",
+    "Grade",
+    "MathEnv",
+    "Problem",
+    "check_line",
+    "env_options",
+    "get_env",
+    "register_env",
+]

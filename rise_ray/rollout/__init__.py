@@ -1,0 +1,22 @@
+"""Rollout engines; `make_engine` picks one by name so configs can say `engine: hf | vllm`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rise_ray.rollout.engine import Engine
+
+ENGINE_KINDS = ("hf", "vllm")
+
+
+def make_engine(kind: str, model_path: str, **kwargs: Any) -> Engine:
+    """Build an engine; imports lazily so `hf` works where vLLM is not installed."""
+    if kind == "hf":
+        from rise_ray.rollout.hf import HFEngine
+
+        return HFEngine(model_path, **kwargs)
+    if kind == "vllm":
+        from rise_ray.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(model_path, **kwargs)
+    raise ValueError(f"unknown engine kind {kind!r}; known kinds: {', '.join(ENGINE_KINDS)}")

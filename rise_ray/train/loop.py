@@ -1,0 +1,522 @@
+"""The per-worker loop of reward-weighted SFT: what Ray Train runs on every training worker.
+
+`train_loop_per_worker(config)` reads top to bottom like a recipe:
+  1. environment: DeepSpeed's accelerator (DS_ACCELERATOR=cpu without GPUs) before it is imported;
+  2. model: the HF checkpoint (bf16 on GPU, fp32 on CPU), gradient checkpointing, LoRA (peft);
+  3. engine: DeepSpeed with ZeRO stage 0-3, AdamW, warm-up + cosine schedule, gradient clipping;
+  4. resume: the latest Ray Train checkpoint (`ray.train.get_checkpoint()`), if any;
+  5. data: this worker's Ray Dataset shard (`ray.train.get_dataset_shard("train")`);
+  6. train: every optimizer step takes `grad_accum` micro-batches per worker; the loss is
+     sum(token weight x token CE) / (prefix examples in the step, over all workers);
+  7. checkpoint: every `save_every_steps`, every rank's DeepSpeed shards -> one Ray Train checkpoint;
+  8. final: parameters gathered (ZeRO-3), LoRA merged or kept as an adapter, saved in HF format
+     (safetensors) as the last Ray Train checkpoint.
+
+Loss normalisation (the paper's code: each example's mean token CE times its weight, averaged
+over the examples of a batch). The data set stores `weight / n` on each of a turn's n trained
+tokens and `units` = prefix examples per row (rise_ray.data.builder), so
+    step loss = sum over the step's rows (all workers) of sum_t w_t CE_t  /  sum of their units.
+For `prefix` rows this is exactly the paper's per-batch loss; over the whole data set in one
+batch the `packed` layout gives the same value and gradients. Each micro-batch's backward gets
+loss_sum x world / units_step because DeepSpeed averages gradients over the data-parallel ranks;
+DeepSpeed's own division by gradient_accumulation_steps is turned off (scale_wrt_gas=False) so
+a short last step of an epoch is normalised by what it really holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+LOG_FILE = "train_log.jsonl"
+STATE_FILE = "trainer_state.json"
+MODEL_DIR = "model"
+MARKER_FILE = "rise_train.json"  # written last into a finished model directory
+DS_TAG = "state"
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    rows_per_worker: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(rows: int, tcfg: dict[str, Any]) -> StepPlan:
+    """Steps a run takes. Ray Train gives each worker rows // num_workers rows (equal shards)."""
+    per_worker = rows // tcfg["num_workers"]
+    if per_worker < 1:
+        raise ValueError(f"train.num_workers={tcfg['num_workers']} is more than the {rows} row(s) of the data set")
+    mbs = math.ceil(per_worker / tcfg["micro_batch_size"])
+    spe = math.ceil(mbs / tcfg["grad_accum"])
+    total = spe * tcfg["epochs"]
+    warmup = math.ceil(tcfg["warmup_ratio"] * total) if tcfg["warmup_ratio"] > 0 else 0
+    return StepPlan(per_worker, mbs, spe, total, min(warmup, total))
+
+
+def micro_batches_in_step(plan: StepPlan, step_in_epoch: int, grad_accum: int) -> int:
+    return min(grad_accum, plan.micro_batches_per_epoch - step_in_epoch * grad_accum)
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps (never 0), then cosine to 0 (or constant)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --- the loss -------------------------------------------------------------------------------------
+
+
+def weighted_loss_sum(model: Any, input_ids: Any, attention_mask: Any, weights: Any) -> Any:
+    """sum over tokens of weight x CE(prediction of the token); weights[:, t] weights input_ids[:, t]
+    (position 0 is never predicted). Only weighted positions go through the softmax."""
+    import torch
+    import torch.nn.functional as F
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    w = weights[:, 1:]
+    sel = w != 0
+    logits = out.logits[:, :-1][sel]
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    ce = F.cross_entropy(logits, input_ids[:, 1:][sel], reduction="none")
+    return (ce * w[sel].to(ce.dtype)).sum()
+
+
+def collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
+    """A numpy batch of ragged rows -> right-padded tensors (+ units and token counts)."""
+    import numpy as np
+    import torch
+
+    rows = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
+    wts = [np.asarray(x, dtype=np.float32) for x in batch["weights"]]
+    n, length = len(rows), max(len(r) for r in rows)
+    ids = np.full((n, length), pad_id, dtype=np.int64)
+    mask = np.zeros((n, length), dtype=np.int64)
+    weights = np.zeros((n, length), dtype=np.float32)
+    for i, (r, w) in enumerate(zip(rows, wts, strict=True)):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+        weights[i, : len(w)] = w
+    return {
+        "input_ids": torch.from_numpy(ids).to(device),
+        "attention_mask": torch.from_numpy(mask).to(device),
+        "weights": torch.from_numpy(weights).to(device),
+        "units": int(np.sum(batch["units"])),
+        "tokens": int(mask.sum()),
+        "trained_tokens": int((weights > 0).sum()),
+    }
+
+
+# --- the recipe -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    tokens: int = 0
+    train_time_s: float = 0.0
+    final: bool = False
+    last_loss: float | None = None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    tcfg: dict[str, Any] = config["train"]
+    plan = StepPlan(**config["plan"])
+
+    # 1. environment --------------------------------------------------------------------------
+    setup_environment(tcfg["use_gpu"])
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    record_worker(config.get("pid_dir"), rank)
+    torch.manual_seed(tcfg["seed"])
+    bf16 = resolve_bf16(tcfg)
+    join_deepspeed(dist)
+
+    # 2. model --------------------------------------------------------------------------------
+    ds_config = deepspeed_config(tcfg, world, bf16)
+    model, tokenizer, zero_init = load_model(config["model_path"], tcfg, ds_config, bf16)
+
+    # 3. engine -------------------------------------------------------------------------------
+    engine = make_engine(model, tcfg, ds_config, plan)
+    device = engine.device
+
+    # 4. resume -------------------------------------------------------------------------------
+    state = resume(engine, config.get("log_path"), rank)
+    if state.final:
+        return
+    if rank == 0 and state.step:
+        print(f"[rise train] resumed at step {state.step}/{plan.total_steps}", flush=True)
+
+    # 5. data ---------------------------------------------------------------------------------
+    shard = ray.train.get_dataset_shard("train")
+    pad_id = int(config["pad_id"])
+
+    # 6. train --------------------------------------------------------------------------------
+    save_every = tcfg["save_every_steps"]
+    while state.step < plan.total_steps:
+        epoch, step_in_epoch = divmod(state.step, plan.steps_per_epoch)
+        batches = epoch_batches(shard, tcfg, epoch)
+        for _ in range(step_in_epoch * tcfg["grad_accum"]):  # resuming mid-epoch: skip what was trained
+            next_batch(batches, rank, epoch)
+        for s in range(step_in_epoch, plan.steps_per_epoch):
+            t0 = time.perf_counter()
+            n_mb = micro_batches_in_step(plan, s, tcfg["grad_accum"])
+            micro = [collate(next_batch(batches, rank, epoch), pad_id, device) for _ in range(n_mb)]
+            lr = float(engine.get_lr()[0])
+            rec = train_step(engine, micro, world, dist)
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.tokens += rec["tokens"]
+            state.train_time_s += dt
+            state.last_loss = rec["loss"]
+            rec.update(
+                step=state.step,
+                epoch=epoch + 1,
+                lr=lr,
+                step_time_s=round(dt, 4),
+                tokens_per_s=rec["tokens"] / dt if dt > 0 else None,
+                train_time_s=round(state.train_time_s, 3),
+            )
+            if rank == 0 and (state.step % tcfg["log_every_steps"] == 0 or state.step == plan.total_steps):
+                log_step(config.get("log_path"), rec, plan)
+            if save_every and state.step % save_every == 0 and state.step < plan.total_steps:
+                save_checkpoint(engine, state, rank)
+
+    # 7-8. final model ------------------------------------------------------------------------
+    save_final(engine, state, rank, config["model_path"], tcfg, tokenizer, zero_init)
+
+
+# --- steps of the recipe --------------------------------------------------------------------------
+
+
+def setup_environment(use_gpu: bool) -> None:
+    """DeepSpeed picks its accelerator at import: set it first. Native ops build into a cache
+    that outlives the run (the CPU comm op takes ~1 min to compile the first time)."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/rise-ray/torch_extensions"))
+
+
+def join_deepspeed(dist: Any) -> None:
+    """DeepSpeed's comm layer on the process group Ray Train set up (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+def resolve_bf16(tcfg: dict[str, Any]) -> bool:
+    return bool(tcfg["use_gpu"]) if tcfg["bf16"] == "auto" else bool(tcfg["bf16"])
+
+
+def deepspeed_config(tcfg: dict[str, Any], world: int, bf16: bool) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": tcfg["micro_batch_size"],
+        "gradient_accumulation_steps": tcfg["grad_accum"],
+        "train_batch_size": tcfg["micro_batch_size"] * tcfg["grad_accum"] * world,
+        "gradient_clipping": tcfg["max_grad_norm"],
+        "zero_optimization": {"stage": tcfg["zero_stage"]},
+        "zero_allow_untested_optimizer": True,  # the client AdamW (torch) under ZeRO
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, tcfg.get("deepspeed") or {})
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_model(model_path: str, tcfg: dict[str, Any], ds_config: dict[str, Any], bf16: bool) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, zero_init). ZeRO-3 without LoRA loads straight into partitions."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    zero_init = tcfg["zero_stage"] == 3 and not tcfg["lora"]["enabled"]
+    keep = None
+    if zero_init:  # while this object lives, from_pretrained builds partitioned parameters
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    del keep
+    model.config.use_cache = False
+    if tcfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tcfg["lora"]["enabled"]:
+        from rise_ray.config import LoRAConfig
+        from rise_ray.train.lora import apply_lora
+
+        model = apply_lora(model, LoRAConfig(**tcfg["lora"]))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return model, tokenizer, zero_init
+
+
+def make_engine(model: Any, tcfg: dict[str, Any], ds_config: dict[str, Any], plan: StepPlan) -> Any:
+    import deepspeed
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    schedule = tcfg["lr_schedule"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, plan.total_steps, plan.warmup_steps, schedule)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def resume(engine: Any, log_path: str | None, rank: int) -> TrainerState:
+    """Load the latest Ray Train checkpoint into the engine (all ranks); trim the log to it."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    state = TrainerState()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            with open(os.path.join(d, STATE_FILE), encoding="utf-8") as f:
+                state = TrainerState(**json.load(f))
+            if not state.final:
+                load_path, _ = engine.load_checkpoint(d, tag=DS_TAG)
+                if load_path is None:
+                    raise RuntimeError(f"checkpoint {d}: DeepSpeed found no state under tag {DS_TAG!r}")
+    if rank == 0 and log_path:
+        trim_log(log_path, state.step)
+    return state
+
+
+def epoch_batches(shard: Any, tcfg: dict[str, Any], epoch: int) -> Any:
+    """This worker's micro-batches for `epoch`. The order is deterministic (the trainer asks Ray
+    Data to preserve order), so a resumed run skips exactly the batches already trained."""
+    return iter(
+        shard.iter_batches(
+            batch_size=tcfg["micro_batch_size"],
+            batch_format="numpy",
+            local_shuffle_buffer_size=4 * tcfg["micro_batch_size"] if epoch > 0 else None,
+            local_shuffle_seed=tcfg["seed"] + epoch if epoch > 0 else None,
+        )
+    )
+
+
+def next_batch(batches: Any, rank: int, epoch: int) -> dict[str, Any]:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise RuntimeError(
+            f"rank {rank}: the data shard ran out of rows in epoch {epoch + 1} before the planned steps "
+            "(shards must be equal: the trainer splits with equal=True)"
+        ) from None
+
+
+def train_step(engine: Any, micro: list[dict[str, Any]], world: int, dist: Any) -> dict[str, Any]:
+    """One optimizer step over this worker's micro-batches; returns the step's global metrics."""
+    import torch
+
+    local = torch.tensor(
+        [sum(m["units"] for m in micro), sum(m["tokens"] for m in micro), sum(m["trained_tokens"] for m in micro)],
+        dtype=torch.float64,
+        device=engine.device,
+    )
+    dist.all_reduce(local)
+    units, tokens, trained = (float(x) for x in local.tolist())
+    scale = world / units  # DeepSpeed averages gradients over ranks: undo, then divide by units
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for k, mb in enumerate(micro):
+        engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+        loss = weighted_loss_sum(engine, mb["input_ids"], mb["attention_mask"], mb["weights"])
+        engine.backward(loss * scale, scale_wrt_gas=False)
+        if k == len(micro) - 1 and engine.zero_optimization_stage() == 0:
+            grad_norm = _grad_norm(engine.module)  # reduced over ranks by now; ZeRO reports its own
+        engine.step()
+        loss_sum += loss.detach().double()
+    dist.all_reduce(loss_sum)
+    if engine.zero_optimization_stage() > 0:
+        grad_norm = engine.get_global_grad_norm()
+    return {
+        "loss": float(loss_sum) / units,
+        "units": int(units),
+        "tokens": int(tokens),
+        "trained_tokens": int(trained),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+    }
+
+
+def _grad_norm(module: Any) -> float:
+    import torch
+
+    norms = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def save_checkpoint(engine: Any, state: TrainerState, rank: int) -> None:
+    """Every rank writes its DeepSpeed shards; Ray Train merges them into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="rise-ckpt-") as d:
+        engine.save_checkpoint(d, tag=DS_TAG)
+        if rank == 0:
+            _write_json(os.path.join(d, STATE_FILE), asdict(state))
+        ray.train.report(
+            {"step": state.step, "loss": state.last_loss},
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"step-{state.step:07d}",
+        )
+
+
+def gather_state_dict(engine: Any, rank: int) -> dict[str, Any] | None:
+    """The full state dict on rank 0 (None elsewhere); ZeRO-3 parameters gathered one at a time."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    sd: dict[str, Any] = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if rank == 0:
+                sd[name] = p.detach().cpu().clone()
+    if rank != 0:
+        return None
+    params = {n for n, _ in module.named_parameters()}
+    for name, b in module.state_dict().items():  # buffers are not partitioned
+        if name not in params and name not in sd and b.numel() > 0:
+            sd[name] = b.detach().cpu().clone()
+    return sd
+
+
+def export_hf(sd: dict[str, Any], model_path: str, tcfg: dict[str, Any], out_dir: str, dtype: Any) -> None:
+    """Write `sd` (the training module's state dict) as an HF model: the architecture is built on
+    the meta device and takes the tensors as they are, so no second copy is made."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if tcfg["lora"]["enabled"]:
+        from rise_ray.config import LoRAConfig
+        from rise_ray.train.lora import apply_lora, save_lora
+
+        lora = LoRAConfig(**tcfg["lora"])
+        model = apply_lora(model, lora)
+        _assign(model, sd)
+        model.base_model.model.name_or_path = model_path
+        model.peft_config["default"].base_model_name_or_path = model_path
+        save_lora(model, out_dir, merge=lora.merge)
+    else:
+        _assign(model, sd)
+        model.save_pretrained(out_dir)
+
+
+def _assign(model: Any, sd: dict[str, Any]) -> None:
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected:
+        raise RuntimeError(f"export: unexpected tensors {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise RuntimeError(f"export: parameters missing from the trained state: {still_meta[:5]} (tied: {sorted(tied)[:3]})")
+    del missing
+
+
+def save_final(
+    engine: Any, state: TrainerState, rank: int, model_path: str, tcfg: dict[str, Any], tokenizer: Any, zero_init: bool
+) -> None:
+    """Consolidate to HF format on rank 0 and report it as the run's last Ray Train checkpoint."""
+    import ray.train
+    import torch
+
+    sd = gather_state_dict(engine, rank)
+    state.final = True
+    metrics = {"step": state.step, "loss": state.last_loss, "tokens": state.tokens, "train_time_s": state.train_time_s}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    d = tempfile.mkdtemp(prefix="rise-final-")
+    try:
+        out = os.path.join(d, MODEL_DIR)
+        dtype = next(iter(sd.values())).dtype if sd else torch.float32
+        export_hf(sd, model_path, tcfg, out, dtype)
+        tokenizer.save_pretrained(out)
+        _write_json(os.path.join(out, MARKER_FILE), {"base_model": model_path, **metrics, "zero_init": zero_init})
+        _write_json(os.path.join(d, STATE_FILE), asdict(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name="final")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --- log and bookkeeping --------------------------------------------------------------------------
+
+
+def log_step(log_path: str | None, rec: dict[str, Any], plan: StepPlan) -> None:
+    if log_path:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    tps = rec.get("tokens_per_s") or 0.0
+    print(
+        f"[rise train] step {rec['step']}/{plan.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} "
+        f"lr {rec['lr']:.2e} {tps:,.0f} tok/s",
+        flush=True,
+    )
+
+
+def read_log(log_path: str) -> list[dict[str, Any]]:
+    """Step records; a line cut short by a killed worker is skipped."""
+    out = []
+    if not os.path.exists(log_path):
+        return out
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                out.append(rec)
+    return out
+
+
+def trim_log(log_path: str, step: int) -> None:
+    """Keep the records up to `step` (the checkpoint resumed from), dropping what will be redone."""
+    from rise_ray.files import atomic_write_text
+
+    kept = [r for r in read_log(log_path) if r["step"] <= step]
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def record_worker(pid_dir: str | None, rank: int) -> None:
+    """rank -> pid of the live worker (lets a test kill one; shows restarts)."""
+    if pid_dir:
+        _write_json(os.path.join(pid_dir, f"rank{rank}.json"), {"rank": rank, "pid": os.getpid(), "time": time.time()})
+
+
+def _write_json(path: str, obj: Any) -> None:
+    from rise_ray.files import atomic_write_json
+
+    atomic_write_json(path, obj)

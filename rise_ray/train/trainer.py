@@ -1,0 +1,242 @@
+"""Ray Train driver side: a TorchTrainer running rise_ray.train.loop on every worker.
+
+`train(cfg, dataset_dir, init_model_path, out_dir)` trains one RISE iteration and returns the HF
+model directory `out_dir/model` (safetensors, tokenizer included). It is idempotent and
+resumable: a finished `out_dir/model` is returned as is; otherwise Ray Train runs under
+`out_dir/ray_train/sft`, so running it again after a crash resumes from the latest checkpoint
+(Ray Train V2 resumes a run with the same name and storage path), and a worker that dies is
+restarted by Ray Train (`FailureConfig.max_failures`) from the latest checkpoint.
+
+Files under out_dir:
+  model/               the final HF model (or LoRA adapter with train.lora.merge=false)
+  train_log.jsonl      one record per step: loss, lr, tokens, tokens/s, grad norm, ...
+  train_summary.json   steps, first/last loss, tokens, tokens/s, data stats
+  ray_train/           Ray Train storage (checkpoints)
+  workers/             rank -> pid of the live training workers
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from rise_ray.config import RunConfig, TrainConfig
+from rise_ray.train.loop import LOG_FILE, MARKER_FILE, MODEL_DIR, plan_steps, read_log, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "sft"
+SUMMARY_FILE = "train_summary.json"
+DATASET_NAME = "train"
+
+
+class TrainError(RuntimeError):
+    """A training run that failed or cannot start; the message says why."""
+
+
+def is_finished(model_dir: str) -> bool:
+    return os.path.isfile(os.path.join(model_dir, MARKER_FILE))
+
+
+def check_resources(tcfg: TrainConfig) -> None:
+    """Fail now, not hang: Ray Train waits forever for resources the cluster does not have."""
+    import ray
+
+    total = ray.cluster_resources()
+    if tcfg.use_gpu and total.get("GPU", 0) < tcfg.num_workers:
+        raise TrainError(
+            f"train.use_gpu=true with train.num_workers={tcfg.num_workers}, but the Ray cluster has "
+            f"{total.get('GPU', 0):g} GPU(s)"
+        )
+    need = tcfg.num_workers * tcfg.cpus_per_worker
+    if total.get("CPU", 0) < need:
+        raise TrainError(
+            f"train.num_workers={tcfg.num_workers} x train.cpus_per_worker={tcfg.cpus_per_worker:g} needs {need:g} "
+            f"CPUs, but the Ray cluster has {total.get('CPU', 0):g}: lower them or start Ray with more (logical) CPUs"
+        )
+
+
+def load_train_dataset(dataset_dir: str) -> Any:
+    """The examples as a Ray Dataset, built from the parquet file read once on the driver: blocks
+    in a fixed order, so shards are the same on every attempt (a resumed run skips exactly what
+    it trained) and no read task competes with the training workers for CPUs."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from rise_ray.data.builder import EXAMPLES_FILE
+
+    table = pq.read_table(os.path.join(dataset_dir, EXAMPLES_FILE), columns=["input_ids", "weights", "units"])
+    n = table.num_rows
+    per_block = max(1, min(4096, -(-n // 16)))
+    blocks = [table.slice(i, per_block) for i in range(0, n, per_block)]
+    return ray.data.from_arrow(blocks)
+
+
+def _pad_id(model_path: str) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    for v in (tok.pad_token_id, tok.eos_token_id):
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str) -> str:
+    """Train on the data set directory from `init_model_path`; returns `out_dir/model`."""
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from rise_ray.data.builder import read_stats
+    from rise_ray.files import atomic_write_json
+
+    out_dir = os.path.abspath(out_dir)
+    model_dir = os.path.join(out_dir, MODEL_DIR)
+    if is_finished(model_dir):
+        log.info("train: %s is already trained", model_dir)
+        return model_dir
+    if not os.path.isfile(os.path.join(init_model_path, "config.json")):
+        raise TrainError(f"model path {init_model_path}: no config.json (expected an HF model directory)")
+    tcfg = cfg.train
+    stats = read_stats(dataset_dir)
+    plan = plan_steps(stats["rows"], tcfg.model_dump())
+    os.makedirs(out_dir, exist_ok=True)
+    if not ray.is_initialized():
+        from rise_ray.session import init_ray
+
+        init_ray()
+    check_resources(tcfg)
+
+    log_path = os.path.join(out_dir, LOG_FILE)
+    loop_config = {
+        "model_path": os.path.abspath(init_model_path),
+        "train": tcfg.model_dump(mode="json"),
+        "plan": plan.__dict__,
+        "pad_id": _pad_id(init_model_path),
+        "log_path": log_path,
+        "pid_dir": os.path.join(out_dir, "workers"),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=os.path.join(out_dir, "ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+        ),
+        datasets={DATASET_NAME: load_train_dataset(dataset_dir)},
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    print(
+        f"[rise train] {stats['rows']} rows ({stats['layout']}, {stats['examples']} examples) -> "
+        f"{plan.total_steps} steps on {tcfg.num_workers} worker(s), ZeRO-{tcfg.zero_stage}"
+        f"{', LoRA' if tcfg.lora.enabled else ''}",
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train wraps worker errors; keep the cause in the message
+        raise TrainError(f"training failed: {e}") from e
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise TrainError("training finished without a checkpoint")
+    tmp = model_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        src = os.path.join(d, MODEL_DIR)
+        if not is_finished(src):
+            raise TrainError(f"the last checkpoint {d} holds no final model")
+        shutil.copytree(src, tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    summary = summarize(read_log(log_path), plan.total_steps, stats, tcfg, wall, model_dir)
+    atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
+    return model_dir
+
+
+def summarize(
+    records: list[dict[str, Any]], total_steps: int, stats: dict[str, Any], tcfg: TrainConfig, wall: float, model_dir: str
+) -> dict[str, Any]:
+    tokens = sum(r.get("tokens", 0) for r in records)
+    train_time = sum(r.get("step_time_s", 0.0) for r in records)
+    return {
+        "model_dir": model_dir,
+        "steps": records[-1]["step"] if records else 0,
+        "total_steps": total_steps,
+        "first_loss": records[0]["loss"] if records else None,
+        "last_loss": records[-1]["loss"] if records else None,
+        "tokens": tokens,
+        "train_time_s": round(train_time, 3),
+        "tokens_per_s": tokens / train_time if train_time > 0 else None,
+        "wall_s": round(wall, 3),
+        "num_workers": tcfg.num_workers,
+        "zero_stage": tcfg.zero_stage,
+        "lora": tcfg.lora.enabled,
+        "data": {k: stats.get(k) for k in ("layout", "rows", "examples", "input_tokens", "trained_tokens", "truncated", "dropped_too_long", "drift_turns")},
+    }
+
+
+# --- the CLI entry ----------------------------------------------------------------------------------
+
+
+def resolve_context_window(cfg: RunConfig) -> int | None:
+    w = cfg.data.context_window
+    return cfg.rollout.context_window if w == "rollout" else w
+
+
+def prepare_dataset(cfg: RunConfig, trajectories: str, model_path: str, out_dir: str) -> str:
+    """Build the training set from trajectory parquet files into `out_dir` (cfg.data settings,
+    the env's prompts and feedback, the model's chat template)."""
+    from rise_ray.data.builder import build_dataset
+    from rise_ray.envs import get_env
+    from rise_ray.session import env_options
+
+    env = get_env(cfg.env.name, **env_options(cfg.env, with_data=False))
+    stats = build_dataset(trajectories, env, model_path, cfg.data, out_dir, resolve_context_window(cfg))
+    print(
+        f"[rise train] data: {stats['trajectories_in']} trajectories -> {stats['rows']} {stats['layout']} rows, "
+        f"{stats['examples']} examples, {stats['input_tokens']} tokens ({stats['trained_tokens']} trained); "
+        f"truncated {stats.get('truncated', 0)}, dropped too long {stats.get('dropped_too_long', 0)}, "
+        f"drift {stats.get('drift_turns', 0)}",
+        flush=True,
+    )
+    return out_dir
+
+
+def train_command(cfg: RunConfig, data_path: str, out_dir: str) -> str:
+    """`rise train CONFIG data=PATH model.path=PATH`: PATH is a built data set directory
+    (examples.parquet + stats.json) or trajectories (a parquet file or a directory searched
+    recursively), built first into out_dir/dataset. Trains from model.path (or the tiny model)
+    and returns the final model directory; out_dir gets train_log.jsonl and train_summary.json."""
+    from rise_ray.data.builder import is_dataset_dir
+    from rise_ray.session import init_ray, resolve_model
+
+    model_path = resolve_model(cfg.model, os.path.join(cfg.run_dir, cfg.name))
+    if is_dataset_dir(data_path):
+        dataset_dir = data_path
+    else:
+        dataset_dir = prepare_dataset(cfg, data_path, model_path, os.path.join(out_dir, "dataset"))
+    init_ray()
+    path = train(cfg, dataset_dir, model_path, out_dir)
+    with open(os.path.join(out_dir, SUMMARY_FILE), encoding="utf-8") as f:
+        s = json.load(f)
+    tps = s["tokens_per_s"] or 0.0
+    print(
+        f"[rise train] done: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}, "
+        f"{tps:,.0f} tok/s; model: {path}; log: {os.path.join(out_dir, LOG_FILE)}",
+        flush=True,
+    )
+    return path

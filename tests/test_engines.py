@@ -1,0 +1,274 @@
+"""The HF and vLLM rollout engines on CPU, on a tiny random Llama built locally.
+
+The vLLM engine starts once per module (~20 s). Tests that change weights put the original
+checkpoint back before they return, so the order of tests does not matter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from rise_ray.models.tiny import build_tiny_model
+from rise_ray.rollout import make_engine
+from rise_ray.rollout.engine import Completion, Engine, PromptTooLong, SamplingParams
+from rise_ray.rollout.hf import HFEngine
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
+
+CONVS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Solve x+1=3."},
+        {"role": "assistant", "content": "x=1"},
+        {"role": "user", "content": "The answer is incorrect. Please try again."},
+    ],
+]
+# Longer than two of vLLM's CPU KV blocks (128 tokens): its prefix is cached, so reusing stale KV
+# after a weight update would show.
+LONG = [{"role": "user", "content": "Please add these numbers: " + " + ".join(map(str, range(90)))}]
+LOGPROB_TOL = 1e-3
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """A 2-core machine shared with other jobs: several OpenMP threads spinning at each tiny matmul
+    are ~50x slower than one (vLLM's engine core makes the same choice for itself)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def perturbed(tiny_dir, tmp_path_factory) -> tuple[dict[str, torch.Tensor], str]:
+    """A perturbed copy of the tiny model: its state dict and its checkpoint directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # tied lm_head is the embedding: perturbed once
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    out = str(tmp_path_factory.mktemp("perturbed"))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return state, out
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_dir) -> HFEngine:
+    return HFEngine(tiny_dir, max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def hf_perturbed(perturbed) -> HFEngine:
+    """The reference: a fresh engine loaded from the perturbed checkpoint."""
+    return HFEngine(perturbed[1], max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_dir):
+    if not HAS_VLLM:
+        pytest.skip("vllm not installed")
+    engine = make_engine("vllm", tiny_dir, max_model_len=1024)
+    yield engine
+    engine.close()
+
+
+def assert_logprobs_match(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert abs(a - b) < LOGPROB_TOL, (got, want)
+
+
+# -- make_engine --------------------------------------------------------------------------------------
+def test_make_engine_unknown_kind_names_known_kinds(tiny_dir):
+    with pytest.raises(ValueError, match=r"known kinds: hf, vllm"):
+        make_engine("sglang", tiny_dir)
+
+
+def test_make_engine_hf(tiny_dir):
+    engine = make_engine("hf", tiny_dir, max_model_len=256)
+    assert isinstance(engine, HFEngine) and isinstance(engine, Engine)
+    assert engine.max_model_len == 256
+
+
+def test_shared_views_are_saved_alone():
+    from rise_ray.rollout.vllm import _unaliased_cpu
+
+    flat = torch.arange(10.0)
+    emb = torch.ones(3, 2)
+    out = _unaliased_cpu({"a": flat[:4].view(2, 2), "b": flat[4:], "emb": emb, "tied": emb})
+    assert set(out) == {"a", "b", "emb"}  # the alias of `emb` is dropped
+    assert out["b"].untyped_storage().nbytes() == 6 * 4  # a view is copied out of its buffer
+    assert torch.equal(out["a"], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+
+
+# -- HF engine ----------------------------------------------------------------------------------------
+def test_hf_generate_shapes_and_finished(hf):
+    out = hf.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=3, seed=0))
+    assert len(out) == 2 and all(len(r) == 4 for r in out)
+    flat = [c for r in out for c in r]
+    assert all(isinstance(c, Completion) for c in flat)
+    assert sum(c.finished for c in flat) < len(flat) / 2  # eos is ~1% per token on a random model
+    assert all(len(c) <= 3 for c in flat if not c.finished)  # one char per token
+
+
+def test_hf_long_generation_finishes(hf):
+    out = hf.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=300, seed=0))
+    flat = [c for r in out for c in r]
+    assert any(c.finished for c in flat) and any(len(c) > 3 for c in flat)
+    assert all(len(c) < 300 for c in flat if c.finished)
+
+
+def test_hf_seeded_generation_is_reproducible(hf):
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=7)
+    state = torch.random.get_rng_state()
+    a = hf.generate(CONVS, 3, params)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    assert hf.generate(CONVS, 3, params) == a
+    assert hf.generate(CONVS, 3, params.with_(seed=8)) != a
+    assert len(set(a[0])) > 1  # the n samples differ
+    assert hf.generate([], 3, params) == []
+
+
+def test_hf_micro_batches_keep_order(tiny_dir, hf):
+    small = HFEngine(tiny_dir, max_batch_size=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    out = small.generate(CONVS, 4, greedy)  # 8 sequences in batches of 3
+    for conv, row in zip(CONVS, out, strict=True):
+        assert row == hf.generate([conv], 4, greedy)[0]
+        assert len(set(row)) == 1
+
+
+def test_hf_prompt_too_long(hf):
+    long = [{"role": "user", "content": "x" * 1000}]
+    n = hf.prompt_len(long)
+    assert n < 1024
+    with pytest.raises(PromptTooLong, match=rf"conversation 1: prompt of {n} tokens"):
+        hf.generate([CONVS[0], long], 1, SamplingParams(max_tokens=1024 - n + 1))
+    hf.generate([long], 1, SamplingParams(max_tokens=1024 - n))  # exactly fits
+
+
+def test_hf_update_weights_state_dict_and_checkpoint(hf, hf_perturbed, perturbed, tiny_dir):
+    state, ckpt = perturbed
+    before = hf.top_logprobs(CONVS[1])
+    try:
+        hf.update_weights(state)
+        for conv in CONVS:
+            assert_logprobs_match(hf.top_logprobs(conv), hf_perturbed.top_logprobs(conv))
+        hf.update_weights(tiny_dir)
+        assert_logprobs_match(hf.top_logprobs(CONVS[1]), before)
+        hf.update_weights(ckpt)  # saved without the tied lm_head.weight
+        assert_logprobs_match(hf.top_logprobs(CONVS[1]), hf_perturbed.top_logprobs(CONVS[1]))
+        bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
+        hf.update_weights(bf16)  # copied into the fp32 parameters
+        p = hf.model.get_input_embeddings().weight
+        assert p.dtype == torch.float32
+        assert torch.equal(p, bf16["model.embed_tokens.weight"].float())
+    finally:
+        hf.update_weights(tiny_dir)
+    assert_logprobs_match(hf.top_logprobs(CONVS[1]), before)
+
+
+def test_hf_update_weights_rejects_wrong_keys(hf, perturbed):
+    state = dict(perturbed[0])
+    state.pop("model.norm.weight")
+    with pytest.raises(KeyError, match="model.norm.weight"):
+        hf.update_weights(state)
+    with pytest.raises(KeyError, match="unexpected"):
+        hf.update_weights({**perturbed[0], "extra.weight": torch.zeros(1)})
+
+
+# -- vLLM engine --------------------------------------------------------------------------------------
+@needs_vllm
+def test_vllm_generate_shapes_and_finished(vllm_engine):
+    out = vllm_engine.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=3, seed=0))
+    assert len(out) == 2 and all(len(r) == 4 for r in out)
+    flat = [c for r in out for c in r]
+    assert all(isinstance(c, Completion) for c in flat)
+    assert sum(c.finished for c in flat) < len(flat) / 2
+    assert all(len(c) <= 3 for c in flat if not c.finished)
+    long = vllm_engine.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=300, seed=0))
+    assert any(c.finished for r in long for c in r)
+    assert all(len(c) < 300 for r in long for c in r if c.finished)
+
+
+@needs_vllm
+def test_vllm_seeds_and_greedy_n(vllm_engine):
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=3)
+    a = vllm_engine.generate([CONVS[0], CONVS[0]], 2, params)
+    assert vllm_engine.generate([CONVS[0], CONVS[0]], 2, params) == a
+    assert len({*a[0], *a[1]}) == 4  # a repeated conversation gets its own samples
+    assert vllm_engine.generate([], 2, params) == []
+    greedy = vllm_engine.generate(CONVS, 3, SamplingParams(temperature=0.0, max_tokens=5))
+    assert all(len(r) == 3 and len(set(r)) == 1 for r in greedy)
+
+
+@needs_vllm
+def test_vllm_prompt_too_long(vllm_engine, hf):
+    long = [{"role": "user", "content": "x" * 1000}]
+    n = vllm_engine.prompt_len(long)
+    assert n == hf.prompt_len(long)
+    with pytest.raises(PromptTooLong, match=r"conversation 1:"):
+        vllm_engine.generate([CONVS[0], long], 1, SamplingParams(max_tokens=1024 - n + 1))
+    vllm_engine.generate([long], 1, SamplingParams(max_tokens=1024 - n))
+
+
+@needs_vllm
+def test_vllm_matches_hf_logprobs(vllm_engine, hf):
+    for conv in CONVS:
+        assert_logprobs_match(vllm_engine.top_logprobs(conv, 8), hf.top_logprobs(conv, 8))
+
+
+@needs_vllm
+def test_vllm_update_weights(vllm_engine, hf, hf_perturbed, perturbed, tiny_dir):
+    state, ckpt = perturbed
+    convs = [*CONVS, LONG]
+    assert vllm_engine.prompt_len(LONG) > 256
+    before = [hf.top_logprobs(c) for c in convs]
+    for conv, want in zip(convs, before, strict=True):  # also fills the prefix cache
+        assert_logprobs_match(vllm_engine.top_logprobs(conv), want)
+    checksum = vllm_engine.llm.collective_rpc("rise_weights_checksum")
+    try:
+        vllm_engine.update_weights(state)  # state_dict() order: embedding, layers, tied lm_head
+        assert vllm_engine.llm.collective_rpc("rise_weights_checksum") != checksum
+        for conv in convs:  # the logits too: the tied LM head's packed copy was refreshed
+            assert_logprobs_match(vllm_engine.top_logprobs(conv), hf_perturbed.top_logprobs(conv))
+        vllm_engine.update_weights(tiny_dir)
+        for conv, want in zip(convs, before, strict=True):
+            assert_logprobs_match(vllm_engine.top_logprobs(conv), want)
+        vllm_engine.update_weights(ckpt)
+        assert_logprobs_match(vllm_engine.top_logprobs(CONVS[1]), hf_perturbed.top_logprobs(CONVS[1]))
+        bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
+        vllm_engine.update_weights(bf16)  # as a bf16 trainer would send them
+        hf_bf16 = HFEngine(tiny_dir)
+        hf_bf16.update_weights(bf16)
+        assert_logprobs_match(vllm_engine.top_logprobs(CONVS[0]), hf_bf16.top_logprobs(CONVS[0]))
+    finally:
+        vllm_engine.update_weights(tiny_dir)
+    assert vllm_engine.llm.collective_rpc("rise_weights_checksum") == checksum
+    assert_logprobs_match(vllm_engine.top_logprobs(CONVS[0]), before[0])
+
+
+@needs_vllm
+def test_vllm_update_weights_leaves_no_temp_files(vllm_engine, perturbed, tiny_dir):
+    import glob
+
+    from rise_ray.rollout.vllm import shm_dir
+
+    vllm_engine.update_weights(perturbed[0])
+    vllm_engine.update_weights(tiny_dir)
+    assert not glob.glob(f"{shm_dir()}/rise-weights-*")
