@@ -57,7 +57,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     env = get_env("arithmetic", num_train=0, num_test=args.problems)
     problems = env.test
-    spec = EpisodeSpec(turns=args.turns, params=SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=None),
+    spec = EpisodeSpec(turns=args.turns, params=SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0),
                        first_n=args.n, later_n=1, choose="first", oracle=False)
     kw = {"max_model_len": 512}
 

@@ -218,6 +218,17 @@ def test_vllm_seeds_and_greedy_n(vllm_engine):
 
 
 @needs_vllm
+def test_vllm_seeded_large_batch_survives(vllm_engine):
+    """A batch big enough to need several scheduler steps of prefill, with seeds: vLLM 0.32 on CPU
+    killed its engine here (a generator rewind CPU generators lack) until chunked prefill was off."""
+    convs = [[{"role": "user", "content": f"Solve for x: {i % 9 + 2}*x+{i}={3 * i}"}] for i in range(400)]
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=11)
+    out = vllm_engine.generate(convs, 2, params)
+    assert len(out) == 400 and all(len(c) == 2 for c in out)
+    assert vllm_engine.generate(convs[:3], 2, params) == out[:3]  # and stays reproducible
+
+
+@needs_vllm
 def test_vllm_prompt_too_long(vllm_engine, hf):
     long = [{"role": "user", "content": "x" * 1000}]
     n = vllm_engine.prompt_len(long)

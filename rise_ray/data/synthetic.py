@@ -45,3 +45,33 @@ def arithmetic_trajectories(n: int, turns: int = 5, seed: int = 0, solve_last: f
                 ts.append(make_turn(f"Adding {a} and {b} gives {wrong}. The answer is {wrong}.", 0.0))
         out.append(Trajectory(f"add-{k}", f"What is {a} + {b}?", str(gold), ts))
     return out
+
+
+def bpe_chat_tokenizer(gen_prompt: str = "assistant:\n"):
+    """A small byte-level BPE tokenizer trained here (no download) with a chat template whose
+    generation prompt is `gen_prompt` ("assistant:" + separator). With a trailing space
+    ("assistant: ") a reply starting " Adding" merges across the boundary: tokenization drift."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not gen_prompt.startswith("assistant:"):
+        raise ValueError(f"gen_prompt must start with 'assistant:', got {gen_prompt!r}")
+    corpus = [
+        f"user: What is {a} + {b}?<eot>assistant: Adding {a} and {b} gives {a + b}. The answer is {a + b}.<eot>"
+        for a in range(10, 40)
+        for b in range(50, 60)
+    ]
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eot>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    t.train_from_iterator(corpus, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eot>", pad_token="<pad>")
+    sep = gen_prompt[len("assistant:") :]
+    hf.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}:" + sep + "{{ m['content'] }}<eot>{% endfor %}"
+        "{% if add_generation_prompt %}" + gen_prompt + "{% endif %}"
+    )
+    return hf

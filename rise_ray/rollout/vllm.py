@@ -63,6 +63,10 @@ class VLLMEngine:
             dtype = "float32" if dtype == "auto" else dtype
             enforce_eager = True if enforce_eager is None else enforce_eager
             kv_cache_memory_bytes = kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+            # vLLM 0.32 rewinds a seeded request's generator when its prefill is split into chunks
+            # (`set_offset`), which CPU generators do not support: the engine dies. Whole prefills
+            # avoid that path.
+            extra_llm_kwargs.setdefault("enable_chunked_prefill", False)
         kw: dict[str, Any] = dict(
             model=model_path,
             max_model_len=max_model_len,

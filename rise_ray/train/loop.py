@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -162,10 +163,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 4. resume -------------------------------------------------------------------------------
     state = resume(engine, config.get("log_path"), rank)
+    record_worker(config.get("pid_dir"), rank, resumed_from=state.step)
     if state.final:
         return
     if rank == 0 and state.step:
-        print(f"[rise train] resumed at step {state.step}/{plan.total_steps}", flush=True)
+        print(f"[rise train] resumed at step {state.step}/{plan.total_steps}", file=sys.stderr, flush=True)
 
     # 5. data ---------------------------------------------------------------------------------
     shard = ray.train.get_dataset_shard("train")
@@ -286,7 +288,28 @@ def make_engine(model: Any, tcfg: dict[str, Any], ds_config: dict[str, Any], pla
         optimizer, lambda s: lr_multiplier(s, plan.total_steps, plan.warmup_steps, schedule)
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    use_weights_only_loading(engine)
     return engine
+
+
+def use_weights_only_loading(engine: Any) -> None:
+    """Resume with torch.load(weights_only=True): DeepSpeed's default engine unpickles anything.
+    Only the few DeepSpeed classes its checkpoints hold are allowed besides tensors."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
 def resume(engine: Any, log_path: str | None, rank: int) -> TrainerState:
@@ -482,6 +505,7 @@ def log_step(log_path: str | None, rec: dict[str, Any], plan: StepPlan) -> None:
     print(
         f"[rise train] step {rec['step']}/{plan.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} "
         f"lr {rec['lr']:.2e} {tps:,.0f} tok/s",
+        file=sys.stderr,  # Ray Train prints a worker's stdout twice
         flush=True,
     )
 
@@ -510,10 +534,11 @@ def trim_log(log_path: str, step: int) -> None:
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def record_worker(pid_dir: str | None, rank: int) -> None:
-    """rank -> pid of the live worker (lets a test kill one; shows restarts)."""
+def record_worker(pid_dir: str | None, rank: int, resumed_from: int | None = None) -> None:
+    """rank -> pid of the live worker and the step it resumed from (shows restarts)."""
     if pid_dir:
-        _write_json(os.path.join(pid_dir, f"rank{rank}.json"), {"rank": rank, "pid": os.getpid(), "time": time.time()})
+        info = {"rank": rank, "pid": os.getpid(), "resumed_from": resumed_from, "time": time.time()}
+        _write_json(os.path.join(pid_dir, f"rank{rank}.json"), info)
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -73,7 +73,9 @@ def load_train_dataset(dataset_dir: str) -> Any:
     n = table.num_rows
     per_block = max(1, min(4096, -(-n // 16)))
     blocks = [table.slice(i, per_block) for i in range(0, n, per_block)]
-    return ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow(blocks)
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def _pad_id(model_path: str) -> int:

@@ -1,0 +1,246 @@
+"""Benchmark: `packed` vs `prefix` layouts, and our Ray Train + DeepSpeed loop vs transformers' Trainer.
+
+One run, the same 5-turn trajectories and the tiny model, on this machine's CPUs:
+  1. build the training set in both layouts (same examples, same weights, same loss);
+  2. train each layout with our loop (Ray Train, 1 worker, DeepSpeed ZeRO-0, fp32); both get the
+     same optimizer steps, each step holding about the same number of prefix examples (the
+     prefix micro-batch has `examples per packed row` times more rows);
+  3. train the packed set with a plain transformers `Trainer` (same batch, lr, schedule, loss) and
+     compare tokens/s with our loop's on the same data.
+Tokens are input tokens through forward + backward (padding excluded); wall is the training loop
+(steps, data fetching included; start-up excluded, reported separately).
+
+    python bench/train.py                      # writes bench/results/train.json
+    python bench/train.py --trajectories 64    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json")
+
+
+def build_sets(work: str, model: str, n: int, turns: int, seed: int) -> dict[str, str]:
+    from rise_ray.config import DataConfig
+    from rise_ray.data.builder import build_dataset
+    from rise_ray.data.synthetic import arithmetic_trajectories
+    from rise_ray.envs.base import Env
+
+    trajs = arithmetic_trajectories(n, turns=turns, seed=seed, solve_last=0.5)
+    assert all(len(t.turns) == turns for t in trajs)
+    env = Env()  # the default feedback, question repeated (the paper's prompt)
+    out = {}
+    for layout in ("packed", "prefix"):
+        out[layout] = os.path.join(work, f"data-{layout}")
+        build_dataset(trajs, env, model, DataConfig(layout=layout, seed=seed), out[layout])
+    return out
+
+
+def run_ours(work: str, model: str, data: str, name: str, micro: int, epochs: int, cpus: int) -> dict[str, Any]:
+    from rise_ray.config import load_config
+    from rise_ray.train.trainer import train
+
+    cfg = load_config(
+        None,
+        [
+            f"train.micro_batch_size={micro}",
+            f"train.epochs={epochs}",
+            f"train.cpus_per_worker={cpus}",
+            "train.lr=1e-3",
+            "train.log_every_steps=1000000",
+        ],
+    )
+    out = os.path.join(work, f"ours-{name}")
+    t0 = time.perf_counter()
+    train(cfg, data, model, out)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(out, "train_summary.json"), encoding="utf-8") as f:
+        s = json.load(f)
+    return {
+        "steps": s["steps"],
+        "tokens": s["tokens"],
+        "train_time_s": s["train_time_s"],
+        "tokens_per_s": s["tokens_per_s"],
+        "end_to_end_s": round(wall, 2),
+        "first_loss": s["first_loss"],
+        "last_loss": s["last_loss"],
+        "model": os.path.join(out, "model"),
+    }
+
+
+def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: int) -> dict[str, Any]:
+    """transformers.Trainer on the same rows: same loss (sum w x CE / units per batch)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from rise_ray.data.builder import read_rows
+    from rise_ray.train.loop import collate, plan_steps, weighted_loss_sum
+
+    rows = read_rows(data)
+    counted = {"tokens": 0}
+
+    def collator(batch: list[dict]) -> dict:
+        b = collate(
+            {k: [r[k] for r in batch] for k in ("input_ids", "weights", "units")},
+            pad_id=0,
+            device="cpu",
+        )
+        counted["tokens"] += b["tokens"]
+        return {
+            "input_ids": b["input_ids"],
+            "attention_mask": b["attention_mask"],
+            "weights": b["weights"],
+            "units": torch.tensor(b["units"]),
+        }
+
+    class WeightedTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            units = inputs.pop("units").sum()
+            loss = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"], inputs["weights"]) / units
+            return (loss, None) if return_outputs else loss
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.t1 = time.perf_counter()
+
+    plan = plan_steps(
+        len(rows),
+        {"num_workers": 1, "micro_batch_size": micro, "grad_accum": 1, "epochs": epochs, "warmup_ratio": 0.04},
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    args = TrainingArguments(
+        output_dir=os.path.join(work, "hf"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=1,
+        num_train_epochs=epochs,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=plan.warmup_steps,
+        max_grad_norm=1.0,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    clock = Clock()
+    trainer = WeightedTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[clock])
+    trainer.train()
+    dt = clock.t1 - clock.t0
+    return {
+        "steps": trainer.state.global_step,
+        "tokens": counted["tokens"],
+        "train_time_s": round(dt, 3),
+        "tokens_per_s": counted["tokens"] / dt,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trajectories", type=int, default=192)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--micro-batch", type=int, default=4, help="packed rows per micro-batch")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=RESULTS)
+    ns = ap.parse_args()
+
+    import ray
+
+    from rise_ray.data.builder import read_stats
+    from rise_ray.models.tiny import build_tiny_model
+    from rise_ray.train.loop import setup_environment
+
+    setup_environment(use_gpu=False)
+    cpus = os.cpu_count() or 1
+    work = tempfile.mkdtemp(prefix="rise-bench-train-")
+    try:
+        model = build_tiny_model(os.path.join(work, "tiny"))
+        sets = build_sets(work, model, ns.trajectories, ns.turns, ns.seed)
+        stats = {k: read_stats(v) for k, v in sets.items()}
+        per_row = stats["packed"]["examples"] / stats["packed"]["rows"]
+        prefix_micro = max(1, round(ns.micro_batch * per_row))
+
+        # the plain transformers Trainer first, alone on the machine
+        hf = run_hf_trainer(work, model, sets["packed"], ns.micro_batch, ns.epochs)
+
+        ray.init(num_cpus=max(2, cpus), include_dashboard=False, log_to_driver=False)
+        ours = {
+            "packed": run_ours(work, model, sets["packed"], "packed", ns.micro_batch, ns.epochs, cpus),
+            "prefix": run_ours(work, model, sets["prefix"], "prefix", prefix_micro, ns.epochs, cpus),
+        }
+        ray.shutdown()
+
+        p, q = ours["packed"], ours["prefix"]
+        result = {
+            "packed_token_reduction": q["tokens"] / p["tokens"],
+            "packed_wall_speedup": q["train_time_s"] / p["train_time_s"],
+            "vs_hf_trainer_throughput": p["tokens_per_s"] / hf["tokens_per_s"],
+            "setup": {
+                "trajectories": ns.trajectories,
+                "turns": ns.turns,
+                "model": "rise_ray.models.tiny (Llama, char tokenizer)",
+                "epochs": ns.epochs,
+                "micro_batch_rows": {"packed": ns.micro_batch, "prefix": prefix_micro},
+                "workers": 1,
+                "cpus": cpus,
+                "zero_stage": 0,
+                "dtype": "float32",
+                "tokens": "input tokens through forward+backward, padding excluded",
+                "wall": "training loop (steps incl. data fetching); start-up in end_to_end_s",
+            },
+            "data": {
+                k: {f: s[f] for f in ("rows", "examples", "input_tokens", "trained_tokens")} for k, s in stats.items()
+            },
+            "ours": {k: {f: v for f, v in r.items() if f != "model"} for k, r in ours.items()},
+            "hf_trainer": hf,
+        }
+        print()
+        print(f"{'':24s}{'packed':>14s}{'prefix':>14s}{'ratio':>10s}")
+        print(f"{'rows':24s}{stats['packed']['rows']:>14d}{stats['prefix']['rows']:>14d}")
+        print(f"{'optimizer steps':24s}{p['steps']:>14d}{q['steps']:>14d}")
+        print(f"{'tokens trained':24s}{p['tokens']:>14,d}{q['tokens']:>14,d}{result['packed_token_reduction']:>9.2f}x")
+        print(f"{'loss tokens':24s}{stats['packed']['trained_tokens']:>14,d}{stats['prefix']['trained_tokens']:>14,d}")
+        print(
+            f"{'train wall (s)':24s}{p['train_time_s']:>14.2f}{q['train_time_s']:>14.2f}"
+            f"{result['packed_wall_speedup']:>9.2f}x"
+        )
+        print(f"{'end-to-end (s)':24s}{p['end_to_end_s']:>14.2f}{q['end_to_end_s']:>14.2f}")
+        print()
+        print(f"{'tokens/s, packed data':24s}{'ours':>14s}{'HF Trainer':>14s}{'ratio':>10s}")
+        print(
+            f"{'':24s}{p['tokens_per_s']:>14,.0f}{hf['tokens_per_s']:>14,.0f}"
+            f"{result['vs_hf_trainer_throughput']:>9.2f}x"
+        )
+        from rise_ray.files import atomic_write_json
+
+        atomic_write_json(ns.out, result)
+        print(f"\nwrote {ns.out}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ok = (
+        result["packed_token_reduction"] >= 2.5
+        and result["packed_wall_speedup"] >= 2.0
+        and result["vs_hf_trainer_throughput"] >= 1.0
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The training-set builder: criteria, dedupe, weights, token weights, layouts, lengths, drift, files."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rise_ray.config import DataConfig, load_config
+from rise_ray.data.builder import (
+    BuildError,
+    build_dataset,
+    build_examples,
+    prepare,
+    read_rows,
+    read_stats,
+    read_trajectories,
+    select_turns,
+    tokenize_turn,
+    turn_weight,
+)
+from rise_ray.data.synthetic import arithmetic_trajectories, bpe_chat_tokenizer, make_trajectory, make_turn
+from rise_ray.envs.base import DataError, Env
+from rise_ray.rollout.episodes import Trajectory, build_conversation
+
+FEEDBACK = "Wrong. Try again."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from rise_ray.models.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def env() -> Env:
+    return Env(feedback=FEEDBACK)
+
+
+def cfg(**kw) -> DataConfig:
+    kw.setdefault("shuffle", False)
+    return DataConfig(**kw)
+
+
+def by_turn(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """prefix rows keyed by (problem, turn)."""
+    return {(r["problem_id"], r["turns"][0]): r for r in rows}
+
+
+def trained_text(tok, row: dict) -> str:
+    return tok.decode([t for t, w in zip(row["input_ids"], row["weights"], strict=True) if w > 0])
+
+
+# --- criteria, dedupe, weights --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("criteria", "expected"),
+    [
+        ("all", [True, True, True, True, True]),
+        ("better", [True, False, True, True, False]),
+        ("best", [True, False, True, True, False]),
+        ("success", [False, False, False, True, False]),
+    ],
+)
+def test_criteria_on_hand_made_rewards(criteria, expected):
+    rewards = [0.0, -1.0, 0.0, 1.0, 0.0]
+    correct = [False, False, False, True, False]
+    assert select_turns(rewards, correct, criteria) == expected
+
+
+def test_better_and_best_differ():
+    # 1 -> 0 -> 0.5: the third beats the second (better) but not the first (best)
+    rewards = [1.0, 0.0, 0.5]
+    assert select_turns(rewards, [False] * 3, "better") == [True, False, True]
+    assert select_turns(rewards, [False] * 3, "best") == [True, False, False]
+
+
+def test_unknown_criteria_is_an_error():
+    with pytest.raises(BuildError, match="data.criteria"):
+        select_turns([0.0], [False], "most")
+
+
+def test_prepare_drops_empty_duplicates_and_turns_after_correct():
+    traj = make_trajectory(
+        "p",
+        "q?",
+        [("a", 0.0), ("  ", 0.0), (" a \n", 0.0), ("b", 1.0), ("c", 0.0)],
+    )
+    p = prepare(traj)
+    assert [t.response for t in p.turns] == ["a", "b"]
+    assert p.counts == {"dropped_empty": 1, "dropped_duplicate": 1, "dropped_after_correct": 1}
+    kept = prepare(traj, dedupe=False, stop_at_correct=False)
+    assert len(kept.turns) == 5
+
+
+def test_weights_exp_center_and_cap(env, tok):
+    assert turn_weight(1.0, 0.4) == pytest.approx(math.exp(2.5))
+    assert turn_weight(-1.0, 0.4) == pytest.approx(math.exp(-2.5))
+    assert turn_weight(1.0, 0.4, max_weight=5.0) == 5.0
+    assert turn_weight(1.0, 0.5, baseline=0.5) == pytest.approx(math.exp(1.0))
+
+    trajs = [make_trajectory("p", "Q?", [("x", 0.0), ("y", 1.0)]), make_trajectory("p", "Q?", [("z", 1.0)])]
+    # baseline for "p" = mean(0, 1, 1) = 2/3
+    rows, stats = build_examples(trajs, env, tok, cfg(layout="prefix", center_rewards=True))
+    got = sorted(round(sum(r["weights"]), 6) for r in rows)
+    want = sorted(round(math.exp((r - 2 / 3) / 0.4), 6) for r in (0.0, 1.0, 1.0))
+    assert got == pytest.approx(want, rel=1e-6)
+    rows, stats = build_examples(trajs, env, tok, cfg(layout="prefix", max_weight=2.0))
+    assert max(sum(r["weights"]) for r in rows) == pytest.approx(2.0)
+    assert stats["weight_max"] == 2.0
+
+
+# --- token weights --------------------------------------------------------------------------------
+
+
+def test_token_weights_cover_exactly_the_assistant_reply(env, tok):
+    traj = make_trajectory("p", "What is 2+2?", [("It is 5.", 0.0), ("It is 4.", 1.0)])
+    rows, stats = build_examples([traj], env, tok, cfg(layout="prefix"))
+    assert stats["examples"] == 2 and stats["rows"] == 2
+    r0, r1 = by_turn(rows)[("p", 0)], by_turn(rows)[("p", 1)]
+    # trained tokens: the reply and the end-of-turn token, nothing of prompts or feedback
+    assert trained_text(tok, r0) == "It is 5.<|end|>"
+    assert trained_text(tok, r1) == "It is 4.<|end|>"
+    n1 = len("It is 4.") + 1
+    w1 = [w for w in r1["weights"] if w > 0]
+    assert w1 == pytest.approx([math.exp(1 / 0.4) / n1] * n1, rel=1e-6)
+    # the second example's context is the conversation the model saw at turn 2
+    conv = build_conversation(env, traj_problem(traj), ["It is 5."], None)
+    prompt = tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert r1["input_ids"][: len(prompt)] == list(prompt)
+    assert all(w == 0 for w in r1["weights"][: len(prompt)])
+    assert FEEDBACK in tok.decode(r1["input_ids"])
+
+
+def traj_problem(traj: Trajectory):
+    from rise_ray.envs.base import Problem
+
+    return Problem(traj.problem_id, traj.question, traj.reference)
+
+
+def test_degenerate_turns_stay_in_context_but_are_not_trained(env, tok):
+    traj = Trajectory(
+        "p",
+        "Q?",
+        "0",
+        [make_turn("ababababab", -1.0, degenerate=True), make_turn("right", 1.0)],
+    )
+    rows, stats = build_examples([traj], env, tok, cfg(layout="packed"))
+    assert stats["turns_degenerate_skipped"] == 1 and stats["examples"] == 1
+    (row,) = rows
+    assert "ababababab" in tok.decode(row["input_ids"])
+    assert trained_text(tok, row) == "right<|end|>"
+
+
+def test_only_successful_and_criteria_counts(env, tok):
+    good = make_trajectory("g", "Q1?", [("no", 0.0), ("yes", 1.0)])
+    bad = make_trajectory("b", "Q2?", [("no", 0.0), ("still no", 0.0)])
+    rows, stats = build_examples([good, bad], env, tok, cfg(only_successful=True, layout="prefix"))
+    assert {r["problem_id"] for r in rows} == {"g"}
+    assert stats["trajectories_unsuccessful_skipped"] == 1
+    rows, stats = build_examples([good, bad], env, tok, cfg(criteria="success", layout="prefix"))
+    assert [(r["problem_id"], r["turns"]) for r in rows] == [("g", [1])]
+    assert stats["turns_not_selected"] == 3
+
+
+# --- layouts --------------------------------------------------------------------------------------
+
+
+def test_packed_rows_hold_the_prefix_examples_in_place(env, tok):
+    trajs = arithmetic_trajectories(6, turns=5, seed=3)
+    prefix, ps = build_examples(trajs, env, tok, cfg(layout="prefix"))
+    packed, ks = build_examples(trajs, env, tok, cfg(layout="packed"))
+    assert ks["examples"] == ps["examples"] == ps["rows"] == sum(r["units"] for r in packed)
+    assert ks["trained_tokens"] == ps["trained_tokens"]
+    assert ks["rows"] == len({r["problem_id"] for r in prefix})  # one row per trajectory
+    assert ps["input_tokens"] / ks["input_tokens"] > 2.5
+    pre = by_turn(prefix)
+    for row in packed:
+        for t in row["turns"]:
+            ex = pre[(row["problem_id"], t)]
+            n = len(ex["input_ids"])
+            # tokenizing the prefix and the whole conversation agree
+            assert row["input_ids"][:n] == ex["input_ids"]
+            start = next(i for i, w in enumerate(ex["weights"]) if w > 0)
+            assert row["weights"][start:n] == pytest.approx(ex["weights"][start:n])
+        assert sum(row["weights"]) == pytest.approx(sum(sum(pre[(row["problem_id"], t)]["weights"]) for t in row["turns"]))
+
+
+def test_context_window_rebuilds_the_prompt_the_model_saw(env, tok):
+    traj = make_trajectory("p", "Q?", [("first", 0.0), ("second", 0.0), ("third", 1.0)])
+    rows, _ = build_examples([traj], env, tok, cfg(layout="prefix", context_window=1))
+    last = by_turn(rows)[("p", 2)]
+    text = tok.decode(last["input_ids"])
+    assert "second" in text and "first" not in text
+    packed, stats = build_examples([traj], env, tok, cfg(layout="packed", context_window=1))
+    # turn 2's context dropped "first": it cannot share a row with turn 1's
+    assert stats["rows"] == 2 and sum(r["units"] for r in packed) == 3
+    # "rollout" takes the window the caller resolved from rollout.context_window
+    r2, _ = build_examples([traj], env, tok, cfg(layout="prefix"), context_window=1)
+    assert by_turn(r2)[("p", 2)]["input_ids"] == last["input_ids"]
+
+
+def test_too_long_examples_are_truncated_left_or_dropped_and_counted(env, tok):
+    traj = make_trajectory("p", "Q" * 60 + "?", [("a" * 20, 0.0), ("b" * 20, 1.0)])
+    full, _ = build_examples([traj], env, tok, cfg(layout="prefix", max_length=4096))
+    lens = sorted(len(r["input_ids"]) for r in full)
+    limit = lens[0] + 5  # turn 1 fits, turn 2 does not
+    rows, stats = build_examples([traj], env, tok, cfg(layout="prefix", max_length=limit))
+    assert stats["truncated"] == 1 and stats.get("dropped_too_long", 0) == 0
+    long_row = max(rows, key=lambda r: r["turns"][0])
+    assert len(long_row["input_ids"]) == limit
+    assert trained_text(tok, long_row) == "b" * 20 + "<|end|>"
+    assert long_row["input_ids"] == by_turn(full)[("p", 1)]["input_ids"][-limit:]
+    packed, pstats = build_examples([traj], env, tok, cfg(layout="packed", max_length=limit))
+    assert pstats["truncated"] == 1 and pstats["rows"] == 2  # a truncated example keeps its own row
+    rows, stats = build_examples([traj], env, tok, cfg(layout="prefix", max_length=limit, overflow="drop"))
+    assert stats["dropped_too_long"] == 1 and stats["examples"] == 1
+    rows, stats = build_examples([traj], env, tok, cfg(layout="prefix", max_length=15))
+    assert stats["dropped_too_long"] == 2 and rows == []  # the reply alone does not fit
+
+
+# --- tokenization drift with a real BPE tokenizer -------------------------------------------------
+
+
+def test_bpe_template_with_newline_has_no_drift(env):
+    tok = bpe_chat_tokenizer("assistant:\n")
+    trajs = arithmetic_trajectories(4, turns=3, seed=5)
+    rows, stats = build_examples(trajs, env, tok, cfg(layout="prefix"))
+    assert stats.get("drift_turns", 0) == 0
+    packed, _ = build_examples(trajs, env, tok, cfg(layout="packed"))
+    assert len(packed) == 4
+    pre = by_turn(rows)
+    for row in packed:
+        for t in row["turns"]:
+            ids = pre[(row["problem_id"], t)]["input_ids"]
+            assert row["input_ids"][: len(ids)] == ids
+
+
+def test_bpe_drift_is_detected_and_the_context_is_what_the_model_saw(env):
+    tok = bpe_chat_tokenizer("assistant: ")  # a trailing space: " Adding" merges across the boundary
+    context = [{"role": "user", "content": "What is 12 + 55?"}]
+    prompt = tok.apply_chat_template(context, tokenize=True, add_generation_prompt=True, return_dict=False)
+    whole = tok.apply_chat_template(
+        [*context, {"role": "assistant", "content": "Adding 12 and 55 gives 67."}],
+        tokenize=True,
+        return_dict=False,
+    )
+    assert whole[: len(prompt)] != prompt  # the naive prefix assumption really breaks here
+    ids, start, drift = tokenize_turn(tok, context, "Adding 12 and 55 gives 67.")
+    assert drift and start == len(prompt) and ids[:start] == prompt
+    assert tok.decode(ids[start:]) == "Adding 12 and 55 gives 67.<eot>"
+
+    trajs = arithmetic_trajectories(4, turns=3, seed=5)
+    rows, stats = build_examples(trajs, env, tok, cfg(layout="prefix"))
+    assert 0 < stats["drift_turns"] <= stats["examples"] == len(rows)  # replies starting " Adding" drift
+    for row in rows:  # every example starts with the engine's own prompt tokens
+        start = next(i for i, w in enumerate(row["weights"]) if w > 0)
+        text = tok.decode(row["input_ids"][:start])
+        assert text.endswith("assistant: ")
+
+
+def test_template_that_is_not_prefix_stable_is_a_clear_error(env):
+    tok = bpe_chat_tokenizer("assistant:\n")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eot>{% endfor %}"
+        "{% if add_generation_prompt %}bot> {% endif %}"
+    )
+    with pytest.raises(BuildError, match="prefix-stable"):
+        tokenize_turn(tok, [{"role": "user", "content": "hi"}], "hello")
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def write_trajectories(trajs: list[Trajectory], path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([t.to_record() for t in trajs]), path)
+
+
+def test_dataset_round_trip_from_parquet_trajectories(tmp_path, env, tok):
+    trajs = arithmetic_trajectories(5, turns=4, seed=2)
+    write_trajectories(trajs[:3], str(tmp_path / "iter_1" / "trajectories" / "part-0.parquet"))
+    write_trajectories(trajs[3:], str(tmp_path / "iter_1" / "trajectories" / "part-1.parquet"))
+    back = read_trajectories(str(tmp_path / "iter_1"))
+    assert [t.problem_id for t in back] == [t.problem_id for t in trajs]
+    assert back[0].turns[0].response == trajs[0].turns[0].response
+    out = tmp_path / "ds"
+    stats = build_dataset(str(tmp_path / "iter_1"), env, tok, cfg(layout="packed"), str(out))
+    assert read_stats(str(out))["rows"] == stats["rows"] == len(read_rows(str(out)))
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    rows = read_rows(str(out))
+    direct, _ = build_examples(trajs, env, tok, cfg(layout="packed"))
+    assert [r["input_ids"] for r in rows] == [r["input_ids"] for r in direct]
+
+
+def test_bad_inputs_name_the_file(tmp_path, env, tok):
+    with pytest.raises(DataError, match="no such"):
+        read_trajectories(str(tmp_path / "missing"))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"problem_id": ["x"], "question": ["q"]}), str(bad))
+    with pytest.raises(DataError, match=r"bad\.parquet.*missing column"):
+        read_trajectories(str(bad))
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    with pytest.raises(DataError, match="junk.parquet"):
+        read_trajectories(str(junk))
+    from transformers import PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer)
+    with pytest.raises(BuildError, match="chat template"):
+        build_dataset(arithmetic_trajectories(1), env, plain, cfg(), str(tmp_path / "x"))
+    with pytest.raises(BuildError, match="no training examples"):
+        build_dataset(arithmetic_trajectories(2), env, tok, cfg(max_length=8), str(tmp_path / "y"))
+
+
+def test_config_section_validates():
+    c = load_config(None, ["data.criteria=best", "data.layout=prefix", "data.context_window=null"])
+    assert c.data.criteria == "best" and c.data.context_window is None
+    from rise_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.criteria"):
+        load_config(None, ["data.criteria=most"])
+    with pytest.raises(ConfigError, match="data.context_window"):
+        load_config(None, ["data.context_window=0"])
