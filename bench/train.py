@@ -78,9 +78,12 @@ def run_ours(work: str, model: str, data: str, name: str, micro: int, epochs: in
     }
 
 
-def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: int) -> dict[str, Any]:
-    """transformers.Trainer on the same rows: same loss (sum w x CE / units per batch)."""
+def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: int, threads: int) -> dict[str, Any]:
+    """transformers.Trainer on the same rows: same loss (sum w x CE / units per batch), the same
+    number of CPU threads as our worker."""
     import torch
+
+    torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from rise_ray.data.builder import read_rows
@@ -158,6 +161,7 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=4, help="packed rows per micro-batch")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (= Ray CPUs) per trainer, both loops")
     ap.add_argument("--out", default=RESULTS)
     ns = ap.parse_args()
 
@@ -178,12 +182,12 @@ def main() -> int:
         prefix_micro = max(1, round(ns.micro_batch * per_row))
 
         # the plain transformers Trainer first, alone on the machine
-        hf = run_hf_trainer(work, model, sets["packed"], ns.micro_batch, ns.epochs)
+        hf = run_hf_trainer(work, model, sets["packed"], ns.micro_batch, ns.epochs, ns.threads)
 
-        ray.init(num_cpus=max(2, cpus), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(2, cpus, ns.threads), include_dashboard=False, log_to_driver=False)
         ours = {
-            "packed": run_ours(work, model, sets["packed"], "packed", ns.micro_batch, ns.epochs, cpus),
-            "prefix": run_ours(work, model, sets["prefix"], "prefix", prefix_micro, ns.epochs, cpus),
+            "packed": run_ours(work, model, sets["packed"], "packed", ns.micro_batch, ns.epochs, ns.threads),
+            "prefix": run_ours(work, model, sets["prefix"], "prefix", prefix_micro, ns.epochs, ns.threads),
         }
         ray.shutdown()
 
@@ -199,7 +203,8 @@ def main() -> int:
                 "epochs": ns.epochs,
                 "micro_batch_rows": {"packed": ns.micro_batch, "prefix": prefix_micro},
                 "workers": 1,
-                "cpus": cpus,
+                "cpu_threads_per_trainer": ns.threads,
+                "machine_cpus": cpus,
                 "zero_stage": 0,
                 "dtype": "float32",
                 "tokens": "input tokens through forward+backward, padding excluded",

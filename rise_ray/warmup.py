@@ -1,10 +1,10 @@
 """Warm-up SFT for the embedded default: a tiny base model that attempts, but never self-corrects.
 
-Demonstrations for "Solve for x: a*x+b=c" show guess-and-check attempts, "7*6+3=45<52 \\boxed{6}":
-the guess is right with probability p_correct, else off by 1..max_offset, and the written check
-is always right. Each later attempt is a fresh, independent guess: no copying of the previous
-answer and no correction from it, so whatever use of earlier attempts the model shows after
-RISE was learned by RISE. A demonstration stops at its first correct attempt.
+Demonstrations show guess-and-check attempts written by the env (`env.demo_attempt`), e.g. for
+sorted-list search "d31<47 \\boxed{d}": the guess is right with probability p_correct, else 1..max_offset
+away, and the written check is always right. Each later attempt is a fresh, independent guess:
+no copying of the previous answer and no correction from it, so any use of earlier attempts the
+model shows after RISE was learned by RISE. A demonstration stops at its first correct attempt.
 """
 
 from __future__ import annotations
@@ -15,38 +15,37 @@ import random
 from pydantic import ValidationError
 
 from rise_ray.config import ConfigError, RunConfig, TrainConfig
-from rise_ray.envs.arithmetic import check_line
 from rise_ray.envs.base import Env, Problem
 from rise_ray.rollout.episodes import Trajectory, Turn, write_trajectories
 
 
-def attempt(meta: dict, guess: int) -> str:
-    return f"{check_line(meta['a'], meta['b'], meta['c'], guess)} \\boxed{{{guess}}}"
-
-
-def demonstration(problem: Problem, rng: random.Random, turns: int, p_correct: float, max_offset: int) -> Trajectory:
-    x = problem.meta["x"]
+def demonstration(env: Env, problem: Problem, rng: random.Random, turns: int, p_correct: float, max_offset: int) -> Trajectory:
     traj = Trajectory(problem.id, problem.question, problem.reference)
+    offsets = [o for d in range(1, max_offset + 1) for o in (-d, d)]
     for _ in range(turns):
-        right = rng.random() < p_correct
-        guess = x if right else x + rng.choice([-1, 1]) * rng.randint(1, max_offset)
+        if rng.random() < p_correct:
+            text = env.demo_attempt(problem, 0)
+        else:  # off by 1..max_offset, among the guesses the problem allows (e.g. not past the last key)
+            wrong = [t for o in offsets if (t := env.demo_attempt(problem, o)) is not None]
+            text = rng.choice(wrong)
+        grade = env.grade(text, problem.reference)
         # reward 0 for every attempt: weight exp(0) = 1, plain imitation of noisy attempts
-        text = attempt(problem.meta, guess)
-        traj.turns.append(Turn(text, str(guess), 0.0, right, "demo", True, False, [text], [str(guess)], [0.0], [right]))
-        if right:
+        traj.turns.append(Turn(text, grade.answer, 0.0, grade.correct, "demo", True, False,
+                               [text], [grade.answer], [0.0], [grade.correct]))
+        if grade.correct:
             break
     return traj
 
 
 def demonstrations(env: Env, n: int, turns: int, p_correct: float, max_offset: int, seed: int) -> list[Trajectory]:
-    if getattr(env, "task", None) != "linear":
-        raise ValueError("warm-up demonstrations exist for env arithmetic with options.task=linear only; "
-                         "set warmup.enabled=false for other envs")
+    if not hasattr(env, "demo_attempt") or not env.train or env.demo_attempt(env.train[0], 0) is None:
+        raise ValueError(f"env {env.name!r} has no demonstrations for a warm-up (envs search and arithmetic "
+                         "with task=linear have); set warmup.enabled=false")
     rng = random.Random(seed)
     trajs = []
     for i in range(n):
         p = env.train[i % len(env.train)]
-        t = demonstration(p, rng, turns, p_correct, max_offset)
+        t = demonstration(env, p, rng, turns, p_correct, max_offset)
         t.problem_id = f"{p.id}-demo{i // len(env.train)}"  # distinct ids: several demos per problem
         trajs.append(t)
     return trajs

@@ -432,11 +432,11 @@ GARBAGE = [
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_grade_never_raises(name, tmp_path):
-    options = {"num_train": 1, "num_test": 1} if name == "arithmetic" else {}
+    options = {"num_train": 1, "num_test": 1} if name in ("arithmetic", "search") else {}
     if name == "math":
         options["timeout_seconds"] = 1.0
     env = get_env(name, **options)
-    refs = {"arithmetic": "#### 7", "gsm8k": "#### 1,000", "math": "so $\\boxed{\\frac{1}{2}}$"}
+    refs = {"arithmetic": "#### 7", "gsm8k": "#### 1,000", "math": "so $\\boxed{\\frac{1}{2}}$", "search": "#### c"}
     rng = random.Random(0)
     alphabet = "\\{}$#0123456789+-*/^_.,()[] xabcdefrbox\n"
     randoms = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(300)]
@@ -462,3 +462,44 @@ def test_never_eval_or_exec():
                     assert f.id not in builtins | anywhere, f"{path.name}:{node.lineno} calls {f.id}"
                 elif isinstance(f, ast.Attribute):
                     assert f.attr not in anywhere, f"{path.name}:{node.lineno} calls {f.attr}"
+
+
+# --- search (the embedded default's task) ------------------------------------------------------
+
+def test_search_problems_are_sorted_deterministic_and_disjoint():
+    a, b = get_env("search", num_train=300, num_test=100), get_env("search", num_train=300, num_test=100)
+    assert [p.question for p in a.train] == [p.question for p in b.train]
+    assert not {p.question for p in a.train} & {p.question for p in a.test}
+    for p in a.test:
+        vals = p.meta["values"]
+        assert vals == sorted(vals) and len(set(vals)) == len(vals)
+        assert p.question.startswith(f"Find {vals[p.meta['target']]}:")
+
+
+def test_search_demo_attempts_check_and_grade():
+    env = get_env("search", num_train=10, num_test=50)
+    for p in env.test:
+        right = env.demo_attempt(p, 0)
+        assert "=" in right.split(" ")[0] and env.grade(right, p.reference).correct
+        t = p.meta["target"]
+        if t + 1 < len(p.meta["values"]):
+            wrong = env.demo_attempt(p, 1)
+            assert ">" in wrong.split(" ")[0] and not env.grade(wrong, p.reference).correct
+        if t == 0:
+            assert env.demo_attempt(p, -1) is None  # no key before 'a'
+    assert env.grade("no answer", env.test[0].reference).reward == env.unparsed_reward
+
+
+def test_warmup_demonstrations_have_no_copy_bias():
+    from rise_ray.warmup import demonstrations
+
+    env = get_env("search", num_train=500, num_test=10)
+    demos = demonstrations(env, 2000, turns=3, p_correct=0.35, max_offset=3, seed=0)
+    firsts = [t.turns[0].correct for t in demos]
+    assert 0.3 < sum(firsts) / len(firsts) < 0.4
+    pairs = [(t.turns[i].answer, t.turns[i + 1].answer) for t in demos for i in range(len(t.turns) - 1)]
+    copies = sum(a == b for a, b in pairs) / len(pairs)
+    assert copies < 0.35  # independent guesses: repeats only by chance, never by construction
+    assert all(t.turns[-1].correct or len(t.turns) == 3 for t in demos)  # stops at the first correct
+    with pytest.raises(ValueError, match="warmup.enabled=false"):
+        demonstrations(get_env("arithmetic", task="muladd", num_train=5, num_test=5), 3, 2, 0.5, 2, 0)

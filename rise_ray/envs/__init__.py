@@ -13,6 +13,7 @@ from rise_ray.envs.arithmetic import ArithmeticEnv, check_line, make_arithmetic
 from rise_ray.envs.base import DataError, Env, Grade, Problem
 from rise_ray.envs.gsm8k import GSM8KEnv, make_gsm8k
 from rise_ray.envs.math import MathEnv, make_math
+from rise_ray.envs.search import SearchEnv, make_search
 
 # Env fields any builder taking **env_fields accepts (rewards, prompt and feedback text)
 ENV_FIELDS = ("system_prompt", "feedback", "repeat_question", "correct_reward", "wrong_reward", "unparsed_reward")
@@ -21,6 +22,7 @@ REGISTRY: dict[str, Callable[..., Env]] = {
     "arithmetic": make_arithmetic,
     "gsm8k": make_gsm8k,
     "math": make_math,
+    "search": make_search,
 }
 
 
@@ -66,6 +68,7 @@ __all__ = [
     "Grade",
     "MathEnv",
     "Problem",
+    "SearchEnv",
     "check_line",
     "env_options",
     "get_env",

@@ -83,6 +83,15 @@ class ArithmeticEnv(NumericEnv):
     system_prompt: str | None = None  # prompts stay short for the tiny model
     task: str = "linear"
 
+    def demo_attempt(self, problem: Problem, offset: int) -> str | None:
+        """A demonstrated guess-and-check attempt for "linear": "7*6+3=45<52 \\boxed{6}", the guess
+        `offset` from x (None: a negative guess, or another task)."""
+        m = problem.meta
+        if self.task != "linear" or m["x"] + offset < 0:
+            return None
+        guess = m["x"] + offset
+        return f"{check_line(m['a'], m['b'], m['c'], guess)} \\boxed{{{guess}}}"
+
     def extract(self, response: str) -> str | None:
         """The last \\boxed{} content (the only answer format taught)."""
         if not isinstance(response, str):

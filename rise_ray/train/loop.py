@@ -150,6 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     record_worker(config.get("pid_dir"), rank)
     torch.manual_seed(tcfg["seed"])
+    if not tcfg["use_gpu"]:  # the worker's reserved CPUs, no more (oversubscribed threads crawl)
+        torch.set_num_threads(max(1, int(tcfg["cpus_per_worker"])))
     bf16 = resolve_bf16(tcfg)
     join_deepspeed(dist)
 
@@ -184,6 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             n_mb = micro_batches_in_step(plan, s, tcfg["grad_accum"])
             micro = [collate(next_batch(batches, rank, epoch), pad_id, device) for _ in range(n_mb)]
+            t_data = time.perf_counter() - t0
             lr = float(engine.get_lr()[0])
             rec = train_step(engine, micro, world, dist)
             dt = time.perf_counter() - t0
@@ -196,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch=epoch + 1,
                 lr=lr,
                 step_time_s=round(dt, 4),
+                data_time_s=round(t_data, 4),
                 tokens_per_s=rec["tokens"] / dt if dt > 0 else None,
                 train_time_s=round(state.train_time_s, 3),
             )

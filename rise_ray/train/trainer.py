@@ -164,22 +164,30 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str) 
         shutil.copytree(src, tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
-    summary = summarize(read_log(log_path), plan.total_steps, stats, tcfg, wall, model_dir)
+    summary = summarize(read_log(log_path), result.metrics or {}, plan.total_steps, stats, tcfg, wall, model_dir)
     atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     return model_dir
 
 
 def summarize(
-    records: list[dict[str, Any]], total_steps: int, stats: dict[str, Any], tcfg: TrainConfig, wall: float, model_dir: str
+    records: list[dict[str, Any]],
+    final: dict[str, Any],
+    total_steps: int,
+    stats: dict[str, Any],
+    tcfg: TrainConfig,
+    wall: float,
+    model_dir: str,
 ) -> dict[str, Any]:
-    tokens = sum(r.get("tokens", 0) for r in records)
-    train_time = sum(r.get("step_time_s", 0.0) for r in records)
+    """Totals from the run's final metrics (rank 0's, over every step: the count survives restarts
+    in the checkpointed state); the first loss from the log (every log_every_steps-th step)."""
+    tokens = int(final.get("tokens", sum(r.get("tokens", 0) for r in records)))
+    train_time = float(final.get("train_time_s", sum(r.get("step_time_s", 0.0) for r in records)))
     return {
         "model_dir": model_dir,
-        "steps": records[-1]["step"] if records else 0,
+        "steps": int(final.get("step", records[-1]["step"] if records else 0)),
         "total_steps": total_steps,
         "first_loss": records[0]["loss"] if records else None,
-        "last_loss": records[-1]["loss"] if records else None,
+        "last_loss": final.get("loss", records[-1]["loss"] if records else None),
         "tokens": tokens,
         "train_time_s": round(train_time, 3),
         "tokens_per_s": tokens / train_time if train_time > 0 else None,

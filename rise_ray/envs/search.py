@@ -1,0 +1,87 @@
+"""Sorted-list search: a synthetic task where checking an attempt is easier than producing one.
+
+"Find 47: a12 b19 c23 d31 e47 f55" -> e. An attempt writes the check of its guess, "d31<47
+\\boxed{d}": reading d's number and comparing it with the target is a lookup a tiny model learns
+fast, and because the list is sorted the check says which way the right key lies ("<": further
+right, ">": further left, "=": found). So the previous attempt's work shows how to fix it, the
+property RISE needs to improve without an oracle. Problems are generated from a seed.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+from rise_ray.envs.answers import last_boxed
+from rise_ray.envs.base import Env, Problem
+
+
+def check_line(keys: str, values: list[int], target: int, guess: int) -> str:
+    v, t = values[guess], values[target]
+    rel = "<" if v < t else ">" if v > t else "="
+    return f"{keys[guess]}{v}{rel}{t}"
+
+
+@dataclass
+class SearchEnv(Env):
+    name: str = "search"
+    system_prompt: str | None = None  # prompts stay short for the tiny model
+
+    def extract(self, response: str) -> str | None:
+        if not isinstance(response, str):
+            return None
+        ans = last_boxed(response)
+        return ans.strip() if ans and ans.strip() else None
+
+    def gold(self, reference: str) -> str:
+        return reference.rsplit("####", 1)[-1].strip()
+
+    def is_equivalent(self, answer: str, gold: str) -> bool:
+        return answer.strip() == gold
+
+    def demo_attempt(self, problem: Problem, offset: int) -> str | None:
+        """A demonstrated attempt whose guess is `offset` keys from the answer (None: no such key)."""
+        m = problem.meta
+        guess = m["target"] + offset
+        if not 0 <= guess < len(m["values"]):
+            return None
+        return f"{check_line(m['keys'], m['values'], m['target'], guess)} \\boxed{{{m['keys'][guess]}}}"
+
+
+def make_search(
+    seed: int = 0,
+    num_train: int | None = 2000,
+    num_test: int | None = 500,
+    num_keys: int = 6,
+    low: int = 10,
+    high: int = 99,
+    train_path: str | None = None,
+    test_path: str | None = None,
+    **env_fields,
+) -> SearchEnv:
+    """`num_keys` sorted distinct values in [low, high] labelled a, b, c, ...; train and test share
+    no question."""
+    if train_path is not None or test_path is not None:
+        raise ValueError("search: problems are generated from `seed`; train_path/test_path must be None")
+    if not 2 <= num_keys <= 26:
+        raise ValueError(f"search: num_keys must be in 2..26, got {num_keys}")
+    if high - low + 1 < num_keys:
+        raise ValueError(f"search: [{low}, {high}] holds fewer than num_keys={num_keys} values")
+    n_train = 2000 if num_train is None else int(num_train)
+    n_test = 500 if num_test is None else int(num_test)
+    keys = string.ascii_lowercase[:num_keys]
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    while len(problems) < n_train + n_test:
+        values = sorted(rng.sample(range(low, high + 1), num_keys))
+        target = rng.randrange(num_keys)
+        question = f"Find {values[target]}: " + " ".join(f"{k}{v}" for k, v in zip(keys, values, strict=True))
+        if question in seen:
+            continue
+        seen.add(question)
+        split, i = ("test", len(problems)) if len(problems) < n_test else ("train", len(problems) - n_test)
+        meta = {"keys": keys, "values": values, "target": target}
+        problems.append(Problem(f"search-{split}-{i}", question, f"#### {keys[target]}", meta))
+    return SearchEnv(train=problems[n_test:], test=problems[:n_test], **env_fields)

@@ -1,0 +1,76 @@
+"""The persistent rollout pool: in-place weight sync with the logprob check, and a dead actor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from rise_ray.envs import get_env
+from rise_ray.rollout.engine import SamplingParams
+from rise_ray.rollout.episodes import EpisodeSpec
+from rise_ray.rollout.pool import RolloutPool
+from rise_ray.rollout.sync import check_engines, load_state_dict
+
+
+@pytest.fixture(scope="module")
+def perturbed_ckpt(tiny_model_dir, tmp_path_factory) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = str(tmp_path_factory.mktemp("perturbed") / "model")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_sync_in_place_and_logprob_check(ray_local, tiny_model_dir, perturbed_ckpt, tmp_path):
+    pointer = str(tmp_path / "weights.json")
+    pool = RolloutPool("hf", tiny_model_dir, num_engines=2, num_cpus=0.5, pointer_path=pointer)
+    pids = {info["pid"] for info in ray_local.get([a.info.remote() for a in pool.actors])}
+    assert check_engines(pool, tiny_model_dir, tolerance=1e-4) < 1e-4
+    with pytest.raises(RuntimeError, match="weight sync check failed"):
+        check_engines(pool, perturbed_ckpt, tolerance=1e-4)  # engines still hold the old weights
+    seconds = pool.update_weights(load_state_dict(perturbed_ckpt), "v1", checkpoint_dir=perturbed_ckpt)
+    assert seconds > 0
+    assert check_engines(pool, perturbed_ckpt, tolerance=1e-4) < 1e-4
+    infos = ray_local.get([a.info.remote() for a in pool.actors])
+    assert {i["pid"] for i in infos} == pids  # in place: the same engine processes
+    assert {i["weights_version"] for i in infos} == {"v1"}
+    assert os.path.exists(pointer)
+    pool.shutdown()
+
+
+@pytest.mark.timeout(400)
+def test_dead_actor_is_replaced_and_no_problem_lost(ray_local, tiny_model_dir, perturbed_ckpt, tmp_path):
+    pool = RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, pointer_path=str(tmp_path / "w.json"))
+    pool.update_weights(perturbed_ckpt, "v1", checkpoint_dir=perturbed_ckpt)
+    env = get_env("search", num_train=0, num_test=192)
+    spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=24, seed=0), first_n=2)
+    pid = ray_local.get(pool.actors[0].info.remote())["pid"]
+    killed = threading.Event()
+
+    def kill_soon():
+        time.sleep(3.0)  # the run is under way: engine calls are in flight
+        os.kill(pid, signal.SIGKILL)
+        killed.set()
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    trajs = pool.run(env.name, {}, env.test, spec, batch_size=16)
+    assert killed.is_set(), "the run ended before the kill: make the workload longer"
+    assert [t.problem_id for t in trajs] == [p.id for p in env.test]  # every problem, once, in order
+    assert all(len(t.turns) == 3 for t in trajs)
+    info = ray_local.get(pool.actors[0].info.remote())
+    assert info["pid"] != pid  # replaced by Ray
+    assert info["weights_version"] == "v1"  # and it came back with the synced weights
+    assert check_engines(pool, perturbed_ckpt, tolerance=1e-4) < 1e-4
+    pool.shutdown()
