@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from rise_ray.config import ConfigError, RunConfig, load_config
+from rise_ray.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -21,8 +21,9 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _config(args: list[str]) -> RunConfig:
+    """The config named on the command line, or the embedded default, with the overrides."""
     path, overrides = _split(args)
-    return load_config(path, overrides)
+    return load_config(path or DEFAULT_CONFIG, overrides)
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:

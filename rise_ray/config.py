@@ -13,6 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.yaml")  # the embedded default
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, the field and the reason."""
 
@@ -22,7 +25,7 @@ class _Strict(BaseModel):
 
 
 class EnvConfig(_Strict):
-    name: str = "arithmetic"  # arithmetic | gsm8k | math
+    name: str = "search"  # search | arithmetic | gsm8k | math
     train_path: str | None = None  # local JSONL, or a `datasets` hub name ("openai/gsm8k")
     test_path: str | None = None
     num_train: int | None = Field(None, ge=1)  # cap on problems used (None = all)
@@ -34,10 +37,11 @@ class EnvConfig(_Strict):
 
 
 class TinyModelConfig(_Strict):
-    hidden_size: int = Field(128, ge=16)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(384, ge=16)
+    # Head size 64 (hidden_size / num_heads): vLLM's CPU attention rejects smaller heads.
+    hidden_size: int = Field(64, ge=16)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
+    intermediate_size: int = Field(192, ge=16)
     max_position_embeddings: int = Field(1024, ge=64)
 
 
@@ -172,6 +176,39 @@ class SyncConfig(_Strict):
     tolerance: float = Field(1e-2, gt=0)  # max |logprob difference| (fp32 CPU is ~1e-5; bf16 needs more)
 
 
+class ServeConfig(_Strict):
+    """`rise serve`: the Ray Serve app (rise_ray.serve). Limits bound every request; overload past
+    max_ongoing_requests per replica plus max_queued_requests at the proxy gets 503 + Retry-After."""
+
+    host: str = "127.0.0.1"  # bind address: loopback unless told otherwise
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "rise"
+    model_name: str | None = None  # the id /v1/models reports (None: the checkpoint directory's name)
+    engine: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when installed, else transformers
+    env: str | None = None  # default env of /v1/rise/solve (None: env.name)
+    token_env: str = "RISE_SERVE_TOKEN"  # environment variable with the bearer token; unset: no auth
+    max_n: int = Field(8, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)
+    default_max_tokens: int = Field(256, ge=1)  # chat requests that give no max_tokens
+    max_turns: int = Field(10, ge=1)
+    max_batch_size: int = Field(32, ge=1)  # concurrent requests merged into one engine call
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    max_ongoing_requests: int = Field(32, ge=1)  # per replica
+    max_queued_requests: int = Field(128, ge=-1)  # per proxy; -1: no limit (no 503 on overload)
+    retry_after_s: float = Field(1.0, ge=0)
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.min_replicas ({self.min_replicas}) > serve.max_replicas ({self.max_replicas})")
+        return self
+
+
 class RunConfig(_Strict):
     name: str = "default"
     run_dir: str = "runs"
@@ -184,7 +221,7 @@ class RunConfig(_Strict):
     # Sections owned by later stages are kept as free-form dicts until their schema lands.
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    serve: dict[str, Any] = Field(default_factory=dict)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     iterations: int = Field(2, ge=0)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)

@@ -78,3 +78,20 @@ def test_cli_reports_config_error(tmp_path, capsys):
     assert main(["eval", write(tmp_path, "eval:\n  turns: -2\n")]) == 2
     err = capsys.readouterr().err
     assert "eval.turns" in err and "Traceback" not in err
+
+
+def test_every_shipped_config_loads():
+    import glob
+    import os
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+    assert len(paths) >= 3
+    for path in paths:
+        load_config(path)
+
+
+def test_commands_without_config_use_the_embedded_default():
+    from rise_ray.cli import _config
+
+    cfg = _config(["iterations=1"])
+    assert cfg.env.name == "search" and cfg.model.path is None and cfg.iterations == 1

@@ -281,10 +281,14 @@ def test_train_command_end_to_end(ray_cluster, tiny, tmp_path):
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
     assert dataset_loss(path, os.path.join(out, "dataset")) < dataset_loss(tiny, os.path.join(out, "dataset"))
     generates(path)
-    # finished runs are not redone
+    # finished runs are not redone; a different run in the same directory is refused
     t0 = time.perf_counter()
     assert train_command(cfg, os.path.join(out, "dataset"), out) == path
     assert time.perf_counter() - t0 < 10
+    from rise_ray.train import TrainError
+
+    with pytest.raises(TrainError, match="different train"):
+        train_command(run_config(tmp_path, tiny, "train.epochs=2", "train.lr=1e-4"), os.path.join(out, "dataset"), out)
 
 
 def test_impossible_resources_fail_fast(ray_cluster, tiny, tmp_path):

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "sft"
 SUMMARY_FILE = "train_summary.json"
+RUN_FILE = "train_run.json"  # what this out_dir trains: resuming anything else is refused
 DATASET_NAME = "train"
 
 
@@ -58,6 +59,31 @@ def check_resources(tcfg: TrainConfig) -> None:
             f"train.num_workers={tcfg.num_workers} x train.cpus_per_worker={tcfg.cpus_per_worker:g} needs {need:g} "
             f"CPUs, but the Ray cluster has {total.get('CPU', 0):g}: lower them or start Ray with more (logical) CPUs"
         )
+
+
+def check_same_run(out_dir: str, stats: dict[str, Any], plan: dict[str, Any], model: str, tcfg: TrainConfig) -> None:
+    """A run resumes only what it started: the same data, plan, model and settings. Anything
+    else in out_dir is an error, not a silent resume of someone else's checkpoints."""
+    from rise_ray.files import atomic_write_json
+
+    ident = {
+        "data": {k: stats.get(k) for k in ("rows", "examples", "input_tokens", "trained_tokens", "layout", "source")},
+        "plan": plan,
+        "model": os.path.abspath(model),
+        "train": tcfg.model_dump(mode="json", exclude={"max_failures", "log_every_steps"}),
+    }
+    path = os.path.join(out_dir, RUN_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(ident)):
+            diff = sorted(k for k in ident if old.get(k) != json.loads(json.dumps(ident[k])))
+            raise TrainError(
+                f"{out_dir} holds a training run with different {', '.join(diff)}; "
+                "use another output directory or delete this one to start over"
+            )
+    else:
+        atomic_write_json(path, ident)
 
 
 def load_train_dataset(dataset_dir: str) -> Any:
@@ -100,15 +126,16 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str) 
 
     out_dir = os.path.abspath(out_dir)
     model_dir = os.path.join(out_dir, MODEL_DIR)
-    if is_finished(model_dir):
-        log.info("train: %s is already trained", model_dir)
-        return model_dir
     if not os.path.isfile(os.path.join(init_model_path, "config.json")):
         raise TrainError(f"model path {init_model_path}: no config.json (expected an HF model directory)")
     tcfg = cfg.train
     stats = read_stats(dataset_dir)
     plan = plan_steps(stats["rows"], tcfg.model_dump())
     os.makedirs(out_dir, exist_ok=True)
+    check_same_run(out_dir, stats, plan.__dict__, init_model_path, tcfg)
+    if is_finished(model_dir):
+        log.info("train: %s is already trained", model_dir)
+        return model_dir
     if not ray.is_initialized():
         from rise_ray.session import init_ray
 
