@@ -32,6 +32,20 @@ def generated_tokens(trajs, tokenizer) -> int:
     return sum(len(tokenizer(c)["input_ids"]) for t in trajs for turn in t.turns for c in turn.candidates)
 
 
+class OneRequestAtATime:
+    """The engine driven the way the paper's code drives its worker: one request per sample."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
+
+    def prompt_len(self, conversation):
+        return self.engine.prompt_len(conversation)
+
+    def generate(self, convs, n, params):
+        return [[self.engine.generate([c], 1, params)[0][0] for _ in range(n)] for c in convs]
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -65,19 +79,9 @@ def main() -> None:
     run_episodes(engine, env, problems[:8], spec)  # warm up
     direct, t_direct = timed(lambda: run_episodes(engine, env, problems, spec))
     seq_problems = problems[: args.sequential_problems]
-
-    def one_at_a_time():
-        class OneRequest:  # forwards each conversation and each sample as its own request
-            max_model_len = engine.max_model_len
-            prompt_len = engine.prompt_len
-
-            def generate(self, convs, n, params):
-                return [[engine.generate([c], 1, params)[0][0] for _ in range(n)] for c in convs]
-
-        return run_episodes(OneRequest(), env, seq_problems, spec)
-
-    sequential, t_seq = timed(one_at_a_time)
-    del engine
+    sequential, t_seq = timed(lambda: run_episodes(OneRequestAtATime(engine), env, seq_problems, spec))
+    if hasattr(engine, "close"):
+        engine.close()  # free its memory before the pool's engine starts
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     pool = RolloutPool(args.engine, model_dir, num_engines=1, num_cpus=1, engine_kwargs=kw)

@@ -11,6 +11,7 @@ import os
 import sys
 
 from rise_ray.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config
+from rise_ray.envs.base import DataError
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return ns.fn(ns)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # the message names the field, or the file and line
         print(f"rise: {e}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.yaml")  # the embedded default
 
 
@@ -255,9 +254,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; any other value, and an empty mapping ({}: clear it), replaces."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 

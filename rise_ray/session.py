@@ -36,9 +36,16 @@ def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
 
 
 def make_env(cfg: EnvConfig):
+    """The environment with its problems; a bad name or option is a ConfigError naming it."""
+    from rise_ray.config import ConfigError
     from rise_ray.envs import get_env
 
-    return get_env(cfg.name, **env_options(cfg))
+    try:
+        return get_env(cfg.name, **env_options(cfg))
+    except (TypeError, ValueError) as e:
+        if type(e).__name__ == "DataError":
+            raise
+        raise ConfigError(f"env (name={cfg.name!r}, options={cfg.options}): {e}") from None
 
 
 def resolve_model(cfg: ModelConfig, work_dir: str) -> str:

@@ -95,3 +95,24 @@ def test_commands_without_config_use_the_embedded_default():
 
     cfg = _config(["iterations=1"])
     assert cfg.env.name == "search" and cfg.model.path is None and cfg.iterations == 1
+
+
+def test_empty_mapping_override_clears(tmp_path):
+    path = write(tmp_path, "env:\n  options: {num_keys: 6}\n")
+    assert load_config(path).env.options == {"num_keys": 6}
+    assert load_config(path, ["env.options={}"]).env.options == {}
+    assert load_config(path, ["env.options.x=1"]).env.options == {"num_keys": 6, "x": 1}
+
+
+def test_cli_reports_env_and_data_errors(tmp_path, capsys):
+    from rise_ray.cli import main
+
+    assert main(["eval", "env.name=nosuch"]) == 2
+    assert "unknown env 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", "env.name=gsm8k"]) == 2  # the default's search options do not fit gsm8k
+    assert "num_keys" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "no answer"}\n')
+    assert main(["eval", "env.name=gsm8k", "env.options={}", f"env.test_path={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "answer" in err and "Traceback" not in err

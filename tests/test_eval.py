@@ -37,3 +37,23 @@ def test_rise_eval_end_to_end(tmp_path, tiny_model_dir, ray_local, engine, capsy
         assert rec["turns"][0]["response"] == rec["turns"][0]["candidates"][0]  # the first continues
     assert os.path.getsize(out / "turns.png") > 1000
     assert "m1@t3" in capsys.readouterr().out  # the terminal table
+
+
+@pytest.mark.timeout(600)
+def test_rise_eval_on_gsm8k_jsonl(tmp_path, tiny_model_dir, ray_local):
+    """Real data through the same path: the shared GSM8K test file, read from local JSONL."""
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "gsm8k" / "test.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    out = tmp_path / "gsm8k"
+    rc = main([
+        "eval", "env.name=gsm8k", f"env.test_path={path}", "env.num_test=6", "env.options={}",
+        f"model.path={tiny_model_dir}", "model.max_model_len=1024", "eval.turns=2", "eval.parallel=2",
+        "eval.max_tokens=8", "rollout.num_cpus_per_engine=1", "--out", str(out),
+    ])
+    assert rc == 0
+    recs = pq.read_table(out / "records.parquet").to_pylist()
+    assert [r["problem_id"] for r in recs] == [f"gsm8k-test-{i}" for i in range(1, 7)]
+    assert recs[0]["reference"].endswith("#### 18")  # Janet's ducks

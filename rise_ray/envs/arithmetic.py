@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rise_ray.envs.answers import last_boxed
 from rise_ray.envs.base import Problem
 from rise_ray.envs.gsm8k import NumericEnv
 
@@ -92,12 +91,6 @@ class ArithmeticEnv(NumericEnv):
         guess = m["x"] + offset
         return f"{check_line(m['a'], m['b'], m['c'], guess)} \\boxed{{{guess}}}"
 
-    def extract(self, response: str) -> str | None:
-        """The last \\boxed{} content (the only answer format taught)."""
-        if not isinstance(response, str):
-            return None
-        ans = last_boxed(response)
-        return ans.strip() if ans and ans.strip() else None
 
 
 def make_arithmetic(

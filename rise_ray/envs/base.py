@@ -34,7 +34,8 @@ class Grade:
 
 @dataclass
 class Env:
-    """Base class. Subclasses implement `extract` and `is_equivalent`, and set the problems."""
+    """Base class. Subclasses implement `gold` and `is_equivalent` (and `extract` where the last
+    \\boxed{} is not the answer), and set the problems."""
 
     name: str = "base"
     train: list[Problem] = field(default_factory=list)
@@ -46,10 +47,16 @@ class Env:
     wrong_reward: float = 0.0
     unparsed_reward: float = -1.0  # the paper's GSM8K code gives -1 when no answer can be read
 
-    # --- to implement -------------------------------------------------------------------------
+    # --- to implement (extract has a default) -------------------------------------------------
     def extract(self, response: str) -> str | None:
-        """The model's final answer in `response`, or None when none can be read."""
-        raise NotImplementedError
+        """The model's final answer in `response`, or None when none can be read: by default the
+        content of the last \\boxed{...}."""
+        from rise_ray.envs.answers import last_boxed
+
+        if not isinstance(response, str):
+            return None
+        ans = last_boxed(response)
+        return ans.strip() if ans and ans.strip() else None
 
     def gold(self, reference: str) -> str:
         """The gold answer inside a reference field."""

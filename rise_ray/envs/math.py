@@ -164,12 +164,6 @@ class MathEnv(Env):
     system_prompt: str | None = BOXED_SYSTEM_PROMPT
     timeout_seconds: float | None = 5.0  # per answer check (math-verify); None = no limit
 
-    def extract(self, response: str) -> str | None:
-        if not isinstance(response, str):
-            return None
-        ans = last_boxed(response)
-        return ans.strip() if ans and ans.strip() else None
-
     def gold(self, reference: str) -> str:
         g = last_boxed(reference)
         return g.strip() if g is not None else reference.strip()

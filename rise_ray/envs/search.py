@@ -13,7 +13,6 @@ import random
 import string
 from dataclasses import dataclass
 
-from rise_ray.envs.answers import last_boxed
 from rise_ray.envs.base import Env, Problem
 
 
@@ -27,12 +26,6 @@ def check_line(keys: str, values: list[int], target: int, guess: int) -> str:
 class SearchEnv(Env):
     name: str = "search"
     system_prompt: str | None = None  # prompts stay short for the tiny model
-
-    def extract(self, response: str) -> str | None:
-        if not isinstance(response, str):
-            return None
-        ans = last_boxed(response)
-        return ans.strip() if ans and ans.strip() else None
 
     def gold(self, reference: str) -> str:
         return reference.rsplit("####", 1)[-1].strip()

@@ -1,15 +1,18 @@
 """The per-worker loop of reward-weighted SFT: what Ray Train runs on every training worker.
 
 `train_loop_per_worker(config)` reads top to bottom like a recipe:
-  1. environment: DeepSpeed's accelerator (DS_ACCELERATOR=cpu without GPUs) before it is imported;
-  2. model: the HF checkpoint (bf16 on GPU, fp32 on CPU), gradient checkpointing, LoRA (peft);
-  3. engine: DeepSpeed with ZeRO stage 0-3, AdamW, warm-up + cosine schedule, gradient clipping;
-  4. resume: the latest Ray Train checkpoint (`ray.train.get_checkpoint()`), if any;
-  5. data: this worker's Ray Dataset shard (`ray.train.get_dataset_shard("train")`);
-  6. train: every optimizer step takes `grad_accum` micro-batches per worker; the loss is
+  1. environment: DeepSpeed's accelerator (DS_ACCELERATOR=cpu without GPUs) before it is imported,
+     torch threads = the worker's CPUs, DeepSpeed on Ray Train's process group (gloo / nccl);
+  2. start point and data: the latest Ray Train checkpoint's step (`ray.train.get_checkpoint()`)
+     and this worker's Ray Dataset shard (`ray.train.get_dataset_shard("train")`), whose stream
+     starts now so its first batch arrives while the model loads;
+  3. model: the HF checkpoint (bf16 on GPU, fp32 on CPU), gradient checkpointing, LoRA (peft);
+  4. engine: DeepSpeed with ZeRO stage 0-3, AdamW, warm-up + cosine schedule, gradient clipping,
+     then the checkpoint's DeepSpeed state loaded into it (weights_only unpickling);
+  5. train: every optimizer step takes `grad_accum` micro-batches per worker; the loss is
      sum(token weight x token CE) / (prefix examples in the step, over all workers);
-  7. checkpoint: every `save_every_steps`, every rank's DeepSpeed shards -> one Ray Train checkpoint;
-  8. final: parameters gathered (ZeRO-3), LoRA merged or kept as an adapter, saved in HF format
+  6. checkpoint: every `save_every_steps`, every rank's DeepSpeed shards -> one Ray Train checkpoint;
+  7. final: parameters gathered (ZeRO-3), LoRA merged or kept as an adapter, saved in HF format
      (safetensors) as the last Ray Train checkpoint.
 
 Loss normalisation (the paper's code: each example's mean token CE times its weight, averaged
@@ -31,7 +34,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -120,6 +125,7 @@ def collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
         "weights": torch.from_numpy(weights).to(device),
         "units": int(np.sum(batch["units"])),
         "tokens": int(mask.sum()),
+        "padded_tokens": int(mask.size),
         "trained_tokens": int((weights > 0).sum()),
     }
 
@@ -131,6 +137,7 @@ def collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
 class TrainerState:
     step: int = 0
     tokens: int = 0
+    padded_tokens: int = 0
     train_time_s: float = 0.0
     final: bool = False
     last_loss: float | None = None
@@ -155,43 +162,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16 = resolve_bf16(tcfg)
     join_deepspeed(dist)
 
-    # 2. model --------------------------------------------------------------------------------
+    # 2. where to start, and the data: Ray Data starts streaming while the model loads ---------
+    checkpoint = ray.train.get_checkpoint()
+    state = read_state(checkpoint)
+    record_worker(config.get("pid_dir"), rank, resumed_from=state.step)
+    if state.final:  # died after the final report: nothing left to do
+        return
+    shard = ray.train.get_dataset_shard("train")
+    batches = epoch_batches(shard, tcfg, state.step // plan.steps_per_epoch)
+    pad_id = int(config["pad_id"])
+
+    # 3. model --------------------------------------------------------------------------------
     ds_config = deepspeed_config(tcfg, world, bf16)
     model, tokenizer, zero_init = load_model(config["model_path"], tcfg, ds_config, bf16)
 
-    # 3. engine -------------------------------------------------------------------------------
+    # 4. engine, resumed from the checkpoint --------------------------------------------------
     engine = make_engine(model, tcfg, ds_config, plan)
     device = engine.device
-
-    # 4. resume -------------------------------------------------------------------------------
-    state = resume(engine, config.get("log_path"), rank)
-    record_worker(config.get("pid_dir"), rank, resumed_from=state.step)
-    if state.final:
-        return
+    resume(engine, checkpoint, state, config.get("log_path"), rank)
     if rank == 0 and state.step:
         print(f"[rise train] resumed at step {state.step}/{plan.total_steps}", file=sys.stderr, flush=True)
 
-    # 5. data ---------------------------------------------------------------------------------
-    shard = ray.train.get_dataset_shard("train")
-    pad_id = int(config["pad_id"])
-
-    # 6. train --------------------------------------------------------------------------------
+    # 5. train --------------------------------------------------------------------------------
     save_every = tcfg["save_every_steps"]
     while state.step < plan.total_steps:
         epoch, step_in_epoch = divmod(state.step, plan.steps_per_epoch)
-        batches = epoch_batches(shard, tcfg, epoch)
         for _ in range(step_in_epoch * tcfg["grad_accum"]):  # resuming mid-epoch: skip what was trained
             next_batch(batches, rank, epoch)
         for s in range(step_in_epoch, plan.steps_per_epoch):
             t0 = time.perf_counter()
             n_mb = micro_batches_in_step(plan, s, tcfg["grad_accum"])
             micro = [collate(next_batch(batches, rank, epoch), pad_id, device) for _ in range(n_mb)]
+            if s == plan.steps_per_epoch - 1 and epoch + 1 < tcfg["epochs"]:
+                batches = epoch_batches(shard, tcfg, epoch + 1)  # starts while this last step runs
             t_data = time.perf_counter() - t0
             lr = float(engine.get_lr()[0])
             rec = train_step(engine, micro, world, dist)
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens += rec["tokens"]
+            state.padded_tokens += rec["padded_tokens"]
             state.train_time_s += dt
             state.last_loss = rec["loss"]
             rec.update(
@@ -205,10 +215,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             if rank == 0 and (state.step % tcfg["log_every_steps"] == 0 or state.step == plan.total_steps):
                 log_step(config.get("log_path"), rec, plan)
+            # 6. checkpoint: every rank's DeepSpeed shards -> one Ray Train checkpoint
             if save_every and state.step % save_every == 0 and state.step < plan.total_steps:
                 save_checkpoint(engine, state, rank)
 
-    # 7-8. final model ------------------------------------------------------------------------
+    # 7. final model: gathered, merged (LoRA), HF format -> the last Ray Train checkpoint --------
     save_final(engine, state, rank, config["model_path"], tcfg, tokenizer, zero_init)
 
 
@@ -316,36 +327,69 @@ def use_weights_only_loading(engine: Any) -> None:
         engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
-def resume(engine: Any, log_path: str | None, rank: int) -> TrainerState:
-    """Load the latest Ray Train checkpoint into the engine (all ranks); trim the log to it."""
-    import ray.train
+def read_state(checkpoint: Any) -> TrainerState:
+    """The step (and totals) a checkpoint was saved at; a fresh state without one."""
+    if checkpoint is None:
+        return TrainerState()
+    with checkpoint.as_directory() as d, open(os.path.join(d, STATE_FILE), encoding="utf-8") as f:
+        return TrainerState(**json.load(f))
 
-    ckpt = ray.train.get_checkpoint()
-    state = TrainerState()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            with open(os.path.join(d, STATE_FILE), encoding="utf-8") as f:
-                state = TrainerState(**json.load(f))
-            if not state.final:
-                load_path, _ = engine.load_checkpoint(d, tag=DS_TAG)
-                if load_path is None:
-                    raise RuntimeError(f"checkpoint {d}: DeepSpeed found no state under tag {DS_TAG!r}")
+
+def resume(engine: Any, checkpoint: Any, state: TrainerState, log_path: str | None, rank: int) -> None:
+    """Load the checkpoint's DeepSpeed state (all ranks) and trim the log to its step (rank 0)."""
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            load_path, _ = engine.load_checkpoint(d, tag=DS_TAG)
+            if load_path is None:
+                raise RuntimeError(f"checkpoint {d}: DeepSpeed found no state under tag {DS_TAG!r}")
     if rank == 0 and log_path:
         trim_log(log_path, state.step)
-    return state
 
 
-def epoch_batches(shard: Any, tcfg: dict[str, Any], epoch: int) -> Any:
-    """This worker's micro-batches for `epoch`. The order is deterministic (the trainer asks Ray
-    Data to preserve order), so a resumed run skips exactly the batches already trained."""
-    return iter(
-        shard.iter_batches(
-            batch_size=tcfg["micro_batch_size"],
-            batch_format="numpy",
-            local_shuffle_buffer_size=4 * tcfg["micro_batch_size"] if epoch > 0 else None,
-            local_shuffle_seed=tcfg["seed"] + epoch if epoch > 0 else None,
-        )
+def epoch_batches(shard: Any, tcfg: dict[str, Any], epoch: int) -> Iterator[dict[str, Any]]:
+    """This worker's micro-batches for `epoch`, the first one fetched in the background from now
+    (an epoch's stream takes a second or more to start). The order is deterministic (the trainer
+    asks Ray Data to preserve order), so a resumed run skips exactly the batches already trained."""
+    batches = shard.iter_batches(
+        batch_size=tcfg["micro_batch_size"],
+        batch_format="numpy",
+        local_shuffle_buffer_size=4 * tcfg["micro_batch_size"] if epoch > 0 else None,
+        local_shuffle_seed=tcfg["seed"] + epoch if epoch > 0 else None,
     )
+    return Prefetched(iter(batches))
+
+
+class Prefetched:
+    """An iterator whose first item is fetched in a background thread from creation on."""
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self._it = it
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._fetch, daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._it))
+        except StopIteration:
+            pass
+        except BaseException as e:  # re-raised in the training thread
+            self._error = e
+
+    def __iter__(self) -> Prefetched:
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+            if not self._first:
+                raise StopIteration
+            return self._first.pop()
+        return next(self._it)
 
 
 def next_batch(batches: Any, rank: int, epoch: int) -> dict[str, Any]:
@@ -363,12 +407,17 @@ def train_step(engine: Any, micro: list[dict[str, Any]], world: int, dist: Any) 
     import torch
 
     local = torch.tensor(
-        [sum(m["units"] for m in micro), sum(m["tokens"] for m in micro), sum(m["trained_tokens"] for m in micro)],
+        [
+            sum(m["units"] for m in micro),
+            sum(m["tokens"] for m in micro),
+            sum(m["trained_tokens"] for m in micro),
+            sum(m["padded_tokens"] for m in micro),
+        ],
         dtype=torch.float64,
         device=engine.device,
     )
     dist.all_reduce(local)
-    units, tokens, trained = (float(x) for x in local.tolist())
+    units, tokens, trained, padded = (float(x) for x in local.tolist())
     scale = world / units  # DeepSpeed averages gradients over ranks: undo, then divide by units
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     for k, mb in enumerate(micro):
@@ -387,6 +436,7 @@ def train_step(engine: Any, micro: list[dict[str, Any]], world: int, dist: Any) 
         "units": int(units),
         "tokens": int(tokens),
         "trained_tokens": int(trained),
+        "padded_tokens": int(padded),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
     }
 
@@ -480,7 +530,13 @@ def save_final(
 
     sd = gather_state_dict(engine, rank)
     state.final = True
-    metrics = {"step": state.step, "loss": state.last_loss, "tokens": state.tokens, "train_time_s": state.train_time_s}
+    metrics = {
+        "step": state.step,
+        "loss": state.last_loss,
+        "tokens": state.tokens,
+        "padded_tokens": state.padded_tokens,
+        "train_time_s": state.train_time_s,
+    }
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return

@@ -216,6 +216,7 @@ def summarize(
         "first_loss": records[0]["loss"] if records else None,
         "last_loss": final.get("loss", records[-1]["loss"] if records else None),
         "tokens": tokens,
+        "padded_tokens": int(final.get("padded_tokens", 0)),
         "train_time_s": round(train_time, 3),
         "tokens_per_s": tokens / train_time if train_time > 0 else None,
         "wall_s": round(wall, 3),

@@ -1,0 +1,408 @@
+"""The Ray Serve endpoint (rise_ray.serve), over HTTP on 127.0.0.1.
+
+One Ray + Serve per module, started with `serve_command(..., blocking=False)` (what `rise serve`
+runs). The checkpoint is the tiny Llama trained here for a few seconds to answer any prompt with
+"\\boxed{x}", x drawn from a-f: its answers are readable and vary from turn to turn, so the solve
+tests can check the majority vote and the oracle's stop for real. The transformers engine serves
+the fast tests; one slow test serves the same checkpoint with vLLM (CPU build) when installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import random
+import re
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from rise_ray.config import load_config
+from rise_ray.serve.app import majority_answer
+
+TOKEN = "test-token-4f1c"
+TOKEN_ENV = "RISE_SERVE_TEST_TOKEN"
+LETTERS = "abcdef"
+QUESTION = "Find 47: a12 b19 c23 d31 e47 f55"
+OVERRIDES = [
+    "serve.engine=hf",
+    f"serve.token_env={TOKEN_ENV}",
+    "serve.model_name=tiny-rise",
+    "serve.num_cpus_per_replica=0.5",
+    "serve.max_ongoing_requests=4",  # with max_queued_requests: > 12 at once and the rest get 503
+    "serve.max_queued_requests=8",
+    "serve.retry_after_s=2",
+    "serve.max_n=4",
+    "serve.max_tokens_limit=64",
+    "serve.max_turns=6",
+    "model.max_model_len=512",
+    "eval.max_tokens=16",
+]
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_boxed_model(out_dir: str, steps: int = 80, seed: int = 0) -> str:
+    """The tiny Llama, trained to reply "\\boxed{x}" (x uniform over a-f) to search questions with
+    0-2 earlier attempts: a real checkpoint whose answers the env can read."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rise_ray.envs import get_env
+    from rise_ray.models.tiny import build_tiny_model
+    from rise_ray.rollout.episodes import build_conversation
+
+    build_tiny_model(out_dir, hidden_size=64, num_layers=2, num_heads=1, intermediate_size=192, seed=seed)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    env = get_env("search", num_train=64, num_test=0)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+
+    def example() -> tuple[list[int], list[int]]:
+        attempts = [f"\\boxed{{{rng.choice(LETTERS)}}}" for _ in range(rng.randrange(3))]
+        conv = build_conversation(env, rng.choice(env.train), attempts, None)
+        prompt = list(tok.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=False))
+        reply = tok(f"\\boxed{{{rng.choice(LETTERS)}}}", add_special_tokens=False)["input_ids"]
+        return prompt, [*reply, tok.eos_token_id]
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            batch = [example() for _ in range(16)]
+            width = max(len(p) + len(r) for p, r in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id)
+            labels = torch.full((len(batch), width), -100)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (p, r) in enumerate(batch):
+                ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+                mask[i, : len(p) + len(r)] = 1
+                labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@dataclass
+class Server:
+    url: str
+    metrics_url: str
+    model: str
+    checkpoint: str
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def boxed_model(tmp_path_factory) -> str:
+    return train_boxed_model(str(tmp_path_factory.mktemp("serve") / "boxed"))
+
+
+@pytest.fixture(scope="module")
+def server(boxed_model):
+    import ray
+    from ray import serve
+
+    from rise_ray.serve.app import serve_command
+
+    if ray.is_initialized():
+        ray.shutdown()
+    metrics_port, port = free_port(), free_port()
+    os.environ[TOKEN_ENV] = TOKEN
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    try:
+        url = serve_command(boxed_model, load_config(overrides=OVERRIDES), "127.0.0.1", port, blocking=False)
+        yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", "tiny-rise", boxed_model)
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def chat_body(content: str = QUESTION, **kw) -> dict:
+    return {"model": "tiny-rise", "messages": [{"role": "user", "content": content}], "max_tokens": 16, **kw}
+
+
+def solve(client: httpx.Client, **body) -> dict:
+    r = client.post("/v1/rise/solve", json={"problem": QUESTION, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# -- unit -------------------------------------------------------------------------------------------
+def test_majority_answer_ties_go_to_the_latest():
+    key = lambda a: None if a is None else a.strip()  # noqa: E731
+    assert majority_answer(["a", "b", "b", None, "a"], key) == "a"  # 2-2: the latest of the tied wins
+    assert majority_answer(["a", "b", "b", "c"], key) == "b"
+    assert majority_answer([" a", "a "], key) == "a "  # equal keys are one answer; the latest text
+    assert majority_answer([None, None], key) is None
+
+
+# -- routes -----------------------------------------------------------------------------------------
+def test_health_and_models(server):
+    r = httpx.get(server.url + "/healthz", timeout=30)  # no token needed
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["engine"] == "hf"
+    with server.client() as c:
+        models = c.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-rise"]
+
+
+def test_openai_client_chat_completion(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["tiny-rise"]
+    greedy = client.chat.completions.create(
+        model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16
+    )
+    (choice,) = greedy.choices
+    assert re.fullmatch(r"\\boxed\{[a-f]\}", choice.message.content) and choice.finish_reason == "stop"
+    assert greedy.usage.prompt_tokens > len(QUESTION) and greedy.usage.completion_tokens == len(choice.message.content)
+
+    sampled = client.chat.completions.create(
+        model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], n=3, max_tokens=4, seed=7
+    )
+    assert len(sampled.choices) == 3 and [c.index for c in sampled.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" and len(c.message.content) == 4 for c in sampled.choices)
+
+    # Same seed, same samples; streamed as server-sent events the openai client reads.
+    again = client.chat.completions.create(
+        model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], n=3, max_tokens=4, seed=7, stream=True
+    )
+    streamed = ["", "", ""]
+    for chunk in again:
+        for ch in chunk.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert streamed == [c.message.content for c in sampled.choices]
+
+
+def test_solve_without_oracle_votes_over_all_turns(server):
+    with server.client() as c:
+        out = solve(c, turns=5, seed=3)
+    answers = out["answers"]
+    assert out["turns_used"] == len(out["attempts"]) == 5 and out["stop_reason"] == "turns"
+    assert answers == [a["answer"] for a in out["attempts"]]
+    assert sum(a in LETTERS for a in answers if a) >= 3  # the trained model's answers are readable
+    assert all(a["correct"] is None for a in out["attempts"]) and out["final_correct"] is None
+    counts = Counter(a for a in answers if a is not None)
+    top = max(counts.values())
+    expected = next(a for a in reversed(answers) if a is not None and counts[a] == top)  # ties: latest
+    assert out["final_answer"] == expected and out["rule"] == "m1@t5"
+    assert out["answer_changes"] == sum(a != b for a, b in zip(answers, answers[1:], strict=False))
+
+
+def test_solve_with_oracle_stops_at_the_first_correct_attempt(server):
+    with server.client() as c:
+        # Seeded attempts replay exactly: find a seed whose episode reaches a new answer after turn 1.
+        for seed in range(20):
+            free = solve(c, turns=5, seed=seed)
+            answers = free["answers"]
+            later = [j for j in range(1, 5) if answers[j] is not None and answers[j] not in answers[:j]]
+            if later:
+                break
+        else:
+            pytest.fail(f"no seed gave a new answer after turn 1: {answers}")
+        j, gold = later[0], answers[later[0]]
+
+        graded = solve(c, turns=5, seed=seed, answer=gold)  # graded, but no oracle: all turns run
+        assert graded["turns_used"] == 5 and [a["correct"] for a in graded["attempts"]] == [
+            a == gold for a in answers
+        ]
+        oracle = solve(c, turns=5, seed=seed, answer=gold, oracle=True)
+    assert oracle["stop_reason"] == "correct" and oracle["turns_used"] == j + 1 and oracle["rule"] == "oracle"
+    assert [a["response"] for a in oracle["attempts"]] == [a["response"] for a in free["attempts"][: j + 1]]
+    assert [a["correct"] for a in oracle["attempts"]] == [False] * j + [True]
+    assert oracle["final_answer"] == gold and oracle["final_correct"] is True
+
+
+BAD = [
+    # (route, raw body, status, field named)
+    ("/v1/chat/completions", b'{"messages": [', 400, "body"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "body"),
+    ("/v1/chat/completions", b"{}", 400, "messages"),
+    ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "hi"}]}', 400, "messages[0].role"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": "2"}', 400, "n"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 5}', 400, "n"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}', 400, "max_tokens"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "temperature"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream"),
+    ("/v1/chat/completions", b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"x" * 600 + b'"}]}', 400, "messages"),
+    ("/v1/rise/solve", b"not json", 400, "body"),
+    ("/v1/rise/solve", b'{"turns": 2}', 400, "problem"),
+    ("/v1/rise/solve", b'{"problem": ""}', 400, "problem"),
+    ("/v1/rise/solve", b'{"problem": "' + b"x" * 600 + b'"}', 400, "problem"),
+    ("/v1/rise/solve", b'{"problem": "q", "turns": "3"}', 400, "turns"),
+    ("/v1/rise/solve", b'{"problem": "q", "turns": 7}', 400, "turns"),
+    ("/v1/rise/solve", b'{"problem": "q", "env": "chess"}', 400, "env"),
+    ("/v1/rise/solve", b'{"problem": "q", "oracle": true}', 400, "answer"),
+    ("/v1/rise/solve", b'{"problem": "q", "oracle": 1, "answer": "a"}', 400, "oracle"),
+    ("/v1/rise/solve", b'{"problem": "q", "max_tokens": 100}', 400, "max_tokens"),
+    ("/v1/rise/solve", b'{"problem": "q", "context_window": 0}', 400, "context_window"),
+    ("/v1/rise/solve", b'{"problem": "q", "turnz": 3}', 400, "turnz"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "field"), BAD, ids=[f"{r.rsplit('/', 1)[-1]}-{f}-{i}" for i, (r, _, _, f) in enumerate(BAD)])
+def test_bad_input_is_a_4xx_naming_the_field_and_the_server_keeps_serving(server, route, body, status, field):
+    with server.client() as c:
+        r = c.post(route, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["param"] == field and field in err["message"]
+        assert r.headers["content-type"].startswith("application/json")
+        good = c.post("/v1/chat/completions", json=chat_body(max_tokens=4))
+        assert good.status_code == 200 and len(good.json()["choices"]) == 1
+
+
+def test_prompt_too_long_says_so(server):
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json=chat_body("y" * 490, max_tokens=30))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "512" in r.json()["error"]["message"]
+
+
+def test_token_guards_every_route_but_health(server):
+    routes = [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat_body()),
+              ("POST", "/v1/rise/solve", {"problem": QUESTION, "turns": 1})]
+    for token in (None, "wrong-token"):
+        with server.client(token) as c:
+            for method, path, body in routes:
+                r = c.request(method, path, json=body)
+                assert r.status_code == 401, (token, path, r.text)
+                assert r.json()["error"]["param"] == "authorization" and r.headers["www-authenticate"] == "Bearer"
+            assert c.get("/healthz").status_code == 200
+    with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Basic {TOKEN}"}) as c:
+        assert c.get("/v1/models").status_code == 401  # the right secret in the wrong scheme
+    with server.client() as c:
+        for method, path, body in routes:
+            assert c.request(method, path, json=body).status_code == 200
+
+
+async def _burst(url: str, total: int, concurrency: int, deadline_s: float) -> list[httpx.Response]:
+    """`total` chat requests with at most `concurrency` in flight, all done within deadline_s."""
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=deadline_s, limits=limits) as c:
+
+        async def one(i: int) -> httpx.Response:
+            async with sem:
+                return await c.post("/v1/chat/completions", json=chat_body(f"Find {i}: a1 b2", max_tokens=8))
+
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(total))), deadline_s)
+
+
+def test_200_requests_within_capacity_all_succeed(server):
+    # 8 in flight <= 4 ongoing + 8 queued: no request is turned away, and none fails.
+    start = time.monotonic()
+    responses = asyncio.run(_burst(server.url, total=200, concurrency=8, deadline_s=120))
+    assert [r.status_code for r in responses] == [200] * 200
+    assert all(len(r.json()["choices"][0]["message"]["content"]) <= 8 for r in responses)
+    assert time.monotonic() - start < 120
+
+
+def test_200_concurrent_requests_overload_gives_503_with_retry_after(server):
+    responses = asyncio.run(_burst(server.url, total=200, concurrency=200, deadline_s=120))
+    codes = Counter(r.status_code for r in responses)
+    assert set(codes) <= {200, 503}, codes  # no other error, no hang
+    assert codes[200] >= 4 and codes[503] > 0, codes  # over 4 ongoing + 8 queued: backpressure
+    assert all(r.headers.get("retry-after") == "2" for r in responses if r.status_code == 503)
+    with server.client() as c:  # and it keeps serving
+        assert c.post("/v1/chat/completions", json=chat_body(max_tokens=4)).status_code == 200
+
+
+def _metric_total(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_prometheus_metrics_count_solves_turns_and_changes(server):
+    with server.client() as c:
+        outs = [solve(c, turns=4, seed=s) for s in (100, 101)]
+    turns = sum(o["turns_used"] for o in outs)
+    changes = sum(o["answer_changes"] for o in outs)
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while True:
+        text = httpx.get(server.metrics_url, timeout=10).text
+        got = (
+            _metric_total(text, "ray_rise_solve_requests_total", application="rise", env="search"),
+            _metric_total(text, "ray_rise_solve_turns_total", env="search"),
+            _metric_total(text, "ray_rise_solve_answer_changes_total", env="search"),
+            _metric_total(text, "ray_serve_num_http_requests_total", application="rise", route="/v1/rise/solve"),
+        )
+        # Earlier tests solved too: the counters are at least this test's share.
+        if got[0] >= 2 and got[1] >= turns and got[2] >= changes and got[3] >= 2:
+            break
+        assert time.monotonic() < deadline, f"metrics not exported in time: {got}"
+        time.sleep(2)
+
+
+def test_serve_config_file_builds_the_app(server):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from rise_ray.serve.app import build_app
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "serve", "deploy.yaml")
+    with open(path) as f:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    (app_cfg,) = schema.applications
+    assert app_cfg.import_path == "rise_ray.serve.app:build_app" and schema.http_options.host == "127.0.0.1"
+    args = {**app_cfg.args, "checkpoint": server.checkpoint, "config": None}
+    app = build_app(args)  # builds the bound deployment; nothing is deployed
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ValueError, match="max_replicas"):
+        build_app({**args, "overrides": ["serve.max_replicas=0"]})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
+def test_vllm_engine_serves_chat_and_solve(server):
+    from openai import OpenAI
+    from ray import serve
+
+    from rise_ray.serve.app import make_app
+
+    cfg = load_config(overrides=[*OVERRIDES, "serve.engine=vllm"])
+    serve.run(make_app(server.checkpoint, cfg, TOKEN), name="rise-vllm", route_prefix="/vllm")
+    try:
+        base = server.url + "/vllm"
+        assert httpx.get(base + "/healthz", timeout=30).json()["engine"] == "vllm"
+        client = OpenAI(base_url=base + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=16
+        )
+        assert re.fullmatch(r"\\boxed\{[a-f]\}", reply.choices[0].message.content)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as c:
+            first, second = solve(c, turns=3, seed=5), solve(c, turns=3, seed=5)
+            assert first["answers"] == second["answers"] and first["turns_used"] == 3
+            r = c.post("/v1/chat/completions", json=chat_body("z" * 600))
+            assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    finally:
+        serve.delete("rise-vllm")
