@@ -65,8 +65,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
+    import torch
     from transformers import AutoTokenizer
 
+    # The pool's engine actor holds 1 CPU, so Ray runs it with one torch thread: the in-process
+    # engine gets the same, or the comparison measures thread settings instead of the pipeline.
+    torch.set_num_threads(1)
     model_dir = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
     tok = AutoTokenizer.from_pretrained(model_dir)
     env = get_env("arithmetic", num_train=0, num_test=args.problems)

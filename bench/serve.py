@@ -2,15 +2,18 @@
 
 Steps:
   1. build the tiny model; make the chat requests (search questions, unseeded, max_tokens each);
+     start the app (one replica, one CPU) and, in this process, the same engine;
   2. "direct": the engine in this process, no HTTP: at c clients the requests go in waves of c,
      each wave one engine.generate call (the batching a server could at best do), a request's
      latency its wave's time;
   3. "served": the same requests to POST /v1/chat/completions on 127.0.0.1 from c concurrent
      clients (httpx, each sends its next request when the last one returns);
-  4. print p50/p99 latency and requests/s at 1, 8 and 32 clients, and the overhead ratio
+  4. direct and served alternate for --rounds rounds per level (the CPUs are shared with other
+     jobs: interleaving spreads their noise over both), latencies pooled over the rounds;
+  5. print p50/p99 latency and requests/s at 1, 8 and 32 clients, and the overhead ratio
      (direct requests/s / served requests/s); write bench/results/serve.json.
 
-    python bench/serve.py [--engine hf|vllm] [--max-tokens 16] [--requests 32 96 192]
+    python bench/serve.py [--engine hf|vllm] [--max-tokens 16] [--requests 32 96 192] [--rounds 2] [key=value ...]
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def summary(latencies_s: list[float], wall_s: float) -> dict[str, float]:
     }
 
 
-def run_direct(engine, convs: list, clients: int, params: SamplingParams) -> dict[str, float]:
+def run_direct(engine, convs: list, clients: int, params: SamplingParams) -> tuple[list[float], float]:
+    """(latencies, wall seconds)."""
     latencies: list[float] = []
     start = time.perf_counter()
     for i in range(0, len(convs), clients):
@@ -58,10 +62,13 @@ def run_direct(engine, convs: list, clients: int, params: SamplingParams) -> dic
         t = time.perf_counter()
         engine.generate(wave, 1, params)
         latencies += [time.perf_counter() - t] * len(wave)
-    return summary(latencies, time.perf_counter() - start)
+    return latencies, time.perf_counter() - start
 
 
-async def run_served(url: str, model: str, convs: list, clients: int, max_tokens: int, deadline_s: float) -> dict:
+async def run_served(
+    url: str, model: str, convs: list, clients: int, max_tokens: int, deadline_s: float
+) -> tuple[list[float], float]:
+    """(latencies, wall seconds); any status but 200 is an error."""
     import httpx
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -87,7 +94,7 @@ async def run_served(url: str, model: str, convs: list, clients: int, max_tokens
         wall = time.perf_counter() - start
     if codes != {200: len(convs)}:
         raise RuntimeError(f"{clients} clients: expected only 200s, got {codes}")
-    return summary(latencies, wall)
+    return latencies, wall
 
 
 def free_port() -> int:
@@ -101,8 +108,10 @@ def main() -> None:
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, nargs=3, default=[32, 96, 192], help="requests at 1, 8, 32 clients")
-    ap.add_argument("--deadline-s", type=float, default=300, help="per level, served")
+    ap.add_argument("--rounds", type=int, default=2, help="direct/served rounds per level, alternating")
+    ap.add_argument("--deadline-s", type=float, default=300, help="per served round")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.json"))
+    ap.add_argument("overrides", nargs="*", help="config key=value, e.g. serve.batch_wait_timeout_s=0.01")
     args = ap.parse_args()
 
     import torch
@@ -118,6 +127,7 @@ def main() -> None:
             "serve.max_batch_size=32",
             f"serve.max_tokens_limit={args.max_tokens}",
             "model.max_model_len=512",
+            *args.overrides,
         ]
     )
     model_dir = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"), **cfg.model.tiny.model_dump())
@@ -126,37 +136,41 @@ def main() -> None:
     params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens)
     levels = dict(zip(CLIENTS, args.requests, strict=True))
 
-    # 1. direct (before the server starts, so the two never share the CPUs)
-    from rise_ray.session import engine_kwargs
-
-    rollout = cfg.rollout.model_copy(update={"engine": args.engine})
-    engine = make_engine(args.engine, model_dir, **engine_kwargs(rollout, cfg.model, cfg.seed))
-    engine.generate(convs[:8], 1, params)  # warm up
-    direct = {c: run_direct(engine, convs[:n], c, params) for c, n in levels.items()}
-    if hasattr(engine, "close"):
-        engine.close()
-    del engine
-
-    # 2. served
     import ray
     from ray import serve
 
     from rise_ray.serve.app import serve_command
+    from rise_ray.session import engine_kwargs
 
     os.environ.pop(cfg.serve.token_env, None)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    engine = None
     try:
         t = time.perf_counter()
         url = serve_command(model_dir, cfg, "127.0.0.1", free_port(), blocking=False)
         startup_s = time.perf_counter() - t
-        asyncio.run(run_served(url, "tiny", convs[:16], 8, args.max_tokens, args.deadline_s))  # warm up
-        served = {
-            c: asyncio.run(run_served(url, "tiny", convs[:n], c, args.max_tokens, args.deadline_s))
-            for c, n in levels.items()
-        }
+        rollout = cfg.rollout.model_copy(update={"engine": args.engine})
+        engine = make_engine(args.engine, model_dir, **engine_kwargs(rollout, cfg.model, cfg.seed))
+        engine.generate(convs[:8], 1, params)  # warm up both
+        asyncio.run(run_served(url, "tiny", convs[:16], 8, args.max_tokens, args.deadline_s))
+        raw: dict[str, dict[int, list]] = {"direct": {c: [] for c in CLIENTS}, "served": {c: [] for c in CLIENTS}}
+        for c, n in levels.items():
+            for _ in range(args.rounds):
+                raw["direct"][c].append(run_direct(engine, convs[:n], c, params))
+                raw["served"][c].append(
+                    asyncio.run(run_served(url, "tiny", convs[:n], c, args.max_tokens, args.deadline_s))
+                )
     finally:
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
         serve.shutdown()
         ray.shutdown()
+
+    def pooled(rounds: list[tuple[list[float], float]]) -> dict[str, float]:
+        return summary([x for lat, _ in rounds for x in lat], sum(wall for _, wall in rounds))
+
+    direct = {c: pooled(raw["direct"][c]) for c in CLIENTS}
+    served = {c: pooled(raw["served"][c]) for c in CLIENTS}
 
     print(f"engine={args.engine} max_tokens={args.max_tokens} (app start-up {startup_s:.1f} s)")
     print(f"{'clients':>7} | {'served p50/p99 ms':>18} {'req/s':>7} | {'direct p50/p99 ms':>18} {'req/s':>7} | overhead")
@@ -177,6 +191,8 @@ def main() -> None:
         "served": {str(c): served[c] for c in CLIENTS},
         "direct": {str(c): direct[c] for c in CLIENTS},
         "startup_s": round(startup_s, 1),
+        "rounds": args.rounds,
+        "overrides": args.overrides,
         "setup": {
             "model": "rise_ray.models.tiny (random Llama, char tokenizer), default config dims",
             "requests": "search questions, temperature 1, unseeded, n=1",

@@ -8,7 +8,10 @@ One run, the same 5-turn trajectories and the tiny model, on this machine's CPUs
   3. train the packed set with a plain transformers `Trainer` (same batch, lr, schedule, loss) and
      compare tokens/s with our loop's on the same data.
 Tokens are input tokens through forward + backward (padding excluded); wall is the training loop
-(steps, data fetching included; start-up excluded, reported separately).
+(steps, data fetching included; start-up excluded, reported separately). Both loops use the same
+CPU threads (--threads). The machine may be shared, so the three runs are repeated back to back
+(--repeats) and each ratio is the median of the per-repeat ratios; throughput is the median
+per-step tokens/s (steady state), with the whole-loop ratio reported beside it.
 
     python bench/train.py                      # writes bench/results/train.json
     python bench/train.py --trajectories 64    # quicker
@@ -48,6 +51,7 @@ def build_sets(work: str, model: str, n: int, turns: int, seed: int) -> dict[str
 
 def run_ours(work: str, model: str, data: str, name: str, micro: int, epochs: int, cpus: int) -> dict[str, Any]:
     from rise_ray.config import load_config
+    from rise_ray.train.loop import read_log
     from rise_ray.train.trainer import train
 
     cfg = load_config(
@@ -66,7 +70,9 @@ def run_ours(work: str, model: str, data: str, name: str, micro: int, epochs: in
     wall = time.perf_counter() - t0
     with open(os.path.join(out, "train_summary.json"), encoding="utf-8") as f:
         s = json.load(f)
+    recs = read_log(os.path.join(out, "train_log.jsonl"))
     return {
+        "step_tokens_per_s": steady_rate([r["tokens"] for r in recs], [r["step_time_s"] for r in recs]),
         "steps": s["steps"],
         "tokens": s["tokens"],
         "padded_tokens": s["padded_tokens"],
@@ -91,7 +97,7 @@ def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: in
     from rise_ray.train.loop import collate, plan_steps, weighted_loss_sum
 
     rows = read_rows(data)
-    counted = {"tokens": 0}
+    counted: dict[str, Any] = {"tokens": 0, "per_batch": []}
 
     def collator(batch: list[dict]) -> dict:
         b = collate(
@@ -100,6 +106,7 @@ def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: in
             device="cpu",
         )
         counted["tokens"] += b["tokens"]
+        counted["per_batch"].append(b["tokens"])
         return {
             "input_ids": b["input_ids"],
             "attention_mask": b["attention_mask"],
@@ -116,6 +123,10 @@ def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: in
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
 
         def on_train_end(self, args, state, control, **kw):
             self.t1 = time.perf_counter()
@@ -147,12 +158,28 @@ def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: in
     trainer = WeightedTrainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[clock])
     trainer.train()
     dt = clock.t1 - clock.t0
+    step_times = [b - a for a, b in zip([clock.t0, *clock.ends[:-1]], clock.ends, strict=True)]
     return {
+        "step_tokens_per_s": steady_rate(counted["per_batch"], step_times),
         "steps": trainer.state.global_step,
         "tokens": counted["tokens"],
         "train_time_s": round(dt, 3),
         "tokens_per_s": counted["tokens"] / dt,
     }
+
+
+def steady_rate(tokens: list[int], seconds: list[float]) -> float:
+    """Median of per-step tokens/s, the first (warm-up) step left out: robust to the bursts of
+    load a shared machine adds to some steps."""
+    rates = sorted(t / s for t, s in zip(tokens[1:], seconds[1:], strict=True) if s > 0)
+    if not rates:
+        return float("nan")
+    mid = len(rates) // 2
+    return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+
+
+def median(xs: list[float]) -> float:
+    return steady_rate([0, *xs], [1.0] * (len(xs) + 1)) if xs else float("nan")
 
 
 def main() -> int:
@@ -163,7 +190,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (= Ray CPUs) per trainer, both loops")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; ratios are medians over them")
     ap.add_argument("--out", default=RESULTS)
     ns = ap.parse_args()
 
@@ -183,7 +210,8 @@ def main() -> int:
         per_row = stats["packed"]["examples"] / stats["packed"]["rows"]
         prefix_micro = max(1, round(ns.micro_batch * per_row))
 
-        # Interleaved repeats, best of each: this machine's CPUs are shared, so single runs are noisy.
+        # Interleaved repeats (this machine's CPUs are shared, so single runs are noisy): each repeat
+        # runs the three back to back, and the ratios are medians over repeats of paired ratios.
         ray.init(num_cpus=max(2, cpus, ns.threads), include_dashboard=False, log_to_driver=False)
         runs: dict[str, list[dict[str, Any]]] = {"hf": [], "packed": [], "prefix": []}
         for r in range(ns.repeats):
@@ -193,21 +221,21 @@ def main() -> int:
                     run_ours(work, model, sets[layout], f"{layout}-{r}", micro, ns.epochs, ns.threads)
                 )
             print(
-                f"[bench] repeat {r + 1}/{ns.repeats}: tokens/s ours {runs['packed'][-1]['tokens_per_s']:,.0f} "
-                f"HF {runs['hf'][-1]['tokens_per_s']:,.0f}; train s packed {runs['packed'][-1]['train_time_s']:.2f} "
-                f"prefix {runs['prefix'][-1]['train_time_s']:.2f}",
+                f"[bench] repeat {r + 1}/{ns.repeats}: steady tokens/s ours {runs['packed'][-1]['step_tokens_per_s']:,.0f}"
+                f" HF {runs['hf'][-1]['step_tokens_per_s']:,.0f}; whole loop ours "
+                f"{runs['packed'][-1]['tokens_per_s']:,.0f} HF {runs['hf'][-1]['tokens_per_s']:,.0f}; "
+                f"train s packed {runs['packed'][-1]['train_time_s']:.2f} prefix {runs['prefix'][-1]['train_time_s']:.2f}",
                 flush=True,
             )
         ray.shutdown()
-        best = {k: min(v, key=lambda x: x["train_time_s"]) for k, v in runs.items()}
-        hf = best["hf"]
-        ours = {"packed": best["packed"], "prefix": best["prefix"]}
-
-        p, q = ours["packed"], ours["prefix"]
+        pairs = list(zip(runs["packed"], runs["prefix"], runs["hf"], strict=True))
+        p, q = runs["packed"][0], runs["prefix"][0]  # token counts are the same in every repeat
         result = {
             "packed_token_reduction": q["tokens"] / p["tokens"],
-            "packed_wall_speedup": q["train_time_s"] / p["train_time_s"],
-            "vs_hf_trainer_throughput": p["tokens_per_s"] / hf["tokens_per_s"],
+            "packed_wall_speedup": median([b["train_time_s"] / a["train_time_s"] for a, b, _ in pairs]),
+            "vs_hf_trainer_throughput": median([a["step_tokens_per_s"] / h["step_tokens_per_s"] for a, _, h in pairs]),
+            "vs_hf_trainer_throughput_whole_loop": median([a["tokens_per_s"] / h["tokens_per_s"] for a, _, h in pairs]),
+            "packed_padded_token_reduction": q["padded_tokens"] / p["padded_tokens"],
             "setup": {
                 "trajectories": ns.trajectories,
                 "turns": ns.turns,
@@ -222,31 +250,45 @@ def main() -> int:
                 "tokens": "input tokens through forward+backward, padding excluded (padded_tokens: with it)",
                 "wall": "training loop (steps incl. data fetching); start-up in end_to_end_s",
                 "repeats": ns.repeats,
-                "aggregate": "best (shortest training loop) of the interleaved repeats",
+                "aggregate": "median over interleaved repeats of the paired ratios",
+                "vs_hf_trainer_throughput": "median per-step tokens/s (first step excluded), ours / HF Trainer",
+                "vs_hf_trainer_throughput_whole_loop": "total tokens / total loop time, ours / HF Trainer",
             },
             "data": {
                 k: {f: s[f] for f in ("rows", "examples", "input_tokens", "trained_tokens")} for k, s in stats.items()
             },
-            "ours": {k: {f: v for f, v in r.items() if f != "model"} for k, r in ours.items()},
-            "hf_trainer": hf,
-            "all_runs": {k: [{f: x[f] for f in ("train_time_s", "tokens_per_s")} for x in v] for k, v in runs.items()},
+            "runs": {
+                k: [{f: x[f] for f in x if f != "model"} for x in v] for k, v in runs.items()
+            },
         }
+        def med(layout: str, field: str) -> float:
+            return median([r[field] for r in runs[layout]])
+
         print()
-        print(f"{'':24s}{'packed':>14s}{'prefix':>14s}{'ratio':>10s}")
-        print(f"{'rows':24s}{stats['packed']['rows']:>14d}{stats['prefix']['rows']:>14d}")
-        print(f"{'optimizer steps':24s}{p['steps']:>14d}{q['steps']:>14d}")
-        print(f"{'tokens trained':24s}{p['tokens']:>14,d}{q['tokens']:>14,d}{result['packed_token_reduction']:>9.2f}x")
-        print(f"{'loss tokens':24s}{stats['packed']['trained_tokens']:>14,d}{stats['prefix']['trained_tokens']:>14,d}")
+        print(f"median of {ns.repeats} interleaved repeats")
+        print(f"{'':26s}{'packed':>14s}{'prefix':>14s}{'prefix/packed':>15s}")
+        print(f"{'rows':26s}{stats['packed']['rows']:>14d}{stats['prefix']['rows']:>14d}")
+        print(f"{'optimizer steps':26s}{p['steps']:>14d}{q['steps']:>14d}")
+        print(f"{'loss tokens':26s}{stats['packed']['trained_tokens']:>14,d}{stats['prefix']['trained_tokens']:>14,d}")
+        print(f"{'tokens trained':26s}{p['tokens']:>14,d}{q['tokens']:>14,d}{result['packed_token_reduction']:>14.2f}x")
         print(
-            f"{'train wall (s)':24s}{p['train_time_s']:>14.2f}{q['train_time_s']:>14.2f}"
-            f"{result['packed_wall_speedup']:>9.2f}x"
+            f"{'  with padding':26s}{p['padded_tokens']:>14,d}{q['padded_tokens']:>14,d}"
+            f"{result['packed_padded_token_reduction']:>14.2f}x"
         )
-        print(f"{'end-to-end (s)':24s}{p['end_to_end_s']:>14.2f}{q['end_to_end_s']:>14.2f}")
-        print()
-        print(f"{'tokens/s, packed data':24s}{'ours':>14s}{'HF Trainer':>14s}{'ratio':>10s}")
         print(
-            f"{'':24s}{p['tokens_per_s']:>14,.0f}{hf['tokens_per_s']:>14,.0f}"
-            f"{result['vs_hf_trainer_throughput']:>9.2f}x"
+            f"{'train loop wall (s)':26s}{med('packed', 'train_time_s'):>14.2f}{med('prefix', 'train_time_s'):>14.2f}"
+            f"{result['packed_wall_speedup']:>14.2f}x"
+        )
+        print(f"{'end-to-end wall (s)':26s}{med('packed', 'end_to_end_s'):>14.2f}{med('prefix', 'end_to_end_s'):>14.2f}")
+        print()
+        print(f"{'tokens/s on packed data':26s}{'ours':>14s}{'HF Trainer':>14s}{'ours/HF':>15s}")
+        print(
+            f"{'  steady (median step)':26s}{med('packed', 'step_tokens_per_s'):>14,.0f}"
+            f"{med('hf', 'step_tokens_per_s'):>14,.0f}{result['vs_hf_trainer_throughput']:>14.2f}x"
+        )
+        print(
+            f"{'  whole loop':26s}{med('packed', 'tokens_per_s'):>14,.0f}{med('hf', 'tokens_per_s'):>14,.0f}"
+            f"{result['vs_hf_trainer_throughput_whole_loop']:>14.2f}x"
         )
         from rise_ray.files import atomic_write_json
 

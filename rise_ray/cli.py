@@ -1,4 +1,4 @@
-"""`rise` command line: run | eval | train | report.
+"""`rise` command line: run | eval | train | serve | report.
 
 Every command takes an optional CONFIG (YAML) and `key=value` dotted overrides, torchtune style:
     rise eval configs/gsm8k.yaml model.path=/models/my-ckpt eval.turns=3
@@ -85,6 +85,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """Serve a checkpoint: OpenAI-compatible chat, /v1/rise/solve (multi-turn), /healthz."""
+    from rise_ray.serve.app import serve_command
+
+    serve_command(ns.checkpoint, _config(ns.args), host=ns.host, port=ns.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs="*", help="[CONFIG] data=PATH [model.path=PATH] [key=value ...]")
     p.add_argument("--out", help="output directory (default: RUN_DIR/NAME/train)")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (OpenAI API + /v1/rise/solve)")
+    p.add_argument("checkpoint", help="an HF model directory (e.g. runs/default/iter_2/checkpoint/model) or hub id")
+    p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
+    p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("report", help="regenerate a run's metrics.json, report.md and turns.png")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)

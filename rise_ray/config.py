@@ -191,7 +191,7 @@ class ServeConfig(_Strict):
     default_max_tokens: int = Field(256, ge=1)  # chat requests that give no max_tokens
     max_turns: int = Field(10, ge=1)
     max_batch_size: int = Field(32, ge=1)  # concurrent requests merged into one engine call
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)  # 0: take what queued while the engine was busy
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
@@ -205,6 +205,8 @@ class ServeConfig(_Strict):
     def _replica_range(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"serve.min_replicas ({self.min_replicas}) > serve.max_replicas ({self.max_replicas})")
+        if self.max_queued_requests == 0:
+            raise ValueError("serve.max_queued_requests must be -1 (no limit) or >= 1")
         return self
 
 

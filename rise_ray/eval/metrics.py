@@ -21,10 +21,9 @@ from collections.abc import Callable, Sequence
 from rise_ray.rollout.episodes import Trajectory
 
 
-def majority_correct(
-    answers: Sequence[str | None], correct: Sequence[bool], key: Callable[[str | None], str | None]
-) -> bool:
-    """Whether the most frequent readable answer is correct; ties go to the latest answer."""
+def majority_index(answers: Sequence[str | None], key: Callable[[str | None], str | None]) -> int | None:
+    """Index of the winning answer: the most frequent readable key, ties to the latest; the index
+    is that key's latest occurrence. None when no answer was readable."""
     counts: dict[str, int] = {}
     last_seen: dict[str, int] = {}
     for i, a in enumerate(answers):
@@ -34,9 +33,16 @@ def majority_correct(
         counts[k] = counts.get(k, 0) + 1
         last_seen[k] = i
     if not counts:
-        return False
-    winner = max(counts, key=lambda k: (counts[k], last_seen[k]))
-    return bool(correct[last_seen[winner]])
+        return None
+    return last_seen[max(counts, key=lambda k: (counts[k], last_seen[k]))]
+
+
+def majority_correct(
+    answers: Sequence[str | None], correct: Sequence[bool], key: Callable[[str | None], str | None]
+) -> bool:
+    """Whether the majority answer is correct (unreadable answers never win)."""
+    i = majority_index(answers, key)
+    return i is not None and bool(correct[i])
 
 
 def _padded(traj: Trajectory, turns: int) -> tuple[list[str | None], list[bool]]:

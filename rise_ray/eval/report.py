@@ -50,6 +50,7 @@ def plot_turns(rows: Sequence[dict], path: str, title: str = "Accuracy per turn 
         k = m["parallel"]
         ax.axhline(100 * m[f"m{k}@t1"], color=line.get_color(), linestyle="--", linewidth=1,
                    label=f"{label}: m{k}@t1")
+    ax.set_xticks(range(1, max(len(m["acc_by_turn"]) for m in rows) + 1))
     ax.set_xlabel("turn")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Submit `rise serve` as a Ray job: the driver runs on the head node, joins the cluster and keeps
+# the Serve app up until `ray job stop <id>` (SIGTERM: the app is deleted).
+#
+#   export RAY_ADDRESS=http://127.0.0.1:8266   # the cluster's dashboard address
+#   export RISE_SERVE_TOKEN=...                # optional: the bearer token the app will require
+#   jobs/serve.sh /shared/runs/default/iter_2/checkpoint [--port 8000] [key=value ...]
+#
+# Ray 2.60 answers `ray job submit` with 401 unless the client sends the cluster's token:
+# RAY_AUTH_MODE=token makes the client read ~/.ray/auth_token (copy it from the head node when
+# submitting from another machine). See jobs/serve.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 CHECKPOINT [rise serve options and key=value overrides]" >&2
+    exit 2
+fi
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8266}"
+
+# jobs/runtime_env.yaml plus the token (one JSON: `ray job submit` takes --runtime-env or
+# --runtime-env-json, not both). The token then shows in the job's runtime env in the dashboard.
+runtime_env=$(python - <<'PY'
+import json, os, yaml
+env = yaml.safe_load(open("jobs/runtime_env.yaml")) or {}
+if os.environ.get("RISE_SERVE_TOKEN"):
+    env.setdefault("env_vars", {})["RISE_SERVE_TOKEN"] = os.environ["RISE_SERVE_TOKEN"]
+print(json.dumps(env))
+PY
+)
+command="pip install -q --no-deps -e . && rise serve $(printf '%q ' "$@")"
+exec ray job submit --no-wait --working-dir . --runtime-env-json "$runtime_env" -- bash -c "$command"
