@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="samples at turn 1")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=0, help="Ray Data batch (0: all problems in one)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs for the engine, both ways")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rollout.json"))
     args = ap.parse_args()
 
@@ -68,9 +69,9 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    # The pool's engine actor holds 1 CPU, so Ray runs it with one torch thread: the in-process
-    # engine gets the same, or the comparison measures thread settings instead of the pipeline.
-    torch.set_num_threads(1)
+    # Ray gives an actor holding N CPUs N torch/OpenMP threads: the in-process engine gets the
+    # same, or the comparison measures thread settings instead of the pipeline.
+    torch.set_num_threads(args.threads)
     model_dir = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
     tok = AutoTokenizer.from_pretrained(model_dir)
     env = get_env("arithmetic", num_train=0, num_test=args.problems)
@@ -88,7 +89,7 @@ def main() -> None:
         engine.close()  # free its memory before the pool's engine starts
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    pool = RolloutPool(args.engine, model_dir, num_engines=1, num_cpus=1, engine_kwargs=kw)
+    pool = RolloutPool(args.engine, model_dir, num_engines=1, num_cpus=args.threads, engine_kwargs=kw)
     batch = args.batch_size or len(problems)
     pool.run(env.name, {}, problems[:8], spec, batch_size=8)  # warm up the actor and Ray Data
     piped, t_pipe = timed(lambda: pool.run(env.name, {}, problems, spec, batch_size=batch))
@@ -106,6 +107,7 @@ def main() -> None:
         "n": args.n,
         "max_tokens": args.max_tokens,
         "ray_data_batch": batch,
+        "engine_threads": args.threads,
         "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
         "seconds": {"direct": round(t_direct, 2), "pipeline": round(t_pipe, 2), "sequential": round(t_seq, 2)},
         "overhead_vs_direct": round(rate["direct"] / rate["pipeline"], 3),

@@ -37,6 +37,13 @@ class Completion(str):
         return (Completion, (str(self), self.finished))
 
 
+def chat_prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
+    """Token ids of the chat-templated conversation with the generation prompt: the ids the model
+    sees (vLLM's chat renderer makes the same call). return_dict=False: transformers 5 returns a
+    BatchEncoding by default."""
+    return list(tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True, return_dict=False))
+
+
 class PromptTooLong(ValueError):
     """A conversation does not fit the model's context with room to answer."""
 

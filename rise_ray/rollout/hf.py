@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rise_ray.rollout.engine import Completion, Conversation, PromptTooLong, SamplingParams
+from rise_ray.rollout.engine import Completion, Conversation, PromptTooLong, SamplingParams, chat_prompt_ids
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -69,12 +69,7 @@ class HFEngine:
 
     # -- prompts ------------------------------------------------------------------------------------
     def _ids(self, conversation: Conversation) -> list[int]:
-        # return_dict=False: transformers 5 returns a BatchEncoding by default.
-        return list(
-            self.tokenizer.apply_chat_template(
-                conversation, tokenize=True, add_generation_prompt=True, return_dict=False
-            )
-        )
+        return chat_prompt_ids(self.tokenizer, conversation)
 
     def prompt_len(self, conversation: Conversation) -> int:
         return len(self._ids(conversation))

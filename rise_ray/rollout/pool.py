@@ -24,7 +24,7 @@ from typing import Any
 import ray
 
 from rise_ray.envs.base import Problem
-from rise_ray.rollout.engine import Conversation, SamplingParams
+from rise_ray.rollout.engine import Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, to_table
 
 READY_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_READY_TIMEOUT_S", "600"))
@@ -86,8 +86,7 @@ class RemoteEngine:
 
     def prompt_len(self, conversation: Conversation) -> int:
         # Tokenised here, not on the actor: one round trip per turn, not per conversation.
-        tok = _tokenizer(self.model_path)
-        return len(tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)["input_ids"])
+        return len(chat_prompt_ids(_tokenizer(self.model_path), conversation))
 
     def update_weights(self, weights: Any) -> None:
         ray.get(self.actor.update_weights.remote(weights, "manual"))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
+from rise_ray.rollout.engine import Completion, Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.hf import check_fits, checkpoint_files
 
 WORKER_EXTENSION = "rise_ray.rollout.vllm_worker.WeightSyncExtension"
@@ -86,13 +86,9 @@ class VLLMEngine:
 
     # -- prompts ------------------------------------------------------------------------------------
     def _ids(self, conversation: Conversation) -> list[int]:
-        # The same call vLLM's chat renderer makes; generating from these ids (instead of llm.chat)
-        # templates each conversation once and makes the PromptTooLong check exact.
-        return list(
-            self.tokenizer.apply_chat_template(
-                conversation, tokenize=True, add_generation_prompt=True, return_dict=False
-            )
-        )
+        # Generating from these ids (instead of llm.chat) templates each conversation once and
+        # makes the PromptTooLong check exact.
+        return chat_prompt_ids(self.tokenizer, conversation)
 
     def prompt_len(self, conversation: Conversation) -> int:
         return len(self._ids(conversation))

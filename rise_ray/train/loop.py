@@ -104,13 +104,19 @@ def weighted_loss_sum(model: Any, input_ids: Any, attention_mask: Any, weights: 
     return (ce * w[sel].to(ce.dtype)).sum()
 
 
-def collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
-    """A numpy batch of ragged rows -> right-padded tensors (+ units and token counts)."""
+def collate(batch: Any, pad_id: int, device: Any) -> dict[str, Any]:
+    """Ragged rows (a pyarrow Table, or a dict of sequences) -> right-padded tensors (+ units and
+    token counts)."""
     import numpy as np
     import torch
 
-    rows = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
-    wts = [np.asarray(x, dtype=np.float32) for x in batch["weights"]]
+    if hasattr(batch, "column"):  # pyarrow: the rows' values are sliced out of flat buffers
+        rows, wts = _arrow_rows(batch.column("input_ids")), _arrow_rows(batch.column("weights"))
+        units = int(np.sum(batch.column("units").to_numpy()))
+    else:
+        rows = [np.asarray(x) for x in batch["input_ids"]]
+        wts = [np.asarray(x) for x in batch["weights"]]
+        units = int(np.sum(batch["units"]))
     n, length = len(rows), max(len(r) for r in rows)
     ids = np.full((n, length), pad_id, dtype=np.int64)
     mask = np.zeros((n, length), dtype=np.int64)
@@ -123,11 +129,20 @@ def collate(batch: dict[str, Any], pad_id: int, device: Any) -> dict[str, Any]:
         "input_ids": torch.from_numpy(ids).to(device),
         "attention_mask": torch.from_numpy(mask).to(device),
         "weights": torch.from_numpy(weights).to(device),
-        "units": int(np.sum(batch["units"])),
+        "units": units,
         "tokens": int(mask.sum()),
         "padded_tokens": int(mask.size),
         "trained_tokens": int((weights > 0).sum()),
     }
+
+
+def _arrow_rows(column: Any) -> list[Any]:
+    """A list<...> column -> one numpy array per row (views into the flat values, no Python per value)."""
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    values = arr.flatten().to_numpy()
+    offsets = arr.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
 
 
 # --- the recipe -----------------------------------------------------------------------------------
@@ -352,7 +367,8 @@ def epoch_batches(shard: Any, tcfg: dict[str, Any], epoch: int) -> Iterator[dict
     asks Ray Data to preserve order), so a resumed run skips exactly the batches already trained."""
     batches = shard.iter_batches(
         batch_size=tcfg["micro_batch_size"],
-        batch_format="numpy",
+        batch_format=os.environ.get("RISE_FMT", "pyarrow"),
+        prefetch_batches=int(os.environ.get("RISE_PREFETCH", "1")),
         local_shuffle_buffer_size=4 * tcfg["micro_batch_size"] if epoch > 0 else None,
         local_shuffle_seed=tcfg["seed"] + epoch if epoch > 0 else None,
     )
