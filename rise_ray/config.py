@@ -150,10 +150,17 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)  # worker restarts Ray Train may make (-1 = unlimited)
     log_every_steps: int = Field(1, ge=1)
+    prefetch_batches: int | Literal["auto"] = "auto"  # Ray Data batches made ahead; auto: 1 on GPU, 0 on CPU
     seed: int = 0
     bf16: bool | Literal["auto"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # Extra DeepSpeed config merged over ours, e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _prefetch_non_negative(self) -> TrainConfig:
+        if isinstance(self.prefetch_batches, int) and self.prefetch_batches < 0:
+            raise ValueError("train.prefetch_batches must be >= 0 or 'auto'")
+        return self
 
 
 class WarmupConfig(_Strict):

@@ -57,6 +57,7 @@ from typing import Any
 
 from rise_ray.config import DataConfig
 from rise_ray.envs.base import DataError, Env, Problem
+from rise_ray.rollout.engine import chat_prompt_ids
 from rise_ray.rollout.episodes import Trajectory, Turn, build_conversation
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool) -> str:
 
 
 def _encode_chat(tokenizer: Any, messages: list[dict[str, str]], gen: bool) -> list[int]:
-    """Token ids as the rollout engines make them (rise_ray.rollout.hf / vllm)."""
+    """Token ids the way the rollout engines make them (rise_ray.rollout.engine.chat_prompt_ids)."""
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
     return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
@@ -177,11 +178,11 @@ def _encode_chat(tokenizer: Any, messages: list[dict[str, str]], gen: bool) -> l
 def tokenize_turn(tokenizer: Any, context: list[dict[str, str]], response: str) -> tuple[list[int], int, bool]:
     """(ids, start, drift) for the reply `response` to the conversation `context`.
 
-    The prompt tokens are the engine's (generation prompt included). When they are a
+    The prompt tokens are the engines' (`chat_prompt_ids`, generation prompt included). When they are a
     token-prefix of the templated conversation with the reply, that tokenization is used
     (aligned); otherwise the ids are the prompt tokens followed by the reply's own tokens (drift).
     """
-    prompt_ids = _encode_chat(tokenizer, context, gen=True)
+    prompt_ids = [int(i) for i in chat_prompt_ids(tokenizer, context)]
     full_msgs = [*context, {"role": "assistant", "content": response}]
     full_ids = _encode_chat(tokenizer, full_msgs, gen=False)
     if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
