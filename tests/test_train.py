@@ -342,6 +342,33 @@ def test_zero3_on_two_workers_lowers_the_loss_and_saves_an_hf_model(ray_cluster,
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_two_workers_take_the_same_step_as_one(ray_cluster, tiny, tmp_path):
+    """Data parallel + accumulation normalise like one process: 1 worker x 4 micro-batches and
+    2 workers x 2 see the same rows in step 1 and must report the same loss and gradient norm."""
+    from rise_ray.train import train
+
+    ds = make_dataset(tmp_path, tiny, n=16, shuffle=False)
+    first = {}
+    for workers, accum in ((1, 4), (2, 2)):
+        cfg = run_config(
+            tmp_path,
+            tiny,
+            f"train.num_workers={workers}",
+            f"train.grad_accum={accum}",
+            "train.micro_batch_size=2",
+            "train.zero_stage=2",
+            "train.epochs=1",
+        )
+        out = str(tmp_path / f"w{workers}")
+        train(cfg, ds, tiny, out)
+        first[workers] = read_log(os.path.join(out, "train_log.jsonl"))[0]
+    assert first[1]["units"] == first[2]["units"] and first[1]["tokens"] == first[2]["tokens"]
+    assert first[2]["loss"] == pytest.approx(first[1]["loss"], rel=1e-6)
+    assert first[2]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("merge", [True, False])
 def test_lora_lowers_the_loss_merged_or_as_adapter(ray_cluster, tiny, tmp_path, merge):
     from rise_ray.train import train

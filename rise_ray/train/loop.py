@@ -212,7 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batches = epoch_batches(shard, tcfg, epoch + 1)  # starts while this last step runs
             t_data = time.perf_counter() - t0
             lr = float(engine.get_lr()[0])
-            rec = train_step(engine, micro, world, dist)
+            log_now = rank == 0 and (state.step + 1) % tcfg["log_every_steps"] == 0
+            rec = train_step(engine, micro, world, dist, grad_norm=log_now or state.step + 1 == plan.total_steps)
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens += rec["tokens"]
@@ -228,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tokens_per_s=rec["tokens"] / dt if dt > 0 else None,
                 train_time_s=round(state.train_time_s, 3),
             )
-            if rank == 0 and (state.step % tcfg["log_every_steps"] == 0 or state.step == plan.total_steps):
+            if log_now or (rank == 0 and state.step == plan.total_steps):
                 log_step(config.get("log_path"), rec, plan)
             # 6. checkpoint: every rank's DeepSpeed shards -> one Ray Train checkpoint
             if save_every and state.step % save_every == 0 and state.step < plan.total_steps:
@@ -312,7 +313,10 @@ def make_engine(model: Any, tcfg: dict[str, Any], ds_config: dict[str, Any], pla
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    try:  # the fused kernel (CPU and GPU), as transformers' Trainer uses by default
+        optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     schedule = tcfg["lr_schedule"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, plan.total_steps, plan.warmup_steps, schedule)
@@ -426,8 +430,11 @@ def next_batch(batches: Any, rank: int, epoch: int) -> dict[str, Any]:
         ) from None
 
 
-def train_step(engine: Any, micro: list[dict[str, Any]], world: int, dist: Any) -> dict[str, Any]:
-    """One optimizer step over this worker's micro-batches; returns the step's global metrics."""
+def train_step(
+    engine: Any, micro: list[dict[str, Any]], world: int, dist: Any, grad_norm: bool = True
+) -> dict[str, Any]:
+    """One optimizer step over this worker's micro-batches; returns the step's global metrics
+    (the gradient norm only when asked: without ZeRO it costs a pass over the gradients)."""
     import torch
 
     local = torch.tensor(
@@ -440,36 +447,39 @@ def train_step(engine: Any, micro: list[dict[str, Any]], world: int, dist: Any) 
         dtype=torch.float64,
         device=engine.device,
     )
-    dist.all_reduce(local)
+    if world > 1:
+        dist.all_reduce(local)
     units, tokens, trained, padded = (float(x) for x in local.tolist())
     scale = world / units  # DeepSpeed averages gradients over ranks: undo, then divide by units
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    norm = None
     for k, mb in enumerate(micro):
         engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
         loss = weighted_loss_sum(engine, mb["input_ids"], mb["attention_mask"], mb["weights"])
         engine.backward(loss * scale, scale_wrt_gas=False)
-        if k == len(micro) - 1 and engine.zero_optimization_stage() == 0:
-            grad_norm = _grad_norm(engine.module)  # reduced over ranks by now; ZeRO reports its own
+        if grad_norm and k == len(micro) - 1 and engine.zero_optimization_stage() == 0:
+            norm = _grad_norm(engine.module)  # reduced over ranks by now; ZeRO reports its own
         engine.step()
         loss_sum += loss.detach().double()
-    dist.all_reduce(loss_sum)
-    if engine.zero_optimization_stage() > 0:
-        grad_norm = engine.get_global_grad_norm()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    if grad_norm and engine.zero_optimization_stage() > 0:
+        norm = engine.get_global_grad_norm()
     return {
         "loss": float(loss_sum) / units,
         "units": int(units),
         "tokens": int(tokens),
         "trained_tokens": int(trained),
         "padded_tokens": int(padded),
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "grad_norm": float(norm) if norm is not None else None,
     }
 
 
 def _grad_norm(module: Any) -> float:
     import torch
 
-    norms = [p.grad.detach().double().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def save_checkpoint(engine: Any, state: TrainerState, rank: int) -> None:
