@@ -69,6 +69,9 @@ class RolloutConfig(_Strict):
     context_window: int | None = Field(None, ge=1)  # keep only the latest k attempts in the prompt
     stop_when_correct: bool = True  # the paper's collection: a trajectory ends at its first correct answer
     problems_per_iteration: int | None = Field(None, ge=1)  # None: every training problem each iteration
+    # GPU: share the trainer's GPUs instead of holding GPUs of their own. The engines sleep (vLLM
+    # sleep mode frees weights and KV cache) while the trainer runs and wake after the sync.
+    colocate_with_trainer: bool = False
     seed: int = 0
 
 
@@ -150,6 +153,7 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1)  # worker restarts Ray Train may make (-1 = unlimited)
     log_every_steps: int = Field(1, ge=1)
+    offload: bool = False  # DeepSpeed ZeRO offload of optimizer states (and ZeRO-3 parameters) to CPU
     prefetch_batches: int | Literal["auto"] = "auto"  # Ray Data batches made ahead; auto: 1 on GPU, 0 on CPU
     seed: int = 0
     bf16: bool | Literal["auto"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -180,6 +184,19 @@ class WarmupConfig(_Strict):
 class SyncConfig(_Strict):
     check: bool = True  # compare engine logprobs with the trained checkpoint after every sync
     tolerance: float = Field(1e-2, gt=0)  # max |logprob difference| (fp32 CPU is ~1e-5; bf16 needs more)
+    # How the weights travel: files = safetensors in shared memory (CPU and GPU); nccl / ipc = vLLM's
+    # native weight transfer (GPU only). auto: ipc when colocated on GPU, nccl on GPU, files on CPU.
+    method: Literal["auto", "files", "nccl", "ipc"] = "auto"
+    bucket_mb: int = Field(1024, ge=1)  # tensors sent per transfer step (bounds the extra GPU memory)
+
+
+class ObserveConfig(_Strict):
+    """Per-stage metrics in the Ray dashboard / Prometheus, and optional experiment tracking."""
+
+    ray_metrics: bool = True  # export stage metrics with ray.util.metrics
+    tracking: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    tracking_uri: str | None = None  # mlflow tracking URI / tensorboard dir; None: inside the run directory
+    project: str = "rise-ray"  # mlflow experiment / wandb project
 
 
 class ServeConfig(_Strict):
@@ -233,11 +250,16 @@ class RunConfig(_Strict):
     iterations: int = Field(2, ge=0)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    observe: ObserveConfig = Field(default_factory=ObserveConfig)
 
     @model_validator(mode="after")
     def _teacher_needs_path(self) -> RunConfig:
         if self.rollout.improve_with == "teacher" and not self.teacher.path:
             raise ValueError("rollout.improve_with is 'teacher' but teacher.path is not set")
+        if self.rollout.colocate_with_trainer and not (self.train.use_gpu and self.rollout.num_gpus_per_engine > 0):
+            raise ValueError("rollout.colocate_with_trainer needs GPUs: set train.use_gpu and rollout.num_gpus_per_engine")
+        if self.sync.method in ("nccl", "ipc") and self.rollout.engine != "vllm":
+            raise ValueError(f"sync.method '{self.sync.method}' is vLLM's weight transfer: set rollout.engine=vllm")
         return self
 
 
