@@ -48,6 +48,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     """The RISE loop on a config (no config: the embedded default)."""
+    if ns.dry_run:  # the plan only: nothing starts (no Ray unless RAY_ADDRESS, no engines)
+        from rise_ray.plan import dry_run
+
+        if ns.resume:
+            raise ConfigError("--dry-run plans a config: rise run RUN_DIR/config.yaml --dry-run")
+        return dry_run(_config(ns.args), ns.gpu_memory_gb, as_json=ns.json, strict=ns.strict)
     from rise_ray import driver
 
     if ns.resume:
@@ -103,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run RISE iterations (collect, build data, train, sync, evaluate)")
     p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory at its first unfinished stage")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (stages, actors, GPU memory); run nothing")
+    p.add_argument("--gpu-memory-gb", type=float, help="--dry-run: GiB per GPU (default: detected, else 80)")
+    p.add_argument("--json", action="store_true", help="--dry-run: print the plan as JSON")
+    p.add_argument("--strict", action="store_true", help="--dry-run: exit 1 when the plan does not fit")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("train", help="reward-weighted SFT on trajectories (Ray Train + DeepSpeed)")
     p.add_argument("args", nargs="*", help="[CONFIG] data=PATH [model.path=PATH] [key=value ...]")

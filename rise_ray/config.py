@@ -81,6 +81,8 @@ class TeacherConfig(_Strict):
     num_engines: int = Field(1, ge=1)
     num_cpus_per_engine: float = Field(1.0, gt=0)
     num_gpus_per_engine: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)  # a teacher larger than one GPU (e.g. 70B on 4 x 80 GB)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     max_model_len: int = Field(2048, ge=32)
 
 

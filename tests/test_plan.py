@@ -1,0 +1,263 @@
+"""`rise run --dry-run`: the plan of every shipped config, hand-computed memory, fit verdicts."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from rise_ray import plan as planmod
+from rise_ray.cli import main
+from rise_ray.config import DEFAULT_CONFIG, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+NO_GPU = dict(source="test", nodes=1, gpus=0, cpus=2, gpu_type=None, gpu_memory_gib=None)
+P8B = 8_030_261_248  # Meta-Llama-3-8B: 32 x 218,112,000 per layer + 2 x 128256 x 4096 + 4096
+
+
+@pytest.fixture(autouse=True)
+def no_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def dry_run_json(capsys, monkeypatch, args, cluster=NO_GPU):
+    monkeypatch.setattr(planmod, "cluster_info", lambda: dict(cluster))
+    rc = main(["run", *args, "--dry-run", "--json"])
+    out = capsys.readouterr().out
+    return rc, json.loads(out) if rc == 0 else None
+
+
+def expected_stages(iterations):
+    names = ["base_model", "iter_0/eval"]
+    for k in range(1, iterations + 1):
+        names += [f"iter_{k}/{s}" for s in ("collect", "dataset", "train", "sync", "eval")]
+    return names + ["report"]
+
+
+@pytest.mark.parametrize("path", [None, *CONFIGS], ids=lambda p: os.path.basename(p) if p else "embedded")
+def test_every_config_plans(path, capsys, monkeypatch):
+    rc, plan = dry_run_json(capsys, monkeypatch, [path] if path else [])
+    assert rc == 0
+    cfg = load_config(path or DEFAULT_CONFIG)
+    r, t = cfg.rollout, cfg.train
+    assert [s["stage"] for s in plan["stages"]] == expected_stages(cfg.iterations)
+    actors = {a["actor"].split(" (")[0]: a for a in plan["actors"]}
+    distill = r.improve_with == "teacher"
+    assert set(actors) == {"policy engines", "Ray Train workers"} | (
+        {"teacher engines"} if distill else set()
+    )
+    pol, tr = actors["policy engines"], actors["Ray Train workers"]
+    assert (pol["count"], pol["gpus_each"], pol["cpus_each"]) == (
+        r.num_engines,
+        r.num_gpus_per_engine,
+        r.num_cpus_per_engine,
+    )
+    assert (tr["count"], tr["gpus_each"]) == (t.num_workers, int(t.use_gpu))
+    teacher_gpus = cfg.teacher.num_engines * cfg.teacher.num_gpus_per_engine if distill else 0
+    if distill:
+        assert actors["teacher engines"]["count"] == cfg.teacher.num_engines
+        assert actors["teacher engines"]["tp"] == r.tensor_parallel_size  # what driver.make_teacher passes
+    assert plan["gpus_needed"] == pol["gpus"] + tr["gpus"] + teacher_gpus
+    stage_gpus = {s["stage"]: s["gpus"] for s in plan["stages"]}
+    if cfg.iterations:
+        assert stage_gpus["iter_1/train"] == tr["gpus"]
+        assert stage_gpus["iter_1/collect"] == pol["gpus"] + teacher_gpus
+    if plan["gpus_needed"]:
+        assert plan["verdict"].startswith(f"does not fit: needs {plan['gpus_needed']} GPUs, cluster has 0")
+    if path is None:
+        assert plan["verdict"] == "fits" and plan["gpus_needed"] == 0
+    # every shipped config names a model whose shape is known (or the tiny one): memory is estimated
+    assert plan["note"] is None
+    for a in plan["actors"]:
+        assert (a["memory"] is not None) == (a["gpus_each"] > 0)
+
+
+def test_paper_configs_fit_the_cluster_they_name(capsys, monkeypatch):
+    eight = dict(NO_GPU, gpus=8, cpus=96, gpu_memory_gib=80)
+    sixteen = dict(NO_GPU, gpus=16, cpus=192, nodes=2, gpu_memory_gib=80)
+    for name, cluster in [
+        ("gsm8k_mistral7b_self", eight),
+        ("math_llama3_8b_self", eight),
+        ("gsm8k_llama3_8b_distill", sixteen),
+        ("math_mistral7b_distill", sixteen),
+    ]:
+        rc, plan = dry_run_json(capsys, monkeypatch, [os.path.join(ROOT, "configs", name + ".yaml")], cluster)
+        assert rc == 0 and plan["verdict"] == "fits", (name, plan["verdict"])
+    qwen = os.path.join(ROOT, "configs", "gsm8k_qwen1.5b.yaml")
+    rc, plan = dry_run_json(
+        capsys, monkeypatch, [qwen, "--gpu-memory-gb", "24"], dict(NO_GPU, gpus=4, cpus=48)
+    )
+    assert plan["gpu_memory_gib"] == 24 and plan["verdict"] == "fits"
+
+
+def test_memory_of_an_8b_model_by_hand():
+    """Llama-3-8B, bf16, ZeRO-3 over 8 workers: (2 + 2 + 12) bytes x P / 8 = 2 bytes x P per GPU."""
+    over = [
+        "model.path=meta-llama/Meta-Llama-3-8B-Instruct",
+        "model.dtype=bfloat16",
+        "model.max_model_len=4096",
+        "rollout.engine=vllm",
+        "rollout.num_gpus_per_engine=1",
+        "rollout.gpu_memory_utilization=0.9",
+        "train.use_gpu=true",
+        "train.num_workers=8",
+        "train.zero_stage=3",
+        "train.micro_batch_size=1",
+        "train.gradient_checkpointing=true",
+        "data.max_length=2048",
+    ]
+    cluster = dict(NO_GPU, gpus=9, cpus=64, gpu_memory_gib=80)
+    plan = planmod.build_plan(load_config(None, over), cluster=cluster)
+    assert plan["params"] == P8B and plan["verdict"] == "fits"
+    engine, trainer = plan["actors"][0]["memory"], plan["actors"][1]["memory"]
+    assert engine["weights"] == 2 * P8B  # bf16, TP 1
+    kv = 0.9 * 80 * 2**30 - 2 * P8B
+    assert engine["kv"] == kv
+    assert engine["kv_tokens"] == kv // (2 * 32 * 8 * 128 * 2)  # K+V x layers x kv heads x head dim x bf16
+    assert (trainer["weights"], trainer["grads"], trainer["optim"]) == (
+        2 * P8B / 8,
+        2 * P8B / 8,
+        12 * P8B / 8,
+    )
+    assert trainer["weights"] + trainer["grads"] + trainer["optim"] == 2 * P8B == 16_060_522_496
+    tokens = 2048
+    act = 32 * tokens * 4096 * 2 + tokens * (10 * 4096 + 4 * 14336) * 2 + tokens * 128256 * 10
+    assert trainer["act"] == act and trainer["total"] == 2 * P8B + act
+
+    # ZeRO-1 shards only Adam; offload with ZeRO-3 moves weights and Adam to CPU; LoRA trains 41.9M
+    def trainer_of(*extra):
+        return planmod.build_plan(load_config(None, over + list(extra)), cluster=cluster)["actors"][1][
+            "memory"
+        ]
+
+    m = trainer_of("train.zero_stage=1")
+    assert (m["weights"], m["grads"], m["optim"]) == (2 * P8B, 2 * P8B, 12 * P8B / 8)
+    m = trainer_of("train.offload=true")
+    assert (m["weights"], m["grads"], m["optim"]) == (0, 2 * P8B / 8, 0)
+    m = trainer_of("train.lora.enabled=true", "train.lora.r=16")
+    assert (m["weights"], m["grads"], m["optim"]) == (2 * P8B / 8, 2 * 41_943_040 / 8, 12 * 41_943_040 / 8)
+
+
+def test_tensor_parallel_colocation_and_memory_verdicts():
+    path = os.path.join(ROOT, "configs", "gsm8k_mistral7b_self.yaml")
+    cluster = dict(NO_GPU, gpus=8, cpus=96, gpu_memory_gib=80)
+    colocated = planmod.build_plan(load_config(path, ["rollout.colocate_with_trainer=true"]), cluster=cluster)
+    assert colocated["gpus_needed"] == 4  # the trainer runs on the engines' GPUs while they sleep
+    tp = planmod.build_plan(load_config(path, ["rollout.tensor_parallel_size=2"]), cluster=cluster)
+    assert "tensor_parallel_size 2 needs 2 GPUs per engine" in tp["verdict"]
+    small = planmod.build_plan(load_config(path), gpu_memory_gb=16, cluster=cluster)
+    assert "Ray Train workers: per-GPU memory" in small["verdict"] and "> 16.0 GiB" in small["verdict"]
+    # a 70B teacher on one GPU: 131.4 GiB of weights + 1.25 GiB of KV for one sequence > 0.85 x 80 GiB
+    distill = os.path.join(ROOT, "configs", "gsm8k_llama3_8b_distill.yaml")
+    one = ["rollout.tensor_parallel_size=1", "rollout.num_gpus_per_engine=1", "teacher.num_gpus_per_engine=1"]
+    v = planmod.build_plan(load_config(distill, one), cluster=dict(cluster, gpus=16))["verdict"]
+    assert "teacher engines (vllm): per-GPU memory 132.7 GiB" in v and "> 68.0 GiB" in v
+
+
+def test_model_shapes_counts_and_local_config(tmp_path):
+    counts = {
+        "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
+        "meta-llama/Meta-Llama-3-8B-Instruct": P8B,
+        "meta-llama/Meta-Llama-3-70B-Instruct": 70_553_706_496,
+        "Qwen/Qwen2.5-0.5B-Instruct": 494_032_768,
+        "Qwen/Qwen2.5-1.5B-Instruct": 1_543_714_304,
+    }
+    for hub_id, n in counts.items():
+        assert planmod.count_params(planmod.model_shape(hub_id)) == n, hub_id
+    assert planmod.model_shape("someone/unknown-model") is None
+    # a local directory: its config.json (here Qwen2.5-0.5B's fields) wins over the table
+    hf = {
+        "model_type": "qwen2",
+        "num_hidden_layers": 24,
+        "hidden_size": 896,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert planmod.model_shape(str(tmp_path)) == planmod.model_shape("Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def test_tiny_model_count_matches_the_built_model(tiny_model_dir):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(tiny_model_dir, "model.safetensors"), "pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (tied lm_head: once)
+    assert planmod.count_params(planmod.model_shape(tiny_model_dir)) == stored
+
+
+def test_unknown_model_bad_config_and_strict(tmp_path, capsys, monkeypatch):
+    rc, plan = dry_run_json(
+        capsys, monkeypatch, ["model.path=someone/unknown-model", "rollout.num_gpus_per_engine=1"]
+    )
+    assert rc == 0 and "memory not estimated" in plan["note"] and plan["actors"][0]["memory"] is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  num_engines: 0\n")
+    assert main(["run", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.num_engines" in err and "Traceback" not in err
+    monkeypatch.setattr(planmod, "cluster_info", lambda: dict(NO_GPU))
+    assert main(["run", os.path.join(ROOT, "configs", "gsm8k_qwen0.5b.yaml"), "--dry-run", "--strict"]) == 1
+    assert "does not fit: needs 2 GPUs, cluster has 0" in capsys.readouterr().out
+    assert main(["run", "--resume", str(tmp_path), "--dry-run"]) == 2
+
+
+def test_cluster_from_ray_address(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw["address"])),
+        shutdown=lambda: calls.append(("shutdown",)),
+        cluster_resources=lambda: {"CPU": 192.0, "GPU": 16.0, "accelerator_type:A100-80G": 16.0},
+        nodes=lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}],
+    )
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    c = planmod.cluster_info()
+    assert (c["gpus"], c["cpus"], c["nodes"], c["gpu_type"], c["gpu_memory_gib"]) == (
+        16,
+        192,
+        2,
+        "A100-80G",
+        80,
+    )
+    assert calls == [("init", "10.0.0.1:6379"), ("shutdown",)]
+    plan = planmod.build_plan(load_config(os.path.join(ROOT, "configs", "math_mistral7b_distill.yaml")))
+    assert plan["verdict"] == "fits"
+
+
+def test_dry_run_subprocess_starts_nothing_and_is_quick():
+    """The real CLI on this machine: no vLLM import, no Ray started, a GPU config does not fit."""
+    code = (
+        "import io, sys, time, contextlib\n"
+        "from rise_ray.cli import main\n"
+        "t = time.perf_counter(); out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    rc1 = main(['run', '--dry-run'])\n"
+        "    rc2 = main(['run', 'configs/gsm8k_llama3_8b_distill.yaml', '--dry-run'])\n"
+        "ray = sys.modules.get('ray')\n"
+        "print(rc1, rc2, 'vllm' in sys.modules, bool(ray and ray.is_initialized()), time.perf_counter() - t)\n"
+        "print(out.getvalue())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.perf_counter()
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    first, rest = res.stdout.split("\n", 1)
+    rc1, rc2, vllm, ray_started, seconds = first.split()
+    assert (rc1, rc2, vllm, ray_started) == ("0", "0", "False", "False")
+    assert float(seconds) < 10 and time.perf_counter() - start < 60
+    default, distill = rest.split("Plan for gsm8k-llama3-8b-distill")
+    assert default.rstrip().endswith("fits") and "Stages" in default and "iter_2/sync" in default
+    assert "does not fit: needs 16 GPUs" in " ".join(distill.split())
