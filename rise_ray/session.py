@@ -62,7 +62,12 @@ def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
     return out
 
 
-def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, seed: int) -> dict[str, Any]:
+def engine_kwargs(
+    rollout: RolloutConfig, model: ModelConfig, seed: int, sync_method: str | None = None
+) -> dict[str, Any]:
+    """Engine constructor arguments. `sync_method` (sync.method) builds vLLM engines on GPUs for
+    vLLM's weight transfer (nccl / ipc) and, when they share the trainer's GPUs, with sleep mode;
+    None: neither (an engine that is never synced, e.g. serving)."""
     kw: dict[str, Any] = {"max_model_len": model.max_model_len, "dtype": model.dtype}
     if rollout.engine == "vllm":
         kw.update(
@@ -71,10 +76,25 @@ def engine_kwargs(rollout: RolloutConfig, model: ModelConfig, seed: int) -> dict
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             kv_cache_memory_bytes=rollout.kv_cache_memory_bytes if rollout.num_gpus_per_engine == 0 else None,
         )
+        if sync_method is not None:
+            from rise_ray.rollout.weight_transfer import NATIVE_METHODS, resolve_method
+
+            method = resolve_method(sync_method, rollout)
+            if method in NATIVE_METHODS:
+                kw["weight_transfer"] = method
+            if rollout.colocate_with_trainer:
+                kw["sleep_mode"] = True
     return kw
 
 
-def make_pool(rollout: RolloutConfig, model: ModelConfig, model_path: str, seed: int, pointer_path: str | None = None):
+def make_pool(
+    rollout: RolloutConfig,
+    model: ModelConfig,
+    model_path: str,
+    seed: int,
+    pointer_path: str | None = None,
+    sync_method: str | None = "auto",
+):
     from rise_ray.rollout.pool import RolloutPool
 
     return RolloutPool(
@@ -83,6 +103,6 @@ def make_pool(rollout: RolloutConfig, model: ModelConfig, model_path: str, seed:
         num_engines=rollout.num_engines,
         num_cpus=rollout.num_cpus_per_engine,
         num_gpus=rollout.num_gpus_per_engine,
-        engine_kwargs=engine_kwargs(rollout, model, seed),
+        engine_kwargs=engine_kwargs(rollout, model, seed, sync_method),
         pointer_path=pointer_path,
     )

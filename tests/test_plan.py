@@ -64,7 +64,7 @@ def test_every_config_plans(path, capsys, monkeypatch):
     teacher_gpus = cfg.teacher.num_engines * cfg.teacher.num_gpus_per_engine if distill else 0
     if distill:
         assert actors["teacher engines"]["count"] == cfg.teacher.num_engines
-        assert actors["teacher engines"]["tp"] == r.tensor_parallel_size  # what driver.make_teacher passes
+        assert actors["teacher engines"]["tp"] == cfg.teacher.tensor_parallel_size
     assert plan["gpus_needed"] == pol["gpus"] + tr["gpus"] + teacher_gpus
     stage_gpus = {s["stage"]: s["gpus"] for s in plan["stages"]}
     if cfg.iterations:
@@ -157,7 +157,7 @@ def test_tensor_parallel_colocation_and_memory_verdicts():
     assert "Ray Train workers: per-GPU memory" in small["verdict"] and "> 16.0 GiB" in small["verdict"]
     # a 70B teacher on one GPU: 131.4 GiB of weights + 1.25 GiB of KV for one sequence > 0.85 x 80 GiB
     distill = os.path.join(ROOT, "configs", "gsm8k_llama3_8b_distill.yaml")
-    one = ["rollout.tensor_parallel_size=1", "rollout.num_gpus_per_engine=1", "teacher.num_gpus_per_engine=1"]
+    one = ["teacher.tensor_parallel_size=1", "teacher.num_gpus_per_engine=1"]
     v = planmod.build_plan(load_config(distill, one), cluster=dict(cluster, gpus=16))["verdict"]
     assert "teacher engines (vllm): per-GPU memory 132.7 GiB" in v and "> 68.0 GiB" in v
 

@@ -8,9 +8,10 @@ Steps of `RolloutPool.run`:
   4. the trajectory records come back as Arrow rows with a fixed schema.
 
 The actors live across RISE iterations (engines are never rebuilt per round): new weights are
-loaded in place with `update_weights`. An actor that dies is restarted by Ray, reloads the latest
-synced weights from the pointer file, and the call in flight is retried, so no batch is lost or
-counted twice.
+loaded in place with `update_weights` (files), or on GPU streamed by vLLM's native weight transfer
+with `sync_native` (NCCL or CUDA IPC; rise_ray.rollout.weight_transfer). An actor that dies is
+restarted by Ray, reloads the latest synced weights from the pointer file, and the call in flight is
+retried, so no batch is lost or counted twice.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rise_ray.rollout.engine import Conversation, SamplingParams, chat_prompt_id
 from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, to_table
 
 READY_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_READY_TIMEOUT_S", "600"))
+SENDER_READY_TIMEOUT_S = float(os.environ.get("RISE_SENDER_READY_TIMEOUT_S", "300"))
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -64,6 +66,42 @@ class EngineActor:
 
     def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[tuple[int, float]]:
         return self.engine.top_logprobs(conversation, k)
+
+    # -- vLLM's native weight transfer (GPU): the calls of weight_transfer.EnginesClient ---------------
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        self.engine.init_weight_transfer(init_info)
+
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
+
+    def receive_weights(self, update_info: Any) -> None:
+        self.engine.receive_weights(update_info)
+
+    def finish_weight_update(self, version: str | None) -> None:
+        self.engine.finish_weight_update()
+        if version is not None:
+            self.weights_version = version
+
+    def shutdown_weight_transfer(self) -> None:
+        self.engine.shutdown_weight_transfer()
+
+    def send_ipc(self, checkpoint: str, bucket_bytes: int, version: str) -> None:
+        """Be the engine's own IPC sender: the checkpoint onto this actor's GPU (the one its vLLM
+        worker uses), one bucket at a time, shared with the worker by CUDA IPC handles."""
+        from rise_ray.rollout.weight_transfer import CheckpointSource, LocalClient, send_ipc
+
+        if getattr(self.engine, "tensor_parallel_size", 1) != 1:
+            raise RuntimeError("sync.method ipc needs tensor_parallel_size 1 (one GPU per engine); use nccl")
+        send_ipc(CheckpointSource(checkpoint, "cuda"), LocalClient(self.engine), bucket_bytes)
+        self.weights_version = version
+
+    def sleep(self, level: int) -> None:
+        if hasattr(self.engine, "sleep"):  # vLLM with sleep mode; others hold no GPU memory to free
+            self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None) -> None:
+        if hasattr(self.engine, "wake_up"):
+            self.engine.wake_up(tags)
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,6 +169,7 @@ class RolloutPool:
         self.kind = kind
         self.model_path = model_path
         self.pointer_path = pointer_path
+        self.engine_kwargs = dict(engine_kwargs or {})
         self.actors = [
             EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
                 kind, model_path, engine_kwargs or {}, pointer_path
@@ -193,11 +232,61 @@ class RolloutPool:
         start = time.perf_counter()
         ref = ray.put(weights) if isinstance(weights, dict) else weights
         ray.get([a.update_weights.remote(ref, version) for a in self.actors])
-        if self.pointer_path and (checkpoint_dir or isinstance(weights, str)):
+        if checkpoint_dir or isinstance(weights, str):
+            self._write_pointer(checkpoint_dir or weights, version)
+        return time.perf_counter() - start
+
+    def sync_native(self, checkpoint: str, version: str, method: str, bucket_bytes: int) -> float:
+        """Stream a checkpoint into every live engine with vLLM's weight transfer; returns seconds.
+
+        ipc: each engine actor sends to its own worker (same GPU). nccl: a sender actor on a free GPU
+        broadcasts to all engines at once (its trainer engine runs the engines' receive concurrently
+        with the broadcast). The engines must have been built for `method` (engine_kwargs)."""
+        from rise_ray.rollout.weight_transfer import CheckpointSender
+
+        built = self.engine_kwargs.get("weight_transfer")
+        if built != method:
+            raise RuntimeError(
+                f"sync.method {method!r} but the engines were built for {built!r}: "
+                "make the pool with make_pool(..., sync_method=cfg.sync.method)"
+            )
+        start = time.perf_counter()
+        if method == "ipc":
+            ray.get([a.send_ipc.remote(checkpoint, bucket_bytes, version) for a in self.actors])
+        elif method == "nccl":
+            tp = int(self.engine_kwargs.get("tensor_parallel_size", 1))
+            sender = CheckpointSender.remote()
+            try:
+                try:
+                    ray.get(sender.ready.remote(), timeout=SENDER_READY_TIMEOUT_S)
+                except ray.exceptions.GetTimeoutError:
+                    raise RuntimeError(
+                        f"sync.method nccl: no free GPU for the sender after {SENDER_READY_TIMEOUT_S:.0f} s "
+                        "(it cannot share an engine's GPU); free one, or use ipc / files"
+                    ) from None
+                ray.get(sender.send.remote(checkpoint, self.actors, tp, bucket_bytes, version))
+            finally:
+                ray.kill(sender)
+        else:
+            raise ValueError(f"sync_native: unknown method {method!r} (nccl | ipc)")
+        self._write_pointer(checkpoint, version)
+        return time.perf_counter() - start
+
+    def _write_pointer(self, checkpoint: str, version: str) -> None:
+        """Name the checkpoint so an engine restarted later loads the same weights (by files)."""
+        if self.pointer_path:
             from rise_ray.files import atomic_write_json
 
-            atomic_write_json(self.pointer_path, {"checkpoint": checkpoint_dir or weights, "version": version})
-        return time.perf_counter() - start
+            atomic_write_json(self.pointer_path, {"checkpoint": checkpoint, "version": version})
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the engines' GPU memory for a trainer sharing their GPUs (vLLM sleep mode; a no-op
+        for engines without it). Undo with `wake_up` before the engines are used again."""
+        ray.get([a.sleep.remote(level) for a in self.actors])
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """tags=["weights"]: only the weights' memory back (before a sync); None: everything."""
+        ray.get([a.wake_up.remote(tags) for a in self.actors])
 
     def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[list[tuple[int, float]]]:
         return ray.get([a.top_logprobs.remote(conversation, k) for a in self.actors])

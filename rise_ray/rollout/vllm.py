@@ -2,9 +2,14 @@
 
 vLLM is imported lazily so this module (and the rest of rise_ray) imports without it.
 
-Weights reach vLLM's worker process(es) as safetensors files: a state dict is written to /dev/shm,
-a checkpoint directory is passed as its own shard paths, and `WeightSyncExtension` (mixed into each
-worker) reloads them in place; see rise_ray/rollout/vllm_worker.py for why files and why in place.
+Weights reach vLLM's worker process(es) in one of two ways:
+  * files (CPU and GPU): a state dict is written to /dev/shm, a checkpoint directory is passed as its
+    own shard paths, and `WeightSyncExtension` (mixed into each worker) reloads them in place; see
+    rise_ray/rollout/vllm_worker.py for why files and why in place;
+  * vLLM's native weight transfer (GPU; `weight_transfer="nccl" | "ipc"`): the engine is built with
+    `weight_transfer_config` and receives buckets streamed by a sender through
+    init_weight_transfer / start_weight_update / receive_weights / finish_weight_update; see
+    rise_ray/rollout/weight_transfer.py. `sleep_mode` (a trainer sharing the GPU) adds sleep / wake_up.
 """
 
 from __future__ import annotations
@@ -54,8 +59,15 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.85,
         kv_cache_memory_bytes: int | None = None,
         enforce_eager: bool | None = None,
+        weight_transfer: str | None = None,
+        sleep_mode: bool = False,
         **extra_llm_kwargs: Any,
     ) -> None:
+        if weight_transfer == "ipc":
+            # IPC handles reach the workers through collective_rpc, which pickles what msgspec cannot
+            # encode only when this is set (as vLLM's examples/rl/rlhf_ipc.py does). Set before vLLM
+            # is imported and the engine-core process is spawned, both of which read it.
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
         vllm = _import_vllm()
         self._vllm = vllm
         on_cpu = not torch.cuda.is_available()
@@ -79,10 +91,20 @@ class VLLMEngine:
         )
         if kv_cache_memory_bytes is not None:
             kw["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if weight_transfer is not None:
+            from vllm.config import WeightTransferConfig
+
+            kw["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
+        if sleep_mode:
+            kw["enable_sleep_mode"] = True
         kw.update(extra_llm_kwargs)
         self.llm = vllm.LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = max_model_len
+        self.tensor_parallel_size = tensor_parallel_size
+        self.weight_transfer = weight_transfer
+        self.sleep_mode = sleep_mode
+        self.asleep = False
 
     # -- prompts ------------------------------------------------------------------------------------
     def _ids(self, conversation: Conversation) -> list[int]:
@@ -150,10 +172,56 @@ class VLLMEngine:
 
     def _rpc_load(self, files: list[str]) -> None:
         self.llm.collective_rpc("rise_load_weights", args=(files,))
+        self._reset_prefix_cache()
+
+    def _reset_prefix_cache(self) -> None:
         # Cached prefix KV was computed by the old weights: vLLM would reuse it (tested). The reset
         # only fails while requests hold blocks, which a synchronous LLM between calls never does.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    # -- vLLM's native weight transfer (GPU): the engine side of rise_ray.rollout.weight_transfer ----
+    # LLM methods from vllm/entrypoints/rl/offline.py (RLOfflineMixin, vLLM 0.32); each runs on every
+    # worker through collective_rpc. The sender's trainer engine calls them in this order.
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join the sender (NCCL: its group at this engine's rank_offset; IPC: the wire settings)."""
+        if self.weight_transfer is None:
+            raise RuntimeError("this engine was built without weight_transfer (sync.method files)")
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def receive_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One chunk of the update: the names, dtypes and shapes the sender is about to send (NCCL,
+        received inside this call) or has shared (IPC handles)."""
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self) -> None:
+        # vLLM's finish runs each layer's post-load processing (layerwise reload). A tied lm_head
+        # gets only the embedding's processing (vllm/model_executor/model_loader/reload/__init__.py):
+        # on GPU it reads the embedding's own tensor, so the CPU-only stale packed copy that
+        # vllm_worker.py repairs does not arise (the logprob check would show it). The prefix cache
+        # still holds KV computed by the old weights.
+        self.llm.finish_weight_update()
+        self._reset_prefix_cache()
+
+    def shutdown_weight_transfer(self) -> None:
+        """Leave the sender's NCCL group; the next sync makes a new one."""
+        self.llm.shutdown_weight_transfer_engine()
+
+    def sleep(self, level: int = 1) -> None:
+        """Free GPU memory for a trainer on the same GPU: level 1 keeps the weights in CPU memory,
+        level 2 drops them (the next sync sends them all anyway). A no-op without sleep mode."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """tags=["weights"] before a sync (room for the new weights, no KV cache yet), then None."""
+        if self.asleep:
+            awake = self.llm.wake_up(tags)
+            self.asleep = tags is not None and awake is not True
 
     def close(self) -> None:
         """Stop vLLM's engine-core and worker processes now rather than at garbage collection."""

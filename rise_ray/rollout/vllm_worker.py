@@ -20,10 +20,13 @@ load_weights skips it), so the reload puts its old tensors back and never re-run
 its packed copy of the *old* embedding keeps producing the logits. `_refresh_embedding_kernels`
 re-runs the (idempotent, weight-keeping) embedding post-processing after every reload.
 
-GPU path (later, behind the same Engine.update_weights interface): vLLM's native weight transfer
-(`WeightTransferConfig` with the NCCL or CUDA-IPC backend, then `LLM.init_weight_transfer_engine`,
-`start_weight_update` / `update_weights` / `finish_weight_update`) streams tensors from the trainer
-without touching the file system. Nothing here implements it yet.
+GPU path (sync.method nccl / ipc): vLLM's native weight transfer needs nothing from this class. The
+worker methods it calls (`init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
+`finish_weight_update`, `shutdown_weight_transfer_engine`) are vLLM's own (vllm/v1/worker/gpu_worker.py,
+enabled by `LLM(weight_transfer_config=...)`); its finish re-runs each layer's post-load processing
+like `reload_weights` does. What the file path does here around a load is done by VLLMEngine around
+the native update: the prefix cache is reset after `finish_weight_update`; the tied-lm_head repair is
+a CPU matter (no native backend runs on CPU). See rise_ray/rollout/weight_transfer.py.
 """
 
 from __future__ import annotations
@@ -58,11 +61,6 @@ class WeightSyncExtension:
         worker: Any = self
         model = worker.model_runner.get_model()
         return float(sum(p.detach().double().sum().item() for p in model.parameters() if p.numel()))
-
-    # ---------------------------------------------------------------------------------------------
-    # GPU path (not implemented): vLLM native weight transfer (WeightTransferConfig, NCCL / IPC,
-    # LLM.update_weights) will plug in here, keeping VLLMEngine.update_weights' signature.
-    # ---------------------------------------------------------------------------------------------
 
 
 def _refresh_embedding_kernels(model: Any) -> None:

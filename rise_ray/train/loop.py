@@ -273,6 +273,16 @@ def deepspeed_config(tcfg: dict[str, Any], world: int, bf16: bool) -> dict[str, 
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if tcfg.get("offload"):
+        if tcfg["zero_stage"] == 0:
+            raise ValueError("train.offload needs train.zero_stage 1, 2 or 3 (ZeRO owns what it offloads)")
+        cpu = {"device": "cpu", "pin_memory": bool(tcfg["use_gpu"])}  # pinned: faster copies to a GPU
+        cfg["zero_optimization"]["offload_optimizer"] = dict(cpu)
+        if tcfg["zero_stage"] == 3:
+            cfg["zero_optimization"]["offload_param"] = dict(cpu)
+        # Our optimizer is torch's AdamW (no DeepSpeedCPUAdam build needed); DeepSpeed refuses a
+        # non-DeepSpeed optimizer with offload unless told.
+        cfg["zero_force_ds_cpu_optimizer"] = False
     return _merge(cfg, tcfg.get("deepspeed") or {})
 
 
