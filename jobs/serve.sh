@@ -28,5 +28,7 @@ if os.environ.get("RISE_SERVE_TOKEN"):
 print(json.dumps(env))
 PY
 )
-command="pip install -q --no-deps -e . && rise serve $(printf '%q ' "$@")"
-exec ray job submit --no-wait --working-dir . --runtime-env-json "$runtime_env" -- bash -c "$command"
+# The uploaded working dir comes first on the job's PYTHONPATH, so no `pip install` is needed (one
+# would repoint a shared venv's editable install at the job's temporary directory).
+exec ray job submit --no-wait --working-dir . --runtime-env-json "$runtime_env" -- \
+    python -m rise_ray.cli serve "$@"
