@@ -258,11 +258,22 @@ class RunConfig(_Strict):
     def _teacher_needs_path(self) -> RunConfig:
         if self.rollout.improve_with == "teacher" and not self.teacher.path:
             raise ValueError("rollout.improve_with is 'teacher' but teacher.path is not set")
-        if self.rollout.colocate_with_trainer and not (self.train.use_gpu and self.rollout.num_gpus_per_engine > 0):
-            raise ValueError("rollout.colocate_with_trainer needs GPUs: set train.use_gpu and rollout.num_gpus_per_engine")
+        r = self.rollout
+        if r.colocate_with_trainer and not (self.train.use_gpu and 0 < r.num_gpus_per_engine < 1 and r.tensor_parallel_size == 1):
+            raise ValueError("rollout.colocate_with_trainer shares each GPU between an engine and a trainer worker: "
+                             "set train.use_gpu=true, rollout.num_gpus_per_engine to a fraction (e.g. 0.4) and "
+                             "rollout.tensor_parallel_size=1")
         if self.sync.method in ("nccl", "ipc") and self.rollout.engine != "vllm":
             raise ValueError(f"sync.method '{self.sync.method}' is vLLM's weight transfer: set rollout.engine=vllm")
         return self
+
+
+def train_gpus_per_worker(cfg: RunConfig) -> float:
+    """GPUs a Ray Train worker asks for. Colocated, it takes what the engine leaves of a GPU, so Ray
+    packs an engine and a worker onto each GPU (the engine sleeps while the worker trains)."""
+    if not cfg.train.use_gpu:
+        return 0.0
+    return round(1.0 - cfg.rollout.num_gpus_per_engine, 6) if cfg.rollout.colocate_with_trainer else 1.0
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

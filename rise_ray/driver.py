@@ -24,6 +24,7 @@ from rise_ray.collect import collect, collection_stats, problems_for_iteration
 from rise_ray.config import ConfigError, RunConfig, dump_config, load_config
 from rise_ray.eval.evaluate import evaluate
 from rise_ray.manifest import Manifest
+from rise_ray.observe import Observer
 from rise_ray.report import write_report
 from rise_ray.rollout.episodes import write_trajectories
 from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
@@ -34,6 +35,8 @@ def run(cfg: RunConfig, run_dir: str | None = None) -> list[dict]:
     os.makedirs(run_dir, exist_ok=True)
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
     manifest = Manifest(run_dir)
+    observer = Observer(cfg, run_dir)  # Ray metrics and experiment tracking of every stage that runs
+    manifest.on_stage = observer.stage
     wall_start = time.perf_counter() - manifest.data.get("wall_s", 0.0)
     env = make_env(cfg.env)
     grader_opts = env_options(cfg.env, with_data=False)
@@ -41,7 +44,7 @@ def run(cfg: RunConfig, run_dir: str | None = None) -> list[dict]:
 
     base = manifest.run_stage("base_model", build_base, cfg, env, run_dir)
     weights = latest_weights(manifest, cfg.iterations) or base
-    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, os.path.join(run_dir, "weights.json"))
+    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, os.path.join(run_dir, "weights.json"), cfg.sync.method)
     teacher = make_teacher(cfg)
 
     def evaluate_stage(k: int) -> dict:
@@ -54,14 +57,16 @@ def run(cfg: RunConfig, run_dir: str | None = None) -> list[dict]:
         problems = problems_for_iteration(env.train, cfg.rollout.problems_per_iteration, k)
         trajs = manifest.run_stage(f"iter_{k}/collect", collect_stage, policy, teacher, env, grader_opts, problems, cfg, k, it)
         data = manifest.run_stage(f"iter_{k}/dataset", build_data, cfg, trajs["path"], weights, it)
-        weights = manifest.run_stage(f"iter_{k}/train", train_stage, cfg, data, weights, os.path.join(it, "checkpoint"))
+        weights = manifest.run_stage(f"iter_{k}/train", train_stage, cfg, data, weights, os.path.join(it, "checkpoint"), policy)
         manifest.run_stage(f"iter_{k}/sync", sync, policy, weights, f"iter_{k}", cfg)
         manifest.run_stage(f"iter_{k}/eval", evaluate_stage, k)
 
     wall = time.perf_counter() - wall_start
     manifest.data["wall_s"] = wall
     manifest.record("report", os.path.join(run_dir, "report.md"), 0.0)
-    return write_report(run_dir, wall_s=wall)
+    rows = write_report(run_dir, wall_s=wall)
+    observer.finish(wall)
+    return rows
 
 
 def latest_weights(manifest: Manifest, iterations: int) -> str | None:
@@ -90,8 +95,11 @@ def make_teacher(cfg: RunConfig):
     rollout = cfg.rollout.model_copy(update={
         "engine": tcfg.engine, "num_engines": tcfg.num_engines,
         "num_cpus_per_engine": tcfg.num_cpus_per_engine, "num_gpus_per_engine": tcfg.num_gpus_per_engine,
+        "tensor_parallel_size": tcfg.tensor_parallel_size, "gpu_memory_utilization": tcfg.gpu_memory_utilization,
+        "colocate_with_trainer": False,  # the teacher never trains: it keeps its GPUs
     })
-    return make_pool(rollout, ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len), tcfg.path, cfg.seed)
+    teacher_model = ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len)
+    return make_pool(rollout, teacher_model, tcfg.path, cfg.seed, sync_method=None)  # never synced
 
 
 def collect_stage(policy, teacher, env, grader_opts, problems, cfg: RunConfig, k: int, it: str) -> dict:
@@ -108,20 +116,35 @@ def build_data(cfg: RunConfig, trajectories: str, model_path: str, it: str) -> d
     return {"path": out}
 
 
-def train_stage(cfg: RunConfig, data: dict, init: str, out: str) -> str:
+def train_stage(cfg: RunConfig, data: dict, init: str, out: str, policy) -> str:
     from rise_ray.train.trainer import train
+
+    if cfg.rollout.colocate_with_trainer:  # the trainer takes the engines' GPUs; sync wakes them
+        policy.sleep(level=2)  # level 2 drops the weights too: new ones arrive at the sync
 
     return train(cfg, data["path"], init, out)
 
 
 def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:
     """Load the trained weights into the live engines, then check a few logprobs against the
-    checkpoint computed here with transformers: a mismatch fails the run loudly."""
-    from rise_ray.rollout.sync import check_engines, load_state_dict
+    checkpoint computed here with transformers: a mismatch fails the run loudly.
 
-    seconds = policy.update_weights(load_state_dict(checkpoint), version, checkpoint_dir=checkpoint)
+    files (CPU): the state dict through the object store, written to shared memory per engine.
+    nccl / ipc (vLLM on GPUs): the checkpoint streamed in buckets by vLLM's weight transfer
+    (rise_ray.rollout.weight_transfer). Engines that slept through training (colocated) get their
+    weights' memory back first and their KV cache after the update."""
+    from rise_ray.rollout.sync import check_engines, load_state_dict
+    from rise_ray.rollout.weight_transfer import resolve_method
+
+    method = resolve_method(cfg.sync.method, cfg.rollout)
+    policy.wake_up(tags=["weights"])
+    if method == "files":
+        seconds = policy.update_weights(load_state_dict(checkpoint), version, checkpoint_dir=checkpoint)
+    else:
+        seconds = policy.sync_native(checkpoint, version, method, bucket_bytes=cfg.sync.bucket_mb * 2**20)
+    policy.wake_up()
     max_err = check_engines(policy, checkpoint, tolerance=cfg.sync.tolerance) if cfg.sync.check else None
-    return {"seconds": round(seconds, 3), "max_logprob_error": max_err}
+    return {"seconds": round(seconds, 3), "method": method, "max_logprob_error": max_err}
 
 
 def resume(run_dir: str, overrides: list[str] | None = None) -> list[dict]:

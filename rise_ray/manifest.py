@@ -19,6 +19,8 @@ class Manifest:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, "manifest.json")
         self.data: dict[str, Any] = {"stages": {}}
+        # called as on_stage(stage, output, seconds) after a stage ran (not when skipped as done)
+        self.on_stage: Callable[[str, Any, float], None] | None = None
         if os.path.exists(self.path):
             with open(self.path) as f:
                 self.data = json.load(f)
@@ -48,4 +50,6 @@ class Manifest:
         seconds = time.perf_counter() - start
         self.record(stage, out, seconds)
         print(f"[rise] {stage}: finished in {seconds:.1f}s", flush=True)
+        if self.on_stage is not None:
+            self.on_stage(stage, out, seconds)
         return out

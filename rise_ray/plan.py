@@ -17,7 +17,7 @@ import re
 import sys
 from typing import Any
 
-from rise_ray.config import RunConfig, TrainConfig
+from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
 
 GiB = 2**30
 # Shapes of the hub ids used in configs/ (their config.json): layers, hidden, heads, kv heads,
@@ -218,7 +218,7 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
     t_shape = model_shape(tc.path) if distill else None
     if distill:
         actors.append(engines("teacher", tc, tc.path, t_shape, tc.tensor_parallel_size, tc.max_model_len, "auto"))
-    trainer = _actor("Ray Train workers", m.path, t.num_workers, int(t.use_gpu), 1, t.cpus_per_worker)
+    trainer = _actor("Ray Train workers", m.path, t.num_workers, train_gpus_per_worker(cfg), 1, t.cpus_per_worker)
     if shape and t.use_gpu:
         trainer["memory"] = trainer_memory(shape, t, cfg.data.max_length)
     actors.append(trainer)
@@ -226,7 +226,7 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
     problems = []
     for a in actors:
         a["gpus"] = a["count"] * a["gpus_each"]
-        if 0 < a["gpus_each"] < a["tp"]:
+        if a["tp"] > 1 and a["gpus_each"] < a["tp"]:
             problems.append(f"{a['actor']}: tensor_parallel_size {a['tp']} needs {a['tp']} GPUs per engine")
         mem, limit = a["memory"], gpu_gib * GiB
         if mem and mem["need"] > mem.get("limit", limit):
@@ -236,7 +236,7 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
     policy_gpus, train_gpus = actors[0]["gpus"], trainer["gpus"]
     teacher_gpus = actors[1]["gpus"] if distill else 0
     # Colocated: the trainer runs on the policy engines' GPUs while they sleep (vLLM sleep mode).
-    shared = max(policy_gpus, train_gpus) if r.colocate_with_trainer else policy_gpus + train_gpus
+    shared = policy_gpus + train_gpus  # colocated: fractions of the same GPUs (config.train_gpus_per_worker)
     needed, cpus = math.ceil(teacher_gpus + shared), sum(a["count"] * a["cpus_each"] for a in actors)
     if needed > cluster["gpus"]:
         problems.insert(0, f"needs {needed} GPUs, cluster has {cluster['gpus']}")

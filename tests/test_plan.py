@@ -15,7 +15,7 @@ import pytest
 
 from rise_ray import plan as planmod
 from rise_ray.cli import main
-from rise_ray.config import DEFAULT_CONFIG, load_config
+from rise_ray.config import DEFAULT_CONFIG, ConfigError, load_config, train_gpus_per_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -60,7 +60,7 @@ def test_every_config_plans(path, capsys, monkeypatch):
         r.num_gpus_per_engine,
         r.num_cpus_per_engine,
     )
-    assert (tr["count"], tr["gpus_each"]) == (t.num_workers, int(t.use_gpu))
+    assert (tr["count"], tr["gpus_each"]) == (t.num_workers, train_gpus_per_worker(cfg))
     teacher_gpus = cfg.teacher.num_engines * cfg.teacher.num_gpus_per_engine if distill else 0
     if distill:
         assert actors["teacher engines"]["count"] == cfg.teacher.num_engines
@@ -149,8 +149,13 @@ def test_memory_of_an_8b_model_by_hand():
 def test_tensor_parallel_colocation_and_memory_verdicts():
     path = os.path.join(ROOT, "configs", "gsm8k_mistral7b_self.yaml")
     cluster = dict(NO_GPU, gpus=8, cpus=96, gpu_memory_gib=80)
-    colocated = planmod.build_plan(load_config(path, ["rollout.colocate_with_trainer=true"]), cluster=cluster)
+    share = ["rollout.colocate_with_trainer=true", "rollout.num_gpus_per_engine=0.4"]
+    colocated = planmod.build_plan(load_config(path, share), cluster=cluster)
     assert colocated["gpus_needed"] == 4  # the trainer runs on the engines' GPUs while they sleep
+    workers = next(a for a in colocated["actors"] if a["actor"] == "Ray Train workers")
+    assert workers["gpus_each"] == 0.6  # what the engine leaves of each GPU
+    with pytest.raises(ConfigError, match="num_gpus_per_engine to a fraction"):
+        load_config(path, ["rollout.colocate_with_trainer=true"])  # a whole GPU per engine leaves none
     tp = planmod.build_plan(load_config(path, ["rollout.tensor_parallel_size=2"]), cluster=cluster)
     assert "tensor_parallel_size 2 needs 2 GPUs per engine" in tp["verdict"]
     small = planmod.build_plan(load_config(path), gpu_memory_gb=16, cluster=cluster)
@@ -208,7 +213,7 @@ def test_unknown_model_bad_config_and_strict(tmp_path, capsys, monkeypatch):
     assert "rollout.num_engines" in err and "Traceback" not in err
     monkeypatch.setattr(planmod, "cluster_info", lambda: dict(NO_GPU))
     assert main(["run", os.path.join(ROOT, "configs", "gsm8k_qwen0.5b.yaml"), "--dry-run", "--strict"]) == 1
-    assert "does not fit: needs 2 GPUs, cluster has 0" in capsys.readouterr().out
+    assert "does not fit: needs 1 GPUs, cluster has 0" in capsys.readouterr().out
     assert main(["run", "--resume", str(tmp_path), "--dry-run"]) == 2
 
 

@@ -24,7 +24,7 @@ import shutil
 import time
 from typing import Any
 
-from rise_ray.config import RunConfig, TrainConfig
+from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
 from rise_ray.train.loop import LOG_FILE, MARKER_FILE, MODEL_DIR, plan_steps, read_log, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,12 @@ def is_finished(model_dir: str) -> bool:
     return os.path.isfile(os.path.join(model_dir, MARKER_FILE))
 
 
-def check_resources(tcfg: TrainConfig) -> None:
+def check_resources(tcfg: TrainConfig, gpus_per_worker: float = 1.0) -> None:
     """Fail now, not hang: Ray Train waits forever for resources the cluster does not have."""
     import ray
 
     total = ray.cluster_resources()
-    if tcfg.use_gpu and total.get("GPU", 0) < tcfg.num_workers:
+    if tcfg.use_gpu and total.get("GPU", 0) < tcfg.num_workers * gpus_per_worker:
         raise TrainError(
             f"train.use_gpu=true with train.num_workers={tcfg.num_workers}, but the Ray cluster has "
             f"{total.get('GPU', 0):g} GPU(s)"
@@ -140,7 +140,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str) 
         from rise_ray.session import init_ray
 
         init_ray()
-    check_resources(tcfg)
+    check_resources(tcfg, train_gpus_per_worker(cfg))
 
     log_path = os.path.join(out_dir, LOG_FILE)
     loop_config = {
@@ -157,7 +157,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str) 
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
-            resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": 1} if tcfg.use_gpu else {})},
+            resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": gpus} if (gpus := train_gpus_per_worker(cfg)) else {})},
         ),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
