@@ -56,6 +56,9 @@ class RolloutConfig(_Strict):
     num_engines: int = Field(1, ge=1)  # persistent engine actors
     num_cpus_per_engine: float = Field(1.0, gt=0)
     num_gpus_per_engine: float = Field(0.0, ge=0)
+    # torch threads of a CPU engine (None: what Ray gives, one per reserved CPU). Stages run one at a
+    # time, so an engine may use cores that its fractional reservation leaves to the idle trainer.
+    cpu_threads: int | None = Field(None, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)  # problems per Ray Data batch
     kv_cache_memory_bytes: int = Field(256 * 2**20, ge=2**20)  # vLLM on CPU

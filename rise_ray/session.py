@@ -105,4 +105,5 @@ def make_pool(
         num_gpus=rollout.num_gpus_per_engine,
         engine_kwargs=engine_kwargs(rollout, model, seed, sync_method),
         pointer_path=pointer_path,
+        cpu_threads=rollout.cpu_threads,
     )

@@ -160,7 +160,7 @@ def test_kuberay_rayjob_runs_rise_on_gpu_workers_with_autoscaling_and_token_auth
 
     # The entrypoint runs `rise run` on a GPU config of this repository that loads.
     path, cfg = rise_run_config(spec["entrypoint"])
-    assert cfg.rollout.num_gpus_per_engine >= 1 and cfg.train.use_gpu, f"{path} is not a GPU config"
+    assert cfg.rollout.num_gpus_per_engine > 0 and cfg.train.use_gpu, f"{path} is not a GPU config"
     need = cfg.rollout.num_gpus_per_engine * cfg.rollout.tensor_parallel_size
     assert need <= max(gpus_per_pod), f"{path}: an engine needs {need} GPUs on one node"
 

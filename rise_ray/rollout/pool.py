@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import ray
+import torch
 
 from rise_ray.envs.base import Problem
 from rise_ray.rollout.engine import Conversation, SamplingParams, chat_prompt_ids
@@ -36,8 +37,13 @@ SENDER_READY_TIMEOUT_S = float(os.environ.get("RISE_SENDER_READY_TIMEOUT_S", "30
 class EngineActor:
     """Holds one engine (vLLM or transformers) for the life of the run."""
 
-    def __init__(self, kind: str, model_path: str, engine_kwargs: dict[str, Any], pointer_path: str | None):
+    def __init__(
+        self, kind: str, model_path: str, engine_kwargs: dict[str, Any], pointer_path: str | None, cpu_threads: int | None = None
+    ):
         from rise_ray.rollout import make_engine
+
+        if cpu_threads:  # Ray gives an actor holding a fraction of a CPU one thread
+            torch.set_num_threads(cpu_threads)
 
         self.model_path = model_path
         self.engine = make_engine(kind, model_path, **engine_kwargs)
@@ -165,6 +171,7 @@ class RolloutPool:
         num_gpus: float = 0.0,
         engine_kwargs: dict[str, Any] | None = None,
         pointer_path: str | None = None,
+        cpu_threads: int | None = None,
     ):
         self.kind = kind
         self.model_path = model_path
@@ -172,7 +179,7 @@ class RolloutPool:
         self.engine_kwargs = dict(engine_kwargs or {})
         self.actors = [
             EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
-                kind, model_path, engine_kwargs or {}, pointer_path
+                kind, model_path, engine_kwargs or {}, pointer_path, cpu_threads
             )
             for _ in range(num_engines)
         ]
