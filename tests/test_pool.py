@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-import torch
+from conftest import perturbed_copy
 
 from rise_ray.envs import get_env
 from rise_ray.rollout.engine import SamplingParams
@@ -19,17 +19,7 @@ from rise_ray.rollout.sync import check_engines, load_state_dict
 
 @pytest.fixture(scope="module")
 def perturbed_ckpt(tiny_model_dir, tmp_path_factory) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    out = str(tmp_path_factory.mktemp("perturbed") / "model")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    return perturbed_copy(tiny_model_dir, str(tmp_path_factory.mktemp("perturbed") / "model"), 0.05, seed=1)
 
 
 @pytest.mark.timeout(300)

@@ -14,6 +14,7 @@ import socket
 
 import pytest
 import torch
+from conftest import perturbed_copy
 
 from rise_ray.config import ModelConfig, RolloutConfig, load_config
 from rise_ray.rollout import weight_transfer as wt
@@ -458,17 +459,7 @@ GPU_TOLERANCE = 5e-2  # HF and vLLM in bf16 on GPU (the check's reference runs i
 @pytest.fixture(scope="module")
 def far_ckpt(tiny_model_dir, tmp_path_factory) -> str:
     """The tiny model moved far enough that the logprob check cannot mistake it for the original."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    out = str(tmp_path_factory.mktemp("far") / "model")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    return perturbed_copy(tiny_model_dir, str(tmp_path_factory.mktemp("far") / "model"), 0.5, seed=2)
 
 
 def _gpu_pool(tiny_model_dir, tmp_path, rollout: RolloutConfig):
