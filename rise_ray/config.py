@@ -61,7 +61,7 @@ class RolloutConfig(_Strict):
     cpu_threads: int | None = Field(None, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)  # problems per Ray Data batch
-    kv_cache_memory_bytes: int = Field(256 * 2**20, ge=2**20)  # vLLM on CPU
+    kv_cache_memory_bytes: int = Field(2**30, ge=2**20)  # vLLM on CPU (see rollout/vllm.py)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -149,6 +149,9 @@ class TrainConfig(_Strict):
     epochs: int = Field(1, ge=1)
     micro_batch_size: int = Field(4, ge=1)  # rows per worker per forward
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step (per worker)
+    # Forward passes per micro-batch: its rows sorted by length and cut into this many runs. The
+    # step's gradient is the same (the loss is a sum over rows); padding shrinks. 1 = off.
+    length_groups: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.04, ge=0, le=1)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, ge=0)  # 0 = no clipping

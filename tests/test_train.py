@@ -26,6 +26,7 @@ from rise_ray.train.loop import (
     micro_batches_in_step,
     plan_steps,
     read_log,
+    split_by_length,
     weighted_loss_sum,
 )
 
@@ -137,6 +138,39 @@ def test_packed_and_prefix_give_the_same_loss_and_gradients(tiny, case):
     # ...and the check can fail: averaging over rows instead of prefix examples does not match
     l_naive, _ = loss_and_grads(model, [dict(r, units=1) for r in packed])
     assert l_naive != pytest.approx(l_prefix, rel=1e-3)
+
+
+def test_length_groups_cut_padding_and_keep_the_gradient(tiny):
+    """A micro-batch split into runs of similar length: fewer padded tokens, the same rows, and the
+    same loss and gradients (the step divides by its units, not by rows per forward)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    rows, _ = build_examples(arithmetic_trajectories(12, turns=4, seed=5), ENV, tok, DataConfig(layout="packed"))
+    assert len({len(r["input_ids"]) for r in rows}) > 3  # lengths vary: there is padding to save
+    table = pa.Table.from_pylist([{k: r[k] for k in ("input_ids", "weights", "units")} for r in rows])
+    runs = split_by_length(table, 3)
+    assert [r.num_rows for r in runs] == [4, 4, 4]
+    lengths = [len(x) for r in runs for x in r.column("input_ids").to_pylist()]
+    assert lengths == sorted(len(r["input_ids"]) for r in rows)
+    whole = collate(table, pad_id=0, device="cpu")
+    parts = [collate(r, pad_id=0, device="cpu") for r in runs]
+    assert sum(p["tokens"] for p in parts) == whole["tokens"]
+    assert sum(p["units"] for p in parts) == whole["units"]
+    assert sum(p["padded_tokens"] for p in parts) < whole["padded_tokens"]
+    assert split_by_length(table, 1) == [table] and len(split_by_length(table.slice(0, 2), 5)) == 2
+
+    model = fresh_model(tiny)
+    l_whole, g_whole = loss_and_grads(model, rows)
+    model.zero_grad()
+    l_runs = 0.0
+    for p in parts:
+        loss = weighted_loss_sum(model, p["input_ids"], p["attention_mask"], p["weights"]) / whole["units"]
+        loss.backward()
+        l_runs += loss.item()
+    assert l_runs == pytest.approx(l_whole, rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_whole[name], rtol=1e-4, atol=1e-6 * g_whole[name].abs().max().item() + 1e-9)
 
 
 def test_prefix_layout_is_the_papers_loss(tiny):
@@ -270,7 +304,7 @@ def test_train_command_end_to_end(ray_cluster, tiny, tmp_path):
     traj_dir.mkdir(parents=True)
     trajs = arithmetic_trajectories(16, turns=3, seed=4)
     pq.write_table(pa.Table.from_pylist([t.to_record() for t in trajs]), str(traj_dir / "part-0.parquet"))
-    cfg = run_config(tmp_path, tiny, "train.epochs=2")
+    cfg = run_config(tmp_path, tiny, "train.epochs=2", "train.length_groups=2")
     out = str(tmp_path / "train")
     path = train_command(cfg, str(tmp_path / "iter_1"), out)
     assert path == os.path.join(out, "model")
@@ -349,22 +383,26 @@ def test_two_workers_take_the_same_step_as_one(ray_cluster, tiny, tmp_path):
 
     ds = make_dataset(tmp_path, tiny, n=16, shuffle=False)
     first = {}
-    for workers, accum in ((1, 4), (2, 2)):
+    # (workers, micro-batches per step, rows per micro-batch, forward passes per micro-batch)
+    for workers, accum, micro, groups in ((1, 4, 2, 1), (2, 2, 2, 1), (1, 1, 8, 3)):
         cfg = run_config(
             tmp_path,
             tiny,
             f"train.num_workers={workers}",
             f"train.grad_accum={accum}",
-            "train.micro_batch_size=2",
+            f"train.micro_batch_size={micro}",
+            f"train.length_groups={groups}",
             "train.zero_stage=2",
             "train.epochs=1",
         )
-        out = str(tmp_path / f"w{workers}")
+        out = str(tmp_path / f"w{workers}-{groups}")
         train(cfg, ds, tiny, out)
-        first[workers] = read_log(os.path.join(out, "train_log.jsonl"))[0]
-    assert first[1]["units"] == first[2]["units"] and first[1]["tokens"] == first[2]["tokens"]
-    assert first[2]["loss"] == pytest.approx(first[1]["loss"], rel=1e-6)
-    assert first[2]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-5)
+        first[workers, groups] = read_log(os.path.join(out, "train_log.jsonl"))[0]
+    one = first[1, 1]
+    for other in (first[2, 1], first[1, 3]):
+        assert other["units"] == one["units"] and other["tokens"] == one["tokens"]
+        assert other["loss"] == pytest.approx(one["loss"], rel=1e-6)
+        assert other["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.slow

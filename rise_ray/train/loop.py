@@ -136,6 +136,23 @@ def collate(batch: Any, pad_id: int, device: Any) -> dict[str, Any]:
     }
 
 
+def split_by_length(batch: Any, groups: int) -> list[Any]:
+    """A pyarrow micro-batch -> up to `groups` runs of its rows sorted by length. Each run is
+    padded to its own longest row; the step's loss (a sum over rows over the step's units) and so
+    its gradient do not change. Every rank gets the same number of runs (shards are equal)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    groups = min(groups, n)
+    if groups <= 1:
+        return [batch]
+    order = np.argsort(pc.list_value_length(batch.column("input_ids")).to_numpy(), kind="stable")
+    batch = batch.take(order)
+    cuts = [i * n // groups for i in range(groups + 1)]
+    return [batch.slice(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
 def _arrow_rows(column: Any) -> list[Any]:
     """A list<...> column -> one numpy array per row (views into the flat values, no Python per value)."""
     arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
@@ -207,7 +224,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for s in range(step_in_epoch, plan.steps_per_epoch):
             t0 = time.perf_counter()
             n_mb = micro_batches_in_step(plan, s, tcfg["grad_accum"])
-            micro = [collate(next_batch(batches, rank, epoch), pad_id, device) for _ in range(n_mb)]
+            micro = [
+                collate(rows, pad_id, device)
+                for _ in range(n_mb)
+                for rows in split_by_length(next_batch(batches, rank, epoch), tcfg["length_groups"])
+            ]
             if s == plan.steps_per_epoch - 1 and epoch + 1 < tcfg["epochs"]:
                 batches = epoch_batches(shard, tcfg, epoch + 1)  # starts while this last step runs
             t_data = time.perf_counter() - t0
