@@ -18,7 +18,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # With the dashboard (on 127.0.0.1; the next free port if 8265 is taken): users watch runs
+        # there, and Ray Train's placement-group cleaner polls the state API it serves (without
+        # it, a warning every second of training).
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
