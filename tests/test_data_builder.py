@@ -20,6 +20,7 @@ from rise_ray.data.builder import (
     read_trajectories,
     select_turns,
     tokenize_turn,
+    tokenize_turns,
     turn_weight,
 )
 from rise_ray.data.synthetic import arithmetic_trajectories, bpe_chat_tokenizer, make_trajectory, make_turn
@@ -262,6 +263,24 @@ def test_bpe_drift_is_detected_and_the_context_is_what_the_model_saw(env):
         start = next(i for i, w in enumerate(row["weights"]) if w > 0)
         text = tok.decode(row["input_ids"][:start])
         assert text.endswith("assistant: ")
+
+
+def test_batched_tokenization_is_the_engines_per_conversation_tokenization():
+    """build_examples tokenizes all turns in batched calls: the ids must be exactly what one
+    chat_prompt_ids call per conversation gives (the engines' prompts), drifted turns included."""
+    from rise_ray.rollout.engine import chat_prompt_ids
+
+    tok = bpe_chat_tokenizer("assistant: ")
+    turns = [
+        ([{"role": "user", "content": f"What is {a} + {b}?"}], reply)
+        for a, b in [(12, 55), (3, 4), (70, 1)]
+        for reply in (f"Adding {a} and {b} gives {a + b}.", f"={a + b}")
+    ]
+    batched = tokenize_turns(tok, turns)
+    assert batched == [tokenize_turns(tok, [t])[0] for t in turns]
+    assert any(d for _, _, d in batched) and not all(d for _, _, d in batched)  # both paths taken
+    for (context, _), (ids, start, _) in zip(turns, batched, strict=True):
+        assert ids[:start] == chat_prompt_ids(tok, context)
 
 
 def test_template_that_is_not_prefix_stable_is_a_clear_error(env):

@@ -13,6 +13,7 @@ from rise_ray.data.builder import (
     read_trajectories,
     select_turns,
     tokenize_turn,
+    tokenize_turns,
     turn_weight,
     write_dataset,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "read_trajectories",
     "select_turns",
     "tokenize_turn",
+    "tokenize_turns",
     "turn_weight",
     "write_dataset",
 ]
