@@ -490,6 +490,27 @@ def test_search_demo_attempts_check_and_grade():
     assert env.grade("no answer", env.test[0].reference).reward == env.unparsed_reward
 
 
+def test_search_check_penalty_lowers_the_reward_of_a_wrong_check_not_its_correctness():
+    plain = get_env("search", num_train=10, num_test=20)
+    env = get_env("search", num_train=10, num_test=20, check_penalty=0.5)
+    for p in env.test:
+        keys, vals, t = p.meta["keys"], p.meta["values"], p.meta["target"]
+        right = env.demo_attempt(p, 0)  # e.g. "d31=31 \\boxed{d}"
+        assert env.check_is_right(right, p) and env.grade_problem(right, p) == plain.grade_problem(right, p)
+        assert env.grade_problem(right, p).reward == 1.0
+        bad_number = right.replace(f"{keys[t]}{vals[t]}=", f"{keys[t]}{vals[t] + 1}=", 1)
+        bad_relation = right.replace("=", "<", 1)
+        for text in (bad_number, bad_relation):
+            g = env.grade_problem(text, p)
+            assert g.correct and g.reward == 0.5 and not env.check_is_right(text, p)
+            assert plain.grade_problem(text, p).reward == 1.0  # no penalty unless configured
+        if t + 1 < len(vals):
+            wrong_key = env.demo_attempt(p, 1)  # a wrong key with a true check: no penalty
+            assert env.grade_problem(wrong_key, p).reward == 0.0
+    unread = env.grade_problem("no answer", env.test[0])
+    assert unread.reward == env.unparsed_reward  # unreadable: the unparsed reward, not lower
+
+
 def test_warmup_demonstrations_have_no_copy_bias():
     from rise_ray.warmup import demonstrations
 

@@ -73,6 +73,12 @@ class Env:
         ok = self.is_equivalent(answer, self.gold(reference))
         return Grade(ok, answer, self.correct_reward if ok else self.wrong_reward)
 
+    def grade_problem(self, response: str, problem: Problem) -> Grade:
+        """The grade a rollout records for `response` to `problem`. By default `grade` against the
+        reference; an env may also grade the written work into the reward (never into `correct`,
+        which the metrics read)."""
+        return self.grade(response, problem.reference)
+
     def answer_key(self, answer: str | None) -> str | None:
         """A canonical form used for majority voting (equal keys = same answer)."""
         return None if answer is None else answer.strip()

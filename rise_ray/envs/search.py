@@ -10,10 +10,11 @@ property RISE needs to improve without an oracle. Problems are generated from a 
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 
-from rise_ray.envs.base import Env, Problem
+from rise_ray.envs.base import Env, Grade, Problem
 
 
 def check_line(keys: str, values: list[int], target: int, guess: int) -> str:
@@ -26,12 +27,32 @@ def check_line(keys: str, values: list[int], target: int, guess: int) -> str:
 class SearchEnv(Env):
     name: str = "search"
     system_prompt: str | None = None  # prompts stay short for the tiny model
+    # Subtracted from the reward of an attempt whose written check is wrong (a wrong number or
+    # comparison). The answer alone rewards a right key with a wrong check just as much, and RISE
+    # then trains the checks away (measured: right checks 59% -> 41% of first attempts over two
+    # iterations), which leaves later turns nothing true to correct from.
+    check_penalty: float = 0.0
 
     def gold(self, reference: str) -> str:
         return reference.rsplit("####", 1)[-1].strip()
 
     def is_equivalent(self, answer: str, gold: str) -> bool:
         return answer.strip() == gold
+
+    def grade_problem(self, response: str, problem: Problem) -> Grade:
+        g = self.grade(response, problem.reference)
+        if self.check_penalty and g.answer is not None and not self.check_is_right(response, problem):
+            return Grade(g.correct, g.answer, g.reward - self.check_penalty)
+        return g
+
+    def check_is_right(self, response: str, problem: Problem) -> bool:
+        """Whether the attempt's check ("d31<47") is the true check of the key it answers."""
+        m = problem.meta
+        answer = self.extract(response)
+        if answer is None or len(answer) != 1 or answer not in m["keys"]:
+            return False
+        line = check_line(m["keys"], m["values"], m["target"], m["keys"].index(answer))
+        return re.match(re.escape(line) + r"(?!\d)", response.strip()) is not None
 
     def demo_attempt(self, problem: Problem, offset: int) -> str | None:
         """A demonstrated attempt whose guess is `offset` keys from the answer (None: no such key)."""
@@ -51,10 +72,11 @@ def make_search(
     high: int = 99,
     train_path: str | None = None,
     test_path: str | None = None,
+    check_penalty: float = 0.0,
     **env_fields,
 ) -> SearchEnv:
     """`num_keys` sorted distinct values in [low, high] labelled a, b, c, ...; train and test share
-    no question."""
+    no question. `check_penalty`: reward taken off an attempt whose written check is wrong."""
     if train_path is not None or test_path is not None:
         raise ValueError("search: problems are generated from `seed`; train_path/test_path must be None")
     if not 2 <= num_keys <= 26:
@@ -77,4 +99,4 @@ def make_search(
         split, i = ("test", len(problems)) if len(problems) < n_test else ("train", len(problems) - n_test)
         meta = {"keys": keys, "values": values, "target": target}
         problems.append(Problem(f"search-{split}-{i}", question, f"#### {keys[target]}", meta))
-    return SearchEnv(train=problems[n_test:], test=problems[:n_test], **env_fields)
+    return SearchEnv(train=problems[n_test:], test=problems[:n_test], check_penalty=float(check_penalty), **env_fields)

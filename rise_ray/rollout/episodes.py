@@ -133,7 +133,7 @@ def run_episodes(
 
 
 def _choose(env: Env, problem: Problem, cands: list[str], spec: EpisodeSpec, source: str) -> Turn:
-    grades = [env.grade(c, problem.reference) for c in cands]
+    grades = [env.grade_problem(c, problem) for c in cands]
     finished = [getattr(c, "finished", True) for c in cands]
     bad = [spec.drop_degenerate and is_degenerate(c, f) for c, f in zip(cands, finished, strict=True)]
     usable = [k for k in range(len(cands)) if not bad[k]] or [0]
