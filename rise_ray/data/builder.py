@@ -348,11 +348,11 @@ def build_examples(
     prefix_tokens = 0
     weights: list[float] = []
     for ti, turns in jobs:
+        pid = prepared[ti].traj.problem_id
         examples: list[TurnExample] = []
         for i, w, _, _ in turns:
             ids, start, drift = next(tokenized)
             stats["drift_turns"] += int(drift)
-            pid = prepared[ti].traj.problem_id
             ex = fit_length(TurnExample(ti, i, pid, w, ids, start, drift), cfg.max_length, cfg.overflow)
             if ex is None:
                 stats["dropped_too_long"] += 1
