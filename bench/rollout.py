@@ -100,13 +100,12 @@ def main() -> None:
         sequential, t = timed(lambda: run_episodes(OneRequestAtATime(engine), env, seq_problems, spec))
         best["sequential"] = min(best["sequential"], t)
         print(f"repeat {r + 1}/{args.repeats}, best so far: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()), flush=True)
-    t_direct, t_pipe, t_seq = best["direct"], best["pipeline"], best["sequential"]
     ray.shutdown()
 
     rate = {
-        "direct": generated_tokens(direct, tok) / t_direct,
-        "pipeline": generated_tokens(piped, tok) / t_pipe,
-        "sequential": generated_tokens(sequential, tok) / t_seq,
+        "direct": generated_tokens(direct, tok) / best["direct"],
+        "pipeline": generated_tokens(piped, tok) / best["pipeline"],
+        "sequential": generated_tokens(sequential, tok) / best["sequential"],
     }
     result = {
         "engine": args.engine,
@@ -118,7 +117,7 @@ def main() -> None:
         "engine_threads": args.threads,
         "repeats": args.repeats,
         "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
-        "seconds": {"direct": round(t_direct, 2), "pipeline": round(t_pipe, 2), "sequential": round(t_seq, 2)},
+        "seconds": {k: round(v, 2) for k, v in best.items()},
         "overhead_vs_direct": round(rate["direct"] / rate["pipeline"], 3),
         "speedup_vs_sequential": round(rate["pipeline"] / rate["sequential"], 1),
     }
