@@ -143,6 +143,9 @@ class TrainConfig(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # torch threads of a CPU worker (None: one per reserved CPU). Stages run one at a time, so a
+    # worker may use cores that idle engine actors hold (as rollout.cpu_threads does the other way).
+    cpu_threads: int | None = Field(None, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 0
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)

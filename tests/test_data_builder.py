@@ -138,6 +138,29 @@ def test_token_weights_cover_exactly_the_assistant_reply(env, tok):
     assert FEEDBACK in tok.decode(r1["input_ids"])
 
 
+def test_tiny_tokenizer_phrases_are_one_token_and_prefixes_agree(tok):
+    """The tiny tokenizer's phrase tokens ("\\boxed{", the feedback texts) shorten conversations
+    and keep every turn's prompt a token-prefix of the whole conversation (no drift)."""
+    from rise_ray.envs.base import INCORRECT_FEEDBACK
+    from rise_ray.envs.search import make_search
+
+    for phrase in ("\\boxed{", "Incorrect."):
+        assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1
+    assert len(tok(INCORRECT_FEEDBACK, add_special_tokens=False)["input_ids"]) == 2
+    assert tok("a\\boxed{b}", add_special_tokens=False)["input_ids"][1] == tok.convert_tokens_to_ids("\\boxed{")
+    env = make_search(num_train=4, num_test=1, feedback="Incorrect.", repeat_question=False)
+    p = env.train[0]
+    attempts = [env.demo_attempt(p, o) or env.demo_attempt(p, -o) for o in (2, 1, 0)]
+    traj = make_trajectory(p.id, p.question, [(a, float(o == 0)) for a, o in zip(attempts, (2, 1, 0), strict=True)])
+    rows, stats = build_examples([traj], env, tok, cfg(layout="packed", stop_at_correct=False, dedupe=False))
+    assert stats["drift_turns"] == 0 and stats["examples"] == 3
+    conv = [*build_conversation(env, p, attempts[:-1], None), {"role": "assistant", "content": attempts[-1]}]
+    full = tok.apply_chat_template(conv, tokenize=False)
+    assert tok.decode(rows[0]["input_ids"]) == full  # decoding gives the text back
+    chars = len(full) - sum(len(s) - 1 for s in ("<|user|>", "<|end|>", "<|assistant|>") for _ in range(full.count(s)))
+    assert len(rows[0]["input_ids"]) == chars - 3 * (len("\\boxed{") - 1) - 2 * (len("Incorrect.") - 1)
+
+
 def traj_problem(traj: Trajectory):
     from rise_ray.envs.base import Problem
 

@@ -1,7 +1,11 @@
 """A tiny Llama-style model and a character-level tokenizer, built locally (no hub download).
 
 Used by the tests and by the embedded default. The tokenizer maps each character to one token,
-so tokenizing a conversation prefix and then the whole conversation always agree (no drift).
+plus one token for each of a few phrases every answer or feedback of ours repeats (as a BPE
+vocabulary would have merged them): the model pays per token, on a CPU, and "\\boxed{" alone was
+7 of an attempt's 17 tokens. Phrases are matched in message text only, and messages are
+separated by special tokens, so tokenizing a conversation prefix and then the whole
+conversation always agree (no drift).
 Head size is 64 because vLLM's CPU attention does not support 16.
 """
 
@@ -17,11 +21,14 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|unk|>"]
 CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
+# The answer format and the two feedback texts (envs.base.INCORRECT_FEEDBACK, configs/default.yaml).
+PHRASES = ["\\boxed{", "Incorrect.", "The answer is incorrect.", " Please try again."]
 
 
 def build_tokenizer():
-    """A PreTrainedTokenizerFast with one token per printable ASCII character and a chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A PreTrainedTokenizerFast with one token per printable ASCII character and per phrase, and a
+    chat template."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARS))}
@@ -29,6 +36,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in PHRASES])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",

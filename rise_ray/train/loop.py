@@ -189,8 +189,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     record_worker(config.get("pid_dir"), rank)
     torch.manual_seed(tcfg["seed"])
-    if not tcfg["use_gpu"]:  # the worker's reserved CPUs, no more (oversubscribed threads crawl)
-        torch.set_num_threads(max(1, int(tcfg["cpus_per_worker"])))
+    if not tcfg["use_gpu"]:  # the worker's reserved CPUs unless told (oversubscribed threads crawl)
+        torch.set_num_threads(tcfg["cpu_threads"] or max(1, int(tcfg["cpus_per_worker"])))
     bf16 = resolve_bf16(tcfg)
     join_deepspeed(dist)
 
