@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from rise_ray.models.tiny import build_tiny_model
 from rise_ray.rollout import make_engine
@@ -53,7 +54,7 @@ def tiny_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def perturbed(tiny_dir, tmp_path_factory) -> tuple[dict[str, torch.Tensor], str]:
     """A perturbed copy of the tiny model: its state dict and its checkpoint directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
@@ -117,20 +118,27 @@ def test_shared_views_are_saved_alone():
 
 
 # -- HF engine ----------------------------------------------------------------------------------------
-def test_hf_generate_shapes_and_finished(hf):
+@pytest.fixture(scope="module")
+def n_tokens(tiny_dir):
+    """Tokens of a reply (its re-tokenized text: never more than the engine generated)."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_hf_generate_shapes_and_finished(hf, n_tokens):
     out = hf.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=3, seed=0))
     assert len(out) == 2 and all(len(r) == 4 for r in out)
     flat = [c for r in out for c in r]
     assert all(isinstance(c, Completion) for c in flat)
     assert sum(c.finished for c in flat) < len(flat) / 2  # eos is ~1% per token on a random model
-    assert all(len(c) <= 3 for c in flat if not c.finished)  # one char per token
+    assert all(n_tokens(c) <= 3 for c in flat if not c.finished)
 
 
-def test_hf_long_generation_finishes(hf):
+def test_hf_long_generation_finishes(hf, n_tokens):
     out = hf.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=300, seed=0))
     flat = [c for r in out for c in r]
-    assert any(c.finished for c in flat) and any(len(c) > 3 for c in flat)
-    assert all(len(c) < 300 for c in flat if c.finished)
+    assert any(c.finished for c in flat) and any(n_tokens(c) > 3 for c in flat)
+    assert all(n_tokens(c) < 300 for c in flat if c.finished)
 
 
 def test_hf_seeded_generation_is_reproducible(hf):
@@ -194,16 +202,16 @@ def test_hf_update_weights_rejects_wrong_keys(hf, perturbed):
 
 # -- vLLM engine --------------------------------------------------------------------------------------
 @needs_vllm
-def test_vllm_generate_shapes_and_finished(vllm_engine):
+def test_vllm_generate_shapes_and_finished(vllm_engine, n_tokens):
     out = vllm_engine.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=3, seed=0))
     assert len(out) == 2 and all(len(r) == 4 for r in out)
     flat = [c for r in out for c in r]
     assert all(isinstance(c, Completion) for c in flat)
     assert sum(c.finished for c in flat) < len(flat) / 2
-    assert all(len(c) <= 3 for c in flat if not c.finished)
+    assert all(n_tokens(c) <= 3 for c in flat if not c.finished)
     long = vllm_engine.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=300, seed=0))
     assert any(c.finished for r in long for c in r)
-    assert all(len(c) < 300 for r in long for c in r if c.finished)
+    assert all(n_tokens(c) < 300 for r in long for c in r if c.finished)
 
 
 @needs_vllm

@@ -139,6 +139,15 @@ def server(boxed_model):
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def n_tokens(boxed_model):
+    """Tokens of a reply (its re-tokenized text: never more than the engine generated)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(boxed_model)
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
 def chat_body(content: str = QUESTION, **kw) -> dict:
     return {"model": "tiny-rise", "messages": [{"role": "user", "content": content}], "max_tokens": 16, **kw}
 
@@ -167,7 +176,7 @@ def test_health_and_models(server):
     assert [m["id"] for m in models["data"]] == ["tiny-rise"]
 
 
-def test_openai_client_chat_completion(server):
+def test_openai_client_chat_completion(server, n_tokens):
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
@@ -177,17 +186,18 @@ def test_openai_client_chat_completion(server):
     )
     (choice,) = greedy.choices
     assert re.fullmatch(r"\\boxed\{[a-f]\}", choice.message.content) and choice.finish_reason == "stop"
-    assert greedy.usage.prompt_tokens > len(QUESTION) and greedy.usage.completion_tokens == len(choice.message.content)
+    assert greedy.usage.prompt_tokens > len(QUESTION) and greedy.usage.completion_tokens == n_tokens(choice.message.content)
 
     sampled = client.chat.completions.create(
-        model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], n=3, max_tokens=4, seed=7
-    )
+        model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], n=3, max_tokens=2, seed=7
+    )  # 2 tokens: cut before "\boxed{x}" ends
     assert len(sampled.choices) == 3 and [c.index for c in sampled.choices] == [0, 1, 2]
-    assert all(c.finish_reason == "length" and len(c.message.content) == 4 for c in sampled.choices)
+    assert all(c.finish_reason == "length" and 0 < n_tokens(c.message.content) <= 2 for c in sampled.choices)
+    assert sampled.usage.completion_tokens == 3 * 2
 
     # Same seed, same samples; streamed as server-sent events the openai client reads.
     again = client.chat.completions.create(
-        model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], n=3, max_tokens=4, seed=7, stream=True
+        model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], n=3, max_tokens=2, seed=7, stream=True
     )
     streamed = ["", "", ""]
     for chunk in again:
@@ -316,12 +326,12 @@ async def _burst(url: str, total: int, concurrency: int, deadline_s: float, **bo
         return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(total))), deadline_s)
 
 
-def test_200_requests_within_capacity_all_succeed(server):
+def test_200_requests_within_capacity_all_succeed(server, n_tokens):
     # 8 in flight <= 4 ongoing + 8 queued: no request is turned away, and none fails.
     start = time.monotonic()
     responses = asyncio.run(_burst(server.url, total=200, concurrency=8, deadline_s=120))
     assert [r.status_code for r in responses] == [200] * 200
-    assert all(len(r.json()["choices"][0]["message"]["content"]) <= 8 for r in responses)
+    assert all(n_tokens(r.json()["choices"][0]["message"]["content"]) <= 8 for r in responses)
     assert time.monotonic() - start < 120
 
 
