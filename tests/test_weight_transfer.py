@@ -204,7 +204,7 @@ def _zero3_worker(rank, world, port, model_dir, out_dir, lora, use_gpu):
     if lora:
         overrides += ["train.lora.enabled=true", "train.lora.r=4", "train.lora.alpha=8"]
     tcfg = load_config(None, overrides).train.model_dump()
-    loop.join_deepspeed(dist)
+    loop.join_deepspeed(dist, world)
     bf16 = loop.resolve_bf16(tcfg)
     ds = loop.deepspeed_config(tcfg, world, bf16)
     model, _, _ = loop.load_model(model_dir, tcfg, ds, bf16)
