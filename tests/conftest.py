@@ -31,10 +31,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    """A random tiny Llama + char tokenizer, built once per test session."""
+    """A random tiny Llama + its tokenizer, built once per test session."""
     from rise_ray.models.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def n_tokens():
+    """Tokens of a tiny model's reply (its re-tokenized text: never more than the engine generated)."""
+    from rise_ray.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 
 @pytest.fixture(scope="module")

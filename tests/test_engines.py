@@ -10,7 +10,6 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from rise_ray.models.tiny import build_tiny_model
 from rise_ray.rollout import make_engine
@@ -54,7 +53,7 @@ def tiny_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def perturbed(tiny_dir, tmp_path_factory) -> tuple[dict[str, torch.Tensor], str]:
     """A perturbed copy of the tiny model: its state dict and its checkpoint directory."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
@@ -118,13 +117,6 @@ def test_shared_views_are_saved_alone():
 
 
 # -- HF engine ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def n_tokens(tiny_dir):
-    """Tokens of a reply (its re-tokenized text: never more than the engine generated)."""
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-
-
 def test_hf_generate_shapes_and_finished(hf, n_tokens):
     out = hf.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=3, seed=0))
     assert len(out) == 2 and all(len(r) == 4 for r in out)

@@ -139,15 +139,6 @@ def server(boxed_model):
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def n_tokens(boxed_model):
-    """Tokens of a reply (its re-tokenized text: never more than the engine generated)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(boxed_model)
-    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-
-
 def chat_body(content: str = QUESTION, **kw) -> dict:
     return {"model": "tiny-rise", "messages": [{"role": "user", "content": content}], "max_tokens": 16, **kw}
 
