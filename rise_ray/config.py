@@ -42,6 +42,7 @@ class TinyModelConfig(_Strict):
     num_heads: int = Field(1, ge=1)
     intermediate_size: int = Field(192, ge=16)
     max_position_embeddings: int = Field(1024, ge=64)
+    seed: int = 0  # the random initialisation
 
 
 class ModelConfig(_Strict):

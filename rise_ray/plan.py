@@ -41,11 +41,11 @@ def model_shape(path: str | None, tiny: Any = None) -> dict[str, Any] | None:
     """The model's shape: model.tiny, a local config.json, or the table; None when unknown."""
     head_dim = None
     if path is None:
-        from rise_ray.models.tiny import CHARS, PHRASES, SPECIAL_TOKENS
+        from rise_ray.models.tiny import PHRASES, VOCAB
 
         t = tiny
         vals = [t.num_layers, t.hidden_size, t.num_heads, t.num_heads, t.intermediate_size]
-        vals += [len(SPECIAL_TOKENS) + len(CHARS) + len(PHRASES), True, False]  # tied embeddings, no bias
+        vals += [len(VOCAB) + len(PHRASES), True, False]  # tied embeddings, no bias
     elif os.path.isfile(os.path.join(path, "config.json")):
         with open(os.path.join(path, "config.json")) as f:
             c = json.load(f)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -139,8 +140,8 @@ def test_token_weights_cover_exactly_the_assistant_reply(env, tok):
 
 
 def test_tiny_tokenizer_phrases_are_one_token_and_prefixes_agree(tok):
-    """The tiny tokenizer's phrase tokens ("\\boxed{", the feedback texts) shorten conversations
-    and keep every turn's prompt a token-prefix of the whole conversation (no drift)."""
+    """The tiny tokenizer's phrase tokens ("\\boxed{", the feedback texts) and digit pairs shorten
+    conversations and keep every turn's prompt a token-prefix of the whole conversation (no drift)."""
     from rise_ray.envs.base import INCORRECT_FEEDBACK
     from rise_ray.envs.search import make_search
 
@@ -148,6 +149,9 @@ def test_tiny_tokenizer_phrases_are_one_token_and_prefixes_agree(tok):
         assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1
     assert len(tok(INCORRECT_FEEDBACK, add_special_tokens=False)["input_ids"]) == 2
     assert tok("a\\boxed{b}", add_special_tokens=False)["input_ids"][1] == tok.convert_tokens_to_ids("\\boxed{")
+    for text, pieces in (("a47", ["a", "47"]), ("12345", ["12", "34", "5"]), ("x 05 9", ["x", " ", "05", " ", "9"])):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids) == pieces and tok.decode(ids) == text
     env = make_search(num_train=4, num_test=1, feedback="Incorrect.", repeat_question=False)
     p = env.train[0]
     attempts = [env.demo_attempt(p, o) or env.demo_attempt(p, -o) for o in (2, 1, 0)]
@@ -158,7 +162,9 @@ def test_tiny_tokenizer_phrases_are_one_token_and_prefixes_agree(tok):
     full = tok.apply_chat_template(conv, tokenize=False)
     assert tok.decode(rows[0]["input_ids"]) == full  # decoding gives the text back
     chars = len(full) - sum(len(s) - 1 for s in ("<|user|>", "<|end|>", "<|assistant|>") for _ in range(full.count(s)))
-    assert len(rows[0]["input_ids"]) == chars - 3 * (len("\\boxed{") - 1) - 2 * (len("Incorrect.") - 1)
+    pairs = len(re.findall(r"\d\d", full))
+    assert pairs >= 7 + 3 * 2  # the question's 7 numbers, 2 in each attempt's check
+    assert len(rows[0]["input_ids"]) == chars - pairs - 3 * (len("\\boxed{") - 1) - 2 * (len("Incorrect.") - 1)
 
 
 def traj_problem(traj: Trajectory):

@@ -1,11 +1,15 @@
 """A tiny Llama-style model and a character-level tokenizer, built locally (no hub download).
 
 Used by the tests and by the embedded default. The tokenizer maps each character to one token,
-plus one token for each of a few phrases every answer or feedback of ours repeats (as a BPE
-vocabulary would have merged them): the model pays per token, on a CPU, and "\\boxed{" alone was
-7 of an attempt's 17 tokens. Phrases are matched in message text only, and messages are
-separated by special tokens, so tokenizing a conversation prefix and then the whole
-conversation always agree (no drift).
+except that digits pair up left to right ("47" is one token, "123" is "12" "3"), plus one token
+for each of a few phrases every answer or feedback of ours repeats (as a BPE vocabulary would
+have merged them): the model pays per token, on a CPU, and "\\boxed{" alone was 7 of an
+attempt's 17 tokens. A two-digit number as one token also makes reading a number from the
+question one lookup instead of two: measured on the embedded default's base model, the value an
+attempt's check reads ("d31" in "d31<47") was right in 491 of 497 first attempts with digit pairs,
+270 of 498 with one token per digit. Phrases are matched in message text only, and messages are
+separated by special tokens, so tokenizing a conversation prefix and then the whole conversation
+always agree (no drift).
 Head size is 64 because vLLM's CPU attention does not support 16.
 """
 
@@ -21,19 +25,21 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|unk|>"]
 CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
+# Digits pair up left to right ("1234" -> "12" "34", "123" -> "12" "3").
+DIGIT_PAIRS = [f"{i:02d}" for i in range(100)]
+VOCAB = SPECIAL_TOKENS + list(CHARS) + DIGIT_PAIRS
 # The answer format and the two feedback texts (envs.base.INCORRECT_FEEDBACK, configs/default.yaml).
 PHRASES = ["\\boxed{", "Incorrect.", "The answer is incorrect.", " Please try again."]
 
 
 def build_tokenizer():
-    """A PreTrainedTokenizerFast with one token per printable ASCII character and per phrase, and a
-    chat template."""
+    """A PreTrainedTokenizerFast with one token per printable ASCII character, digit pair and
+    phrase, and a chat template."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARS))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(VOCAB)}, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in PHRASES])
