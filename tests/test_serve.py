@@ -177,7 +177,7 @@ def test_openai_client_chat_completion(server, n_tokens):
     )
     (choice,) = greedy.choices
     assert re.fullmatch(r"\\boxed\{[a-f]\}", choice.message.content) and choice.finish_reason == "stop"
-    assert greedy.usage.prompt_tokens > len(QUESTION) and greedy.usage.completion_tokens == n_tokens(choice.message.content)
+    assert greedy.usage.prompt_tokens > n_tokens(QUESTION) and greedy.usage.completion_tokens == n_tokens(choice.message.content)
 
     sampled = client.chat.completions.create(
         model="tiny-rise", messages=[{"role": "user", "content": QUESTION}], n=3, max_tokens=2, seed=7
