@@ -116,3 +116,18 @@ def test_cli_reports_env_and_data_errors(tmp_path, capsys):
     assert main(["eval", "env.name=gsm8k", "env.options={}", f"env.test_path={bad}"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "answer" in err and "Traceback" not in err
+
+
+def test_tiny_seed_override_draws_another_initialisation(tmp_path):
+    """`model.tiny.seed` reaches the tiny model's random initialisation (another draw of a run)."""
+    from safetensors.torch import load_file
+
+    from rise_ray.session import resolve_model
+
+    def weights(seed: int, run: str) -> dict:
+        tiny = f"model.tiny={{hidden_size: 64, num_layers: 1, num_heads: 1, intermediate_size: 64, seed: {seed}}}"
+        return load_file(resolve_model(load_config(None, [tiny]).model, str(tmp_path / run)) + "/model.safetensors")
+
+    a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert all(a[k].equal(b[k]) for k in a)  # same seed, same weights
+    assert not a["model.embed_tokens.weight"].equal(c["model.embed_tokens.weight"])
