@@ -129,17 +129,18 @@ def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:
     """Load the trained weights into the live engines, then check a few logprobs against the
     checkpoint computed here with transformers: a mismatch fails the run loudly.
 
-    files (CPU): the state dict through the object store, written to shared memory per engine.
+    files (CPU): engines on this node read the checkpoint's files; engines on other nodes get the
+    state dict through the object store, written to shared memory per engine.
     nccl / ipc (vLLM on GPUs): the checkpoint streamed in buckets by vLLM's weight transfer
     (rise_ray.rollout.weight_transfer). Engines that slept through training (colocated) get their
     weights' memory back first and their KV cache after the update."""
-    from rise_ray.rollout.sync import check_engines, load_state_dict
+    from rise_ray.rollout.sync import check_engines
     from rise_ray.rollout.weight_transfer import resolve_method
 
     method = resolve_method(cfg.sync.method, cfg.rollout)
     policy.wake_up(tags=["weights"])
     if method == "files":
-        seconds = policy.update_weights(load_state_dict(checkpoint), version, checkpoint_dir=checkpoint)
+        seconds = policy.update_weights(checkpoint, version)
     else:
         seconds = policy.sync_native(checkpoint, version, method, bucket_bytes=cfg.sync.bucket_mb * 2**20)
     policy.wake_up()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -37,6 +38,10 @@ def test_sync_in_place_and_logprob_check(ray_local, tiny_model_dir, perturbed_ck
     assert {i["pid"] for i in infos} == pids  # in place: the same engine processes
     assert {i["weights_version"] for i in infos} == {"v1"}
     assert os.path.exists(pointer)
+    pool.update_weights(tiny_model_dir, "v2")  # a checkpoint dir: engines on this node read its files
+    assert check_engines(pool, tiny_model_dir, tolerance=1e-4) < 1e-4
+    with open(pointer) as f:
+        assert json.load(f)["checkpoint"] == tiny_model_dir
     pool.shutdown()
 
 
