@@ -11,6 +11,7 @@ Steps:
   3. print generated tokens/s and the ratios; write bench/results/rollout.json.
 
     python bench/rollout.py [--engine vllm|hf] [--problems 256] [--turns 3] [--n 4] [--repeats 2]
+    python bench/rollout.py --model smollm2-135m-instruct --problems 32 --max-tokens 128 --max-model-len 2048
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 
 from rise_ray.envs import get_env
 from rise_ray.files import atomic_write_json
+from rise_ray.models.source import get_model
 from rise_ray.models.tiny import build_tiny_model
 from rise_ray.rollout import make_engine
 from rise_ray.rollout.engine import SamplingParams
@@ -65,8 +67,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="rounds of the three modes; the best of each counts")
     ap.add_argument("--batch-size", type=int, default=0, help="Ray Data batch (0: all problems in one)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs for the engine, both ways")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rollout.json"))
+    ap.add_argument("--model", help="a model source (smollm2-135m-instruct, a directory, a .gguf) instead of the tiny "
+                    "model; its problems come from --data (GSM8K JSONL); writes results/rollout_<name>.json")
+    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k",
+                                                   "test.jsonl"))
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--out")
     args = ap.parse_args()
+    suffix = f"_{args.model.rstrip('/').split('/')[-1].split('-')[0]}" if args.model else ""
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", f"rollout{suffix}.json")
 
     import ray
     import torch
@@ -75,18 +84,23 @@ def main() -> None:
     # Ray gives an actor holding N CPUs N torch/OpenMP threads: the in-process engine gets the
     # same, or the comparison measures thread settings instead of the pipeline.
     torch.set_num_threads(args.threads)
-    model_dir = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
+    if args.model:
+        model_dir = get_model(args.model)
+        env = get_env("gsm8k", test_path=args.data, num_test=args.problems)
+    else:
+        model_dir = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
+        env = get_env("arithmetic", num_train=0, num_test=args.problems)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    env = get_env("arithmetic", num_train=0, num_test=args.problems)
     problems = env.test
     spec = EpisodeSpec(turns=args.turns, params=SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0),
                        first_n=args.n, later_n=1, choose="first", oracle=False)
-    kw = {"max_model_len": 512}
+    kw = {"max_model_len": args.max_model_len}
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     pool = RolloutPool(args.engine, model_dir, num_engines=1, num_cpus=args.threads, engine_kwargs=kw)
     batch = args.batch_size or len(problems)
-    pool.run(env.name, {}, problems[:8], spec, batch_size=8)  # warm up the actor and Ray Data
+    env_opts = {}  # the env's defaults: what get_env gave this process
+    pool.run(env.name, env_opts, problems[:8], spec, batch_size=8)  # warm up the actor and Ray Data
     engine = make_engine(args.engine, model_dir, **kw)  # idle while the actor runs, and vice versa
     run_episodes(engine, env, problems[:8], spec)  # warm up
 
@@ -95,7 +109,7 @@ def main() -> None:
     for r in range(args.repeats):
         direct, t = timed(lambda: run_episodes(engine, env, problems, spec))
         best["direct"] = min(best["direct"], t)
-        piped, t = timed(lambda: pool.run(env.name, {}, problems, spec, batch_size=batch))
+        piped, t = timed(lambda: pool.run(env.name, env_opts, problems, spec, batch_size=batch))
         best["pipeline"] = min(best["pipeline"], t)
         sequential, t = timed(lambda: run_episodes(OneRequestAtATime(engine), env, seq_problems, spec))
         best["sequential"] = min(best["sequential"], t)
@@ -109,6 +123,7 @@ def main() -> None:
     }
     result = {
         "engine": args.engine,
+        "model": args.model or "rise_ray.models.tiny",
         "problems": len(problems),
         "turns": args.turns,
         "n": args.n,

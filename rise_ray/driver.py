@@ -98,8 +98,9 @@ def make_teacher(cfg: RunConfig):
         "tensor_parallel_size": tcfg.tensor_parallel_size, "gpu_memory_utilization": tcfg.gpu_memory_utilization,
         "colocate_with_trainer": False,  # the teacher never trains: it keeps its GPUs
     })
-    teacher_model = ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len)
-    return make_pool(rollout, teacher_model, tcfg.path, cfg.seed, sync_method=None)  # never synced
+    teacher_model = ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len, chat_template=tcfg.chat_template)
+    path = resolve_model(teacher_model, "")
+    return make_pool(rollout, teacher_model, path, cfg.seed, sync_method=None)  # never synced
 
 
 def collect_stage(policy, teacher, env, grader_opts, problems, cfg: RunConfig, k: int, it: str) -> dict:

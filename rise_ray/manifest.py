@@ -53,3 +53,16 @@ class Manifest:
         if self.on_stage is not None:
             self.on_stage(stage, out, seconds)
         return out
+
+
+def latest_model(run_dir: str) -> str | None:
+    """The run's latest model directory: the last finished train stage's, else its base model."""
+    path = os.path.join(run_dir, "manifest.json")
+    with open(path) as f:
+        stages = json.load(f).get("stages", {})
+    trained = sorted((int(k.split("/")[0][5:]), v["output"]) for k, v in stages.items()
+                     if k.startswith("iter_") and k.endswith("/train"))
+    out = trained[-1][1] if trained else stages.get("base_model", {}).get("output")
+    if out is None:
+        return None
+    return out if os.path.isabs(out) or os.path.exists(out) else os.path.join(run_dir, out)

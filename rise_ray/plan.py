@@ -29,7 +29,9 @@ KNOWN = {
     "Qwen/Qwen2.5-0.5B-Instruct": (24, 896, 14, 2, 4864, 151936, True, True),
     "Qwen/Qwen2.5-1.5B-Instruct": (28, 1536, 12, 2, 8960, 151936, True, True),
     "Qwen/Qwen2.5-7B-Instruct": (28, 3584, 28, 4, 18944, 152064, False, True),
+    "smollm2-135m-instruct": (30, 576, 9, 3, 1536, 49152, True, False),
 }
+DEFAULT_CONTEXT = 4096  # max_model_len assumed for a model whose own context is not known here
 FIELDS = ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "tied", "qkv_bias")
 HF_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads")
 HF_KEYS += ("intermediate_size", "vocab_size")
@@ -39,7 +41,7 @@ GPU_GIB = {"H100": 80, "H200": 141, "A10G": 24, "L4": 24, "T4": 16, "L40S": 48, 
 
 def model_shape(path: str | None, tiny: Any = None) -> dict[str, Any] | None:
     """The model's shape: model.tiny, a local config.json, or the table; None when unknown."""
-    head_dim = None
+    head_dim = context = None
     if path is None:
         from rise_ray.models.tiny import PHRASES, VOCAB
 
@@ -55,12 +57,13 @@ def model_shape(path: str | None, tiny: Any = None) -> dict[str, Any] | None:
         bias = c.get("attention_bias", c.get("model_type") == "qwen2")
         vals = [c[k] for k in HF_KEYS] + [c.get("tie_word_embeddings", False), bias]
         head_dim = c.get("head_dim")
+        context = c.get("max_position_embeddings")
     elif path in KNOWN:
         vals = KNOWN[path]
     else:
         return None
     s = dict(zip(FIELDS, vals, strict=True))
-    return {**s, "head_dim": head_dim or s["hidden"] // s["heads"]}
+    return {**s, "head_dim": head_dim or s["hidden"] // s["heads"], "context": context}
 
 
 def linears(s: dict) -> dict[str, tuple[int, int]]:
@@ -202,6 +205,7 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
     def engines(role: str, e: Any, path: str | None, shape: dict | None, tp: int, max_len: int, dtype: str):
         """Engine actors of the policy (e = cfg.rollout) or of the teacher (e = cfg.teacher)."""
         tp = tp if e.engine == "vllm" else 1
+        max_len = max_len or (shape or {}).get("context") or DEFAULT_CONTEXT  # None: the model's own
         name = f"{role} engines ({e.engine})"
         a = _actor(name, path, e.num_engines, e.num_gpus_per_engine, tp, e.num_cpus_per_engine)
         if shape and e.num_gpus_per_engine > 0:

@@ -21,7 +21,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         # With the dashboard (on 127.0.0.1; the next free port if 8265 is taken): users watch runs
         # there, and Ray Train's placement-group cleaner polls the state API it serves (without
         # it, a warning every second of training).
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        # address="local": a new Ray of our own. Without it ray.init joins whatever cluster was
+        # started last on this machine (another user's run, a test's), which can vanish mid-run.
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
@@ -52,9 +54,12 @@ def make_env(cfg: EnvConfig):
 
 
 def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
-    """The model directory: cfg.path, or the tiny model built (once) under work_dir."""
+    """The model directory: cfg.path (any source `rise model get` takes), or the tiny model built
+    (once) under work_dir; with a chat template either way (model.chat_template)."""
+    from rise_ray.models.source import get_model, with_chat_template
+
     if cfg.path:
-        return cfg.path
+        return with_chat_template(get_model(cfg.path), cfg.chat_template)
     from rise_ray.models.tiny import build_tiny_model
 
     out = os.path.join(work_dir, "base_model")
@@ -65,13 +70,28 @@ def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
     return out
 
 
+def context_length(cfg_len: int | None, model_path: str | None) -> int:
+    """The engines' max_model_len: the model's own context (config.json), capped by the config's."""
+    from rise_ray.config import ConfigError
+    from rise_ray.models.source import model_context_length
+
+    own = model_context_length(model_path) if model_path else None
+    if cfg_len is None:
+        if own is None:
+            raise ConfigError(f"model {model_path!r}: its config.json names no context length: set model.max_model_len")
+        return own
+    return min(cfg_len, own) if own else cfg_len
+
+
 def engine_kwargs(
-    rollout: RolloutConfig, model: ModelConfig, seed: int, sync_method: str | None = None
+    rollout: RolloutConfig, model: ModelConfig, seed: int, sync_method: str | None = None,
+    model_path: str | None = None,
 ) -> dict[str, Any]:
     """Engine constructor arguments. `sync_method` (sync.method) builds vLLM engines on GPUs for
     vLLM's weight transfer (nccl / ipc) and, when they share the trainer's GPUs, with sleep mode;
-    None: neither (an engine that is never synced, e.g. serving)."""
-    kw: dict[str, Any] = {"max_model_len": model.max_model_len, "dtype": model.dtype}
+    None: neither (an engine that is never synced, e.g. serving). `model_path` gives the model's
+    own context length where model.max_model_len leaves it open."""
+    kw: dict[str, Any] = {"max_model_len": context_length(model.max_model_len, model_path), "dtype": model.dtype}
     if rollout.engine == "vllm":
         kw.update(
             seed=seed,
@@ -106,7 +126,7 @@ def make_pool(
         num_engines=rollout.num_engines,
         num_cpus=rollout.num_cpus_per_engine,
         num_gpus=rollout.num_gpus_per_engine,
-        engine_kwargs=engine_kwargs(rollout, model, seed, sync_method),
+        engine_kwargs=engine_kwargs(rollout, model, seed, sync_method, model_path),
         pointer_path=pointer_path,
         cpu_threads=rollout.cpu_threads,
     )

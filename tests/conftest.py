@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import rise_ray  # noqa: F401  (first: it hides media packages built for another torch)
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "rise-ray" / "torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -16,12 +16,22 @@ BOXED_SYSTEM_PROMPT = (
     "Solve the problem step by step. Put your final answer in \\boxed{}, e.g. \\boxed{42}."
 )
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
+# "The answer is: 520.", "the final answer is $18": how chat models without \boxed{} end.
+_ANSWER_IS = re.compile(
+    r"answer is[:\s]*(?:\*\*)?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?|-?\.\d+)(?![\w.]*\w)", re.IGNORECASE
+)  # a number glued to letters ("2x", "3rd") is not an answer
 
 
 def after_hashes(text: str) -> str | None:
     """What follows the last "####" on its line (GSM8K's answer marker), or None."""
     found = _HASHES.findall(text)
     return found[-1].strip() if found else None
+
+
+def after_answer_is(text: str) -> str | None:
+    """The number after the last "The answer is", or None."""
+    found = _ANSWER_IS.findall(text)
+    return found[-1] if found else None
 
 
 @dataclass
@@ -48,13 +58,15 @@ class GSM8KEnv(NumericEnv):
     system_prompt: str | None = BOXED_SYSTEM_PROMPT
 
     def extract(self, response: str) -> str | None:
-        """The last \\boxed{} answer; failing that, the last "#### N" line."""
+        """The last \\boxed{} answer; failing that, the last "#### N" line; failing that, the number
+        after the last "The answer is" (the ways GSM8K evaluations commonly read answers)."""
         if not isinstance(response, str):
             return None
-        ans = last_boxed(response)
-        if ans is None:
-            ans = after_hashes(response)
-        return ans.strip() if ans and ans.strip() else None
+        for read in (last_boxed, after_hashes, after_answer_is):
+            ans = read(response)
+            if ans is not None and ans.strip():
+                return ans.strip()
+        return None
 
 
 def load_gsm8k(path: str, split: str, limit: int | None = None, hub_config: str | None = "main") -> list[Problem]:

@@ -167,7 +167,7 @@ class RiseServer:
         rollout = self.cfg.rollout.model_copy(
             update={"engine": self.engine_kind, "num_gpus_per_engine": s.num_gpus_per_replica}
         )
-        self.engine = make_engine(self.engine_kind, checkpoint, **engine_kwargs(rollout, self.cfg.model, self.cfg.seed))
+        self.engine = make_engine(self.engine_kind, checkpoint, **engine_kwargs(rollout, self.cfg.model, self.cfg.seed, model_path=checkpoint))
         self.max_model_len: int = self.engine.max_model_len
         # Our own tokenizer (under a lock: solve threads use it too) for length checks and usage,
         # separate from the engine's.
@@ -489,7 +489,7 @@ def serve_command(
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
         else:
-            dashboard = ray.init(dashboard_host="127.0.0.1", log_to_driver=True).dashboard_url
+            dashboard = ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True).dashboard_url
     token = os.environ.get(s.token_env) or None
     url = f"http://{host}:{port}"
     if not blocking:
