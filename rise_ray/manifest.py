@@ -30,8 +30,10 @@ RESOURCE_FIELDS = (
     "rollout.batch_size", "rollout.kv_cache_memory_bytes", "rollout.gpu_memory_utilization",
     "rollout.tensor_parallel_size", "rollout.colocate_with_trainer", "eval.batch_size",
     "train.cpus_per_worker", "train.cpu_threads", "train.max_failures", "train.log_every_steps",
-    "train.prefetch_batches", "train.save_every_steps", "train.keep_checkpoints",
+    "train.prefetch_batches", "train.save_every_steps", "train.keep_checkpoints", "train.length_groups",
+    "train.gradient_checkpointing", "train.offload",
 )
+RESOURCE_FIELDS += tuple(f"warmup.{f}" for f in RESOURCE_FIELDS if f.startswith("train."))  # warmup.train overrides
 
 
 class RunDirError(ConfigError):
