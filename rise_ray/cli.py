@@ -60,9 +60,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
         path, overrides = _split(ns.args)
         if path:
             raise ConfigError("with --resume the config comes from the run directory; pass only key=value overrides")
-        driver.resume(ns.resume, overrides)
+        driver.resume(ns.resume, overrides, redo_changed=ns.redo_changed)
     else:
-        driver.run(_config(ns.args))
+        driver.run(_config(ns.args), redo_changed=ns.redo_changed)
     return 0
 
 
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run RISE iterations (collect, build data, train, sync, evaluate)")
     p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory at its first unfinished stage")
+    p.add_argument("--redo-changed", action="store_true",
+                   help="redo finished stages whose config fields changed (and the stages after them)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, actors, GPU memory); run nothing")
     p.add_argument("--gpu-memory-gb", type=float, help="--dry-run: GiB per GPU (default: detected, else 80)")
     p.add_argument("--json", action="store_true", help="--dry-run: print the plan as JSON")

@@ -10,7 +10,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.yaml")  # the embedded default
 
@@ -268,6 +268,13 @@ class RunConfig(_Strict):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_inside_run_dir(cls, name: str) -> str:  # runs/<name> must stay inside run_dir
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError("must be one directory name inside run_dir (no '/', not '.' or '..')")
+        return name
 
     @model_validator(mode="after")
     def _teacher_needs_path(self) -> RunConfig:

@@ -12,7 +12,8 @@
 
 Every stage writes into runs/<name>/ atomically and records itself in manifest.json; a restarted
 run (`rise run --resume runs/<name>`) skips what finished and starts the pool from the latest
-trained weights.
+trained weights. One run at a time holds the directory (rise_ray.manifest: lock, config
+fingerprints, outputs checked before a run continues).
 """
 
 from __future__ import annotations
@@ -21,20 +22,28 @@ import os
 import time
 
 from rise_ray.collect import collect, collection_stats, problems_for_iteration
-from rise_ray.config import ConfigError, RunConfig, dump_config, load_config
+from rise_ray.config import ConfigError, RunConfig, load_config
 from rise_ray.eval.evaluate import evaluate
-from rise_ray.manifest import Manifest
+from rise_ray.manifest import Manifest, RunLock, open_run_dir, warmup_enabled
 from rise_ray.observe import Observer
 from rise_ray.report import write_report
 from rise_ray.rollout.episodes import write_trajectories
 from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
 
 
-def run(cfg: RunConfig, run_dir: str | None = None) -> list[dict]:
-    run_dir = run_dir or os.path.join(cfg.run_dir, cfg.name)
-    os.makedirs(run_dir, exist_ok=True)
-    dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-    manifest = Manifest(run_dir)
+def run(cfg: RunConfig, run_dir: str | None = None, redo_changed: bool = False, redo_missing: bool = False) -> list[dict]:
+    """Run (or continue) RISE in run_dir, holding its lock. Finished stages that the config would
+    not reproduce, or whose outputs are gone, are an error unless redo_changed / redo_missing."""
+    run_dir = os.path.abspath(run_dir or os.path.join(cfg.run_dir, cfg.name))  # paths valid from any cwd
+    with RunLock(run_dir):
+        manifest = open_run_dir(cfg, run_dir, redo_changed=redo_changed, redo_missing=redo_missing)
+        return _run(cfg, run_dir, manifest)
+
+
+def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
+    pointer = os.path.join(run_dir, "weights.json")  # engines start from the manifest's latest weights
+    if os.path.exists(pointer):
+        os.remove(pointer)
     observer = Observer(cfg, run_dir)  # Ray metrics and experiment tracking of every stage that runs
     manifest.on_stage = observer.stage
     wall_start = time.perf_counter() - manifest.data.get("wall_s", 0.0)
@@ -44,7 +53,7 @@ def run(cfg: RunConfig, run_dir: str | None = None) -> list[dict]:
 
     base = manifest.run_stage("base_model", build_base, cfg, env, run_dir)
     weights = latest_weights(manifest, cfg.iterations) or base
-    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, os.path.join(run_dir, "weights.json"), cfg.sync.method)
+    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, pointer, cfg.sync.method)
     teacher = make_teacher(cfg)
 
     def evaluate_stage(k: int) -> dict:
@@ -78,8 +87,7 @@ def latest_weights(manifest: Manifest, iterations: int) -> str | None:
 
 def build_base(cfg: RunConfig, env, run_dir: str) -> str:
     path = resolve_model(cfg.model, run_dir)
-    enabled = cfg.warmup.enabled if cfg.warmup.enabled is not None else cfg.model.path is None
-    if not enabled:
+    if not warmup_enabled(cfg):
         return path
     from rise_ray.warmup import warmup
 
@@ -149,10 +157,12 @@ def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:
     return {"seconds": round(seconds, 3), "method": method, "max_logprob_error": max_err}
 
 
-def resume(run_dir: str, overrides: list[str] | None = None) -> list[dict]:
+def resume(run_dir: str, overrides: list[str] | None = None, redo_changed: bool = False) -> list[dict]:
+    """Continue run_dir with its config.yaml (and overrides); finished stages whose outputs are
+    gone are redone."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    return run(load_config(path, overrides), run_dir=run_dir)
+    return run(load_config(path, overrides), run_dir=run_dir, redo_changed=redo_changed, redo_missing=True)
 
 

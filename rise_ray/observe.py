@@ -235,9 +235,11 @@ class Observer:
         if self._tokenizer is None:
             self._tokenizer = False
             path = self._base
-            if path is None and os.path.exists(p := os.path.join(self.run_dir, "manifest.json")):
-                with open(p, encoding="utf-8") as f:
-                    path = json.load(f)["stages"].get("base_model", {}).get("output")
+            if path is None:  # a resumed run skipped the stage: its path is in the manifest
+                from rise_ray.manifest import Manifest
+
+                manifest = Manifest(self.run_dir)
+                path = manifest.output("base_model") if manifest.done("base_model") else None
             if isinstance(path, str):
                 try:
                     from transformers import AutoTokenizer

@@ -53,7 +53,7 @@ def test_short_run_writes_the_run_directory(tmp_path):
             assert key in m
     for k in (1, 2):
         assert trajectories(str(run_dir), k) == 48
-        ckpt = manifest["stages"][f"iter_{k}/train"]["output"]
+        ckpt = os.path.join(run_dir, manifest["stages"][f"iter_{k}/train"]["output"])  # stored relative
         assert ckpt.startswith(str(run_dir / f"iter_{k}" / "checkpoint"))
         assert os.path.exists(os.path.join(ckpt, "config.json")) and os.path.exists(os.path.join(ckpt, "model.safetensors"))
         assert manifest["stages"][f"iter_{k}/sync"]["output"]["max_logprob_error"] < 1e-2

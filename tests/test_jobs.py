@@ -170,7 +170,7 @@ def test_rise_run_as_a_ray_job_with_token_auth():
 
         manifest = json.loads((run_dir / "job" / "manifest.json").read_text())
         assert list(manifest["stages"]) == STAGES
-        ckpt = Path(manifest["stages"]["iter_1/train"]["output"])
+        ckpt = run_dir / "job" / manifest["stages"]["iter_1/train"]["output"]  # stored relative to the run
         assert (ckpt / "model.safetensors").exists() and str(ckpt).startswith(str(run_dir / "job" / "iter_1"))
         metrics = json.loads((run_dir / "job" / "metrics.json").read_text())
         assert [m["iteration"] for m in metrics["iterations"]] == [0, 1]

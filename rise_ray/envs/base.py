@@ -92,21 +92,49 @@ class Env:
         return {"role": "user", "content": text}
 
 
+MAX_LINE_BYTES = 16 * 2**20  # one problem per line: far more than any real row, far less than memory
+MAX_DEPTH = 64  # nesting of a row's values: real rows are flat; deeper ones would overflow the stack later
+
+
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line; a bad line is a DataError naming file and line."""
     import json
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:  # read no further: the line may be larger than memory
+                raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes; one problem per line")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested more than {MAX_DEPTH} levels deep") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if _depth(row) > MAX_DEPTH:
+                raise DataError(f"{path}:{lineno}: JSON nested more than {MAX_DEPTH} levels deep")
             yield lineno, row
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH:
+                stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def require_fields(row: dict[str, Any], fields: Iterable[str], where: str) -> None:
