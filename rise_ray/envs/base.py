@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 INCORRECT_FEEDBACK = "The answer is incorrect. Please try again."
 
@@ -40,12 +40,30 @@ class Env:
     name: str = "base"
     train: list[Problem] = field(default_factory=list)
     test: list[Problem] = field(default_factory=list)
+    val: list[Problem] = field(default_factory=list)  # held out from train and test, for tuning
     system_prompt: str | None = None
     feedback: str = INCORRECT_FEEDBACK
     repeat_question: bool = True  # the paper repeats the question after the feedback
     correct_reward: float = 1.0
     wrong_reward: float = 0.0
     unparsed_reward: float = -1.0  # the paper's GSM8K code gives -1 when no answer can be read
+    grading: str = "default"  # "paper": the paper's code's answer reading and check (envs that have one)
+
+    GRADINGS: ClassVar[tuple[str, ...]] = ("default",)  # the grading modes this env implements
+
+    def __post_init__(self) -> None:
+        if self.grading not in self.GRADINGS:
+            raise ValueError(f"env {self.name!r}: grading must be one of {list(self.GRADINGS)}, got {self.grading!r}")
+
+    def split(self, name: str) -> list[Problem]:
+        """The problems of split `name` (train, val or test); an empty split is a ValueError naming it."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}: expected train, val or test")
+        problems = getattr(self, name)
+        if not problems:
+            raise ValueError(f"env {self.name!r} has no {name} problems" + (
+                " (only the search env generates a validation split)" if name == "val" else ""))
+        return problems
 
     # --- to implement (extract has a default) -------------------------------------------------
     def extract(self, response: str) -> str | None:
