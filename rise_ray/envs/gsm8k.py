@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rise_ray.envs import paper_grading
 from rise_ray.envs.answers import last_boxed, normalize_number, parse_number
-from rise_ray.envs.base import DataError, Env, Grade, Problem, iter_rows, require_fields
+from rise_ray.envs.base import DataError, Env, Problem, iter_rows, require_fields
 
 BOXED_SYSTEM_PROMPT = (
     "Solve the problem step by step. Put your final answer in \\boxed{}, e.g. \\boxed{42}."
@@ -47,17 +46,6 @@ class NumericEnv(Env):
 class GSM8KEnv(NumericEnv):
     name: str = "gsm8k"
     system_prompt: str | None = BOXED_SYSTEM_PROMPT
-    GRADINGS = ("default", "paper")
-
-    def grade(self, response: str, reference: str) -> Grade:
-        """grading "paper": the paper's code's check (rise_ray.envs.paper_grading); else the default."""
-        if self.grading != "paper":
-            return super().grade(response, reference)
-        answer = paper_grading.gsm8k_answer(response)
-        if answer is None:
-            return Grade(False, None, self.unparsed_reward)
-        ok = paper_grading.gsm8k_equal(answer, paper_grading.gsm8k_gold(reference))
-        return Grade(ok, answer, self.correct_reward if ok else self.wrong_reward)
 
     def extract(self, response: str) -> str | None:
         """The last \\boxed{} answer; failing that, the last "#### N" line."""

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from rise_ray.envs import paper_grading
 from rise_ray.envs.answers import format_number, last_boxed, parse_number
-from rise_ray.envs.base import DataError, Env, Grade, Problem, iter_rows, require_fields
+from rise_ray.envs.base import DataError, Env, Problem, iter_rows, require_fields
 from rise_ray.envs.gsm8k import BOXED_SYSTEM_PROMPT
 
 MAX_SYMBOLIC_CHARS = 500  # longer answers are only compared as strings (sympy cost grows fast)
@@ -164,18 +163,6 @@ class MathEnv(Env):
     name: str = "math"
     system_prompt: str | None = BOXED_SYSTEM_PROMPT
     timeout_seconds: float | None = 5.0  # per answer check (math-verify); None = no limit
-    GRADINGS = ("default", "paper")
-
-    def grade(self, response: str, reference: str) -> Grade:
-        """grading "paper": the paper's code's check (rise_ray.envs.paper_grading); else the default.
-        The paper's MATH code rewards 0 for an unreadable answer: set env.unparsed_reward to match."""
-        if self.grading != "paper":
-            return super().grade(response, reference)
-        answer = paper_grading.math_boxed(response)
-        if answer is None:
-            return Grade(False, None, self.unparsed_reward)
-        ok = paper_grading.math_equal(answer, paper_grading.math_boxed(reference))
-        return Grade(ok, answer, self.correct_reward if ok else self.wrong_reward)
 
     def gold(self, reference: str) -> str:
         g = last_boxed(reference)
