@@ -29,19 +29,21 @@ def _config(args: list[str]) -> RunConfig:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Evaluate a model: no-oracle multi-turn episodes on the test problems."""
-    from rise_ray.eval.evaluate import evaluate
+    from rise_ray.eval.evaluate import eval_problems, evaluate
     from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
 
     cfg = _config(ns.args)
     out_dir = ns.out or os.path.join(cfg.run_dir, cfg.name, "eval")
     os.makedirs(out_dir, exist_ok=True)
     env = make_env(cfg.env)
-    if not env.test:
-        raise ConfigError(f"env '{cfg.env.name}' has no test problems: set env.test_path")
+    try:
+        problems = eval_problems(env, cfg.eval)
+    except ValueError as e:
+        raise ConfigError(f"eval.split={cfg.eval.split}: {e}" + (": set env.test_path" if cfg.eval.split == "test" else "")) from None
     init_ray()
     model_path = resolve_model(cfg.model, os.path.join(cfg.run_dir, cfg.name))
     pool = make_pool(cfg.rollout, cfg.model, model_path, cfg.seed)
-    evaluate(pool, env, env_options(cfg.env, with_data=False), env.test, cfg.eval, out_dir)
+    evaluate(pool, env, env_options(cfg.env, with_data=False), problems, cfg.eval, out_dir)
     print(f"wrote {out_dir}/metrics.json, records.parquet, turns.png")
     return 0
 

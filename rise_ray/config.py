@@ -33,6 +33,9 @@ class EnvConfig(_Strict):
     feedback: str = "The answer is incorrect. Please try again."
     repeat_question: bool = True
     options: dict[str, Any] = Field(default_factory=dict)  # env-specific (e.g. arithmetic ranges)
+    # paper: grade as the paper's code does, so numbers compare with its tables (GSM8K: an integer in
+    # the last \boxed{}; MATH: the last \boxed{} compared after the MATH benchmark's normalisation).
+    grading: Literal["default", "paper"] = "default"
 
 
 class TinyModelConfig(_Strict):
@@ -75,7 +78,9 @@ class RolloutConfig(_Strict):
     turns: int = Field(5, ge=1)  # turns per collected trajectory
     best_of_n: int = Field(8, ge=1)  # candidates for the improved answer at a wrong turn
     improve_with: Literal["self", "teacher"] = "self"  # self-distillation or distillation
-    context_window: int | None = Field(None, ge=1)  # keep only the latest k attempts in the prompt
+    # Attempts kept in the prompt after the question: the latest k (None: all). The paper's code
+    # counts the question too: its --context_window c keeps c - 1 attempts.
+    context_window: int | None = Field(None, ge=1)
     stop_when_correct: bool = True  # the paper's collection: a trajectory ends at its first correct answer
     problems_per_iteration: int | None = Field(None, ge=1)  # None: every training problem each iteration
     # GPU: share the trainer's GPUs instead of holding GPUs of their own. The engines sleep (vLLM
@@ -102,9 +107,11 @@ class EvalConfig(_Strict):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
-    context_window: int | None = Field(None, ge=1)
+    context_window: int | None = Field(None, ge=1)  # attempts kept in the prompt, as rollout.context_window
     batch_size: int = Field(64, ge=1)
     seed: int = 1234
+    # Problems evaluated: test, or val (held out from train and test: tune on it, report on test).
+    split: Literal["test", "val"] = "test"
 
 
 class DataConfig(_Strict):
@@ -127,6 +134,9 @@ class DataConfig(_Strict):
     context_window: int | Literal["rollout"] | None = "rollout"
     shuffle: bool = True
     seed: int = 0
+    # Iteration k trains on the trajectories of iterations 1..k (the paper's Algorithm 1 grows one
+    # data set across iterations); False: on iteration k's own trajectories only.
+    aggregate: bool = True
 
     @model_validator(mode="after")
     def _window_positive(self) -> DataConfig:

@@ -4,7 +4,8 @@
     evaluate(base)                                   -> iter_0/eval
     for k in 1..K:
         D_k   <- collect(policy, teacher, train problems)   on-policy turns + improved answers
-        data  <- build_dataset(D_k)                          exp(r/tau)-weighted turns
+        data  <- build_dataset(D_1 u ... u D_k)              exp(r/tau)-weighted turns (data.aggregate;
+                                                             false: D_k alone)
         theta <- train(data, init=theta)                     weighted SFT (Ray Train + DeepSpeed)
         sync(policy engines <- theta)                        in place, then a logprob check
         evaluate(policy)                                     -> iter_k/eval
@@ -23,7 +24,7 @@ import time
 
 from rise_ray.collect import collect, collection_stats, problems_for_iteration
 from rise_ray.config import ConfigError, RunConfig, load_config
-from rise_ray.eval.evaluate import evaluate
+from rise_ray.eval.evaluate import eval_problems, evaluate
 from rise_ray.manifest import Manifest, RunLock, open_run_dir, warmup_enabled
 from rise_ray.observe import Observer
 from rise_ray.report import write_report
@@ -58,14 +59,15 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
 
     def evaluate_stage(k: int) -> dict:
         out = os.path.join(run_dir, f"iter_{k}", "eval")
-        return evaluate(policy, env, grader_opts, env.test, cfg.eval, out, label={"iteration": k})
+        return evaluate(policy, env, grader_opts, eval_problems(env, cfg.eval), cfg.eval, out, label={"iteration": k})
 
     manifest.run_stage("iter_0/eval", evaluate_stage, 0)
     for k in range(1, cfg.iterations + 1):
         it = os.path.join(run_dir, f"iter_{k}")
         problems = problems_for_iteration(env.train, cfg.rollout.problems_per_iteration, k)
-        trajs = manifest.run_stage(f"iter_{k}/collect", collect_stage, policy, teacher, env, grader_opts, problems, cfg, k, it)
-        data = manifest.run_stage(f"iter_{k}/dataset", build_data, cfg, trajs["path"], weights, it)
+        manifest.run_stage(f"iter_{k}/collect", collect_stage, policy, teacher, env, grader_opts, problems, cfg, k, it)
+        sources = dataset_sources(manifest, k, cfg.data.aggregate)
+        data = manifest.run_stage(f"iter_{k}/dataset", build_data, cfg, sources, weights, it)
         weights = manifest.run_stage(f"iter_{k}/train", train_stage, cfg, data, weights, os.path.join(it, "checkpoint"), policy)
         manifest.run_stage(f"iter_{k}/sync", sync, policy, weights, f"iter_{k}", cfg)
         manifest.run_stage(f"iter_{k}/eval", evaluate_stage, k)
@@ -76,6 +78,12 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
     rows = write_report(run_dir, wall_s=wall)
     observer.finish(wall)
     return rows
+
+
+def dataset_sources(manifest: Manifest, k: int, aggregate: bool) -> list[str]:
+    """The trajectories iteration k trains on: those of iterations 1..k (data.aggregate, as the
+    paper's Algorithm 1 grows one data set), else iteration k's alone."""
+    return [manifest.output(f"iter_{j}/collect")["path"] for j in range(1 if aggregate else k, k + 1)]
 
 
 def latest_weights(manifest: Manifest, iterations: int) -> str | None:
@@ -117,7 +125,7 @@ def collect_stage(policy, teacher, env, grader_opts, problems, cfg: RunConfig, k
     return {"path": os.path.join(it, "trajectories"), **collection_stats(trajs)}
 
 
-def build_data(cfg: RunConfig, trajectories: str, model_path: str, it: str) -> dict:
+def build_data(cfg: RunConfig, trajectories: list[str], model_path: str, it: str) -> dict:
     from rise_ray.train.trainer import prepare_dataset
 
     out = os.path.join(it, "dataset")

@@ -35,6 +35,8 @@ def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
         "repeat_question": cfg.repeat_question,
         **cfg.options,
     }
+    if cfg.grading != "default":  # only then: envs registered without a `grading` option keep working
+        opts["grading"] = cfg.grading
     if with_data:
         opts.update(train_path=cfg.train_path, test_path=cfg.test_path, num_train=cfg.num_train, num_test=cfg.num_test)
     return opts

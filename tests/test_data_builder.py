@@ -375,3 +375,28 @@ def test_config_section_validates():
         load_config(None, ["data.criteria=most"])
     with pytest.raises(ConfigError, match="data.context_window"):
         load_config(None, ["data.context_window=0"])
+
+
+def test_data_aggregates_iterations(tmp_path, env, tok):
+    """data.aggregate (the default, as the paper's Algorithm 1): iteration k trains on the trajectories of
+    iterations 1..k; otherwise on iteration k's alone."""
+    from rise_ray.driver import dataset_sources
+    from rise_ray.manifest import Manifest
+
+    trajs = arithmetic_trajectories(6, turns=3, seed=4)
+    manifest = Manifest(str(tmp_path))
+    for k, part in ((1, trajs[:4]), (2, trajs[4:])):
+        path = str(tmp_path / f"iter_{k}" / "trajectories")
+        write_trajectories(part, os.path.join(path, "part-00000.parquet"))
+        manifest.record(f"iter_{k}/collect", {"path": path}, 0.0)
+    assert load_config(None).data.aggregate is True
+    union = dataset_sources(manifest, 2, aggregate=True)
+    assert union == [str(tmp_path / "iter_1" / "trajectories"), str(tmp_path / "iter_2" / "trajectories")]
+    assert dataset_sources(manifest, 2, aggregate=False) == union[1:]
+    assert dataset_sources(manifest, 1, aggregate=True) == union[:1]
+    stats = build_dataset(union, env, tok, cfg(layout="packed"), str(tmp_path / "ds"))
+    assert stats["trajectories_in"] == 6 and stats["source"] == union
+    direct, _ = build_examples(trajs, env, tok, cfg(layout="packed"))
+    assert [r["input_ids"] for r in read_rows(str(tmp_path / "ds"))] == [r["input_ids"] for r in direct]
+    alone = build_dataset(union[1:], env, tok, cfg(layout="packed"), str(tmp_path / "ds2"))
+    assert alone["trajectories_in"] == 2 and alone["source"] == union[1]

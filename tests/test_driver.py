@@ -49,8 +49,12 @@ def test_short_run_writes_the_run_directory(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [m["iteration"] for m in metrics["iterations"]] == [0, 1, 2] and metrics["wall_s"] > 0
     for m in metrics["iterations"]:
-        for key in ("m1@t1", "m2@t1", "p2@t1", "m1@t2", "p1@t2", "acc_by_turn", "wrong_to_right", "right_to_wrong"):
+        for key in ("m1@t1", "m2@t1", "p2@t1", "m1@t2", "p1@t2", "acc_by_turn", "wrong_to_right", "right_to_wrong",
+                    "tie_rate", "tie_rate_parallel"):
             assert key in m
+    # data.aggregate (default): iteration 2 trains on the trajectories of iterations 1 and 2
+    stats = json.loads((run_dir / "iter_2" / "dataset" / "stats.json").read_text())
+    assert stats["trajectories_in"] == 96 and len(stats["source"]) == 2
     for k in (1, 2):
         assert trajectories(str(run_dir), k) == 48
         ckpt = os.path.join(run_dir, manifest["stages"][f"iter_{k}/train"]["output"])  # stored relative

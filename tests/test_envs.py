@@ -524,3 +524,33 @@ def test_warmup_demonstrations_have_no_copy_bias():
     assert all(t.turns[-1].correct or len(t.turns) == 3 for t in demos)  # stops at the first correct
     with pytest.raises(ValueError, match="warmup.enabled=false"):
         demonstrations(get_env("arithmetic", task="muladd", num_train=5, num_test=5), 3, 2, 0.5, 2, 0)
+
+
+def test_search_validation_split_is_disjoint_and_leaves_train_and_test_alone():
+    old = get_env("search", num_train=300, num_test=100, num_val=0)
+    env = get_env("search", num_train=300, num_test=100, num_val=50)
+    assert [p.question for p in env.train] == [p.question for p in old.train]
+    assert [p.question for p in env.test] == [p.question for p in old.test]
+    val = {p.question for p in env.val}
+    assert len(env.val) == len(val) == 50 and not old.val
+    assert not val & {p.question for p in env.train} and not val & {p.question for p in env.test}
+    assert [p.id for p in env.val[:2]] == ["search-val-0", "search-val-1"]
+    assert env.split("val") is env.val and env.split("test") is env.test
+    assert len(get_env("search").val) == 500  # the default
+    with pytest.raises(ValueError, match="num_val"):
+        get_env("search", num_val=-1)
+    with pytest.raises(ValueError, match="distinct"):
+        get_env("search", num_keys=2, low=1, high=3, num_train=3, num_test=2, num_val=5)
+
+
+def test_eval_split_chooses_the_problems():
+    from rise_ray.config import EvalConfig
+    from rise_ray.eval.evaluate import eval_problems
+
+    env = get_env("search", num_train=20, num_test=10, num_val=5)
+    assert eval_problems(env, EvalConfig()) == env.test
+    assert eval_problems(env, EvalConfig(split="val")) == env.val
+    with pytest.raises(ValueError, match="env 'gsm8k' has no val problems"):
+        eval_problems(get_env("gsm8k"), EvalConfig(split="val"))
+    with pytest.raises(ValueError, match="split"):
+        EvalConfig(split="train")  # training problems are never an evaluation split

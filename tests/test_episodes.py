@@ -123,6 +123,50 @@ def test_context_window_keeps_latest_attempts():
     assert len([m for m in full if m["role"] == "assistant"]) == 3
 
 
+def official_prompt(question: str, attempts: list[str], context_window: int) -> list[str]:
+    """The prompt of the paper's evaluation (cmu-mind/RISE workflow_eval.py), as its contents:
+    before turn `context_window` the whole history, then the question and the latest
+    context_window - 1 attempts, each followed by its feedback."""
+    kept = attempts if len(attempts) < context_window else attempts[len(attempts) - context_window + 1:]
+    out = [question]
+    for a in kept:
+        out += [a, f"{ENV.feedback}\n\n{question}"]
+    return out
+
+
+@pytest.mark.parametrize("official", [2, 3, 5])
+def test_context_window_counts_attempts_kept_and_matches_the_paper_shifted_by_one(official):
+    """Ours counts attempts; the paper's --context_window c counts the question too (c - 1 attempts)."""
+    attempts = ["a1", "a2", "a3", "a4"]
+    for t in range(len(attempts) + 1):  # the prompt of turn t + 1
+        ours = [m["content"] for m in build_conversation(ENV, P[0], attempts[:t], window=official - 1)]
+        assert ours == official_prompt("q1", attempts[:t], official), (official, t)
+    # the paper configs' evaluation: --context_window 2 = the question and the latest attempt
+    conv = build_conversation(ENV, P[0], attempts, window=1)
+    assert [m["content"] for m in conv] == ["q1", "a4", f"{ENV.feedback}\n\nq1"]
+
+
+def test_paper_configs_evaluate_as_the_paper_code():
+    """temperature 1.0 and 1,000 new tokens (policies.py), the question + latest attempt
+    (workflow_eval.py --context_window 2), its grading; collection keeps the whole history."""
+    import glob
+    import os
+
+    from rise_ray.config import load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    paths = [p for p in glob.glob(os.path.join(root, "*.yaml"))
+             if any(m in os.path.basename(p) for m in ("mistral7b", "llama3_8b", "math_eval"))]
+    assert len(paths) == 6
+    for path in paths:
+        cfg = load_config(path)
+        ev = cfg.eval
+        assert (ev.temperature, ev.top_p, ev.max_tokens, ev.context_window) == (1.0, 1.0, 1000, 1), path
+        assert cfg.env.grading == "paper" and cfg.rollout.context_window is None, path
+        if cfg.env.name == "math":
+            assert cfg.env.test_path == "../shared/data/math/test.jsonl" and cfg.env.unparsed_reward == 0.0, path
+
+
 def test_context_window_is_applied_in_episodes():
     script = {"q1": [[box(1)], [box(2)], [box(3)], [box(4)]], "q2": [[box(1)], [box(2)], [box(3)], [box(4)]]}
     eng = ScriptedEngine(script)

@@ -57,3 +57,10 @@ def test_rise_eval_on_gsm8k_jsonl(tmp_path, tiny_model_dir, ray_local):
     recs = pq.read_table(out / "records.parquet").to_pylist()
     assert [r["problem_id"] for r in recs] == [f"gsm8k-test-{i}" for i in range(1, 7)]
     assert recs[0]["reference"].endswith("#### 18")  # Janet's ducks
+
+
+def test_rise_eval_val_split_needs_an_env_that_has_one(tmp_path, capsys):
+    rc = main(["eval", "env.name=gsm8k", "env.options={}", "eval.split=val", f"run_dir={tmp_path}", "--out", str(tmp_path / "e")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "eval.split=val" in err and "has no val problems" in err and "Traceback" not in err

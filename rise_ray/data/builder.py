@@ -503,24 +503,27 @@ def read_rows(path: str) -> list[dict[str, Any]]:
 
 
 def build_dataset(
-    trajectories: str | list[Trajectory],
+    trajectories: str | list[str] | list[Trajectory],
     env: Env,
     tokenizer: Any,
     cfg: DataConfig,
     out_dir: str,
     context_window: int | None = None,
 ) -> dict[str, Any]:
-    """Build and write a data set directory; returns its stats. `tokenizer` may be a path."""
+    """Build and write a data set directory; returns its stats. `tokenizer` may be a path;
+    `trajectories` a path, several (data.aggregate: every iteration's so far) or the records."""
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if getattr(tokenizer, "chat_template", None) is None:
         raise BuildError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template")
-    trajs = read_trajectories(trajectories) if isinstance(trajectories, str) else trajectories
+    sources = [trajectories] if isinstance(trajectories, str) else list(trajectories)
+    trajs = [t for src in sources for t in (read_trajectories(src) if isinstance(src, str) else [src])]
     rows, stats = build_examples(trajs, env, tokenizer, cfg, context_window)
-    if isinstance(trajectories, str):
-        stats["source"] = os.path.abspath(trajectories)
+    paths = [os.path.abspath(src) for src in sources if isinstance(src, str)]
+    if paths:
+        stats["source"] = paths[0] if len(paths) == 1 else paths
     write_dataset(rows, stats, out_dir)
     log.info(
         "data: %d trajectories -> %d %s rows (%d examples, %d tokens, %d trained)",

@@ -16,7 +16,8 @@ from rise_ray.envs.math import MathEnv, make_math
 from rise_ray.envs.search import SearchEnv, make_search
 
 # Env fields any builder taking **env_fields accepts (rewards, prompt and feedback text)
-ENV_FIELDS = ("system_prompt", "feedback", "repeat_question", "correct_reward", "wrong_reward", "unparsed_reward")
+ENV_FIELDS = ("system_prompt", "feedback", "repeat_question", "correct_reward", "wrong_reward", "unparsed_reward",
+              "grading")
 
 REGISTRY: dict[str, Callable[..., Env]] = {
     "arithmetic": make_arithmetic,

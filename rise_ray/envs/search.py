@@ -9,6 +9,7 @@ property RISE needs to improve without an oracle. Problems are generated from a 
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import string
@@ -73,10 +74,13 @@ def make_search(
     train_path: str | None = None,
     test_path: str | None = None,
     check_penalty: float = 0.0,
+    num_val: int = 500,
     **env_fields,
 ) -> SearchEnv:
-    """`num_keys` sorted distinct values in [low, high] labelled a, b, c, ...; train and test share
-    no question. `check_penalty`: reward taken off an attempt whose written check is wrong."""
+    """`num_keys` sorted distinct values in [low, high] labelled a, b, c, ...; train, test and val
+    (`num_val` problems for tuning) share no question. The val problems are drawn after the others,
+    so train and test stay the same whatever num_val is. `check_penalty`: reward taken off an
+    attempt whose written check is wrong."""
     if train_path is not None or test_path is not None:
         raise ValueError("search: problems are generated from `seed`; train_path/test_path must be None")
     if not 2 <= num_keys <= 26:
@@ -85,18 +89,26 @@ def make_search(
         raise ValueError(f"search: [{low}, {high}] holds fewer than num_keys={num_keys} values")
     n_train = 2000 if num_train is None else int(num_train)
     n_test = 500 if num_test is None else int(num_test)
+    if isinstance(num_val, bool) or not isinstance(num_val, int) or num_val < 0:
+        raise ValueError(f"search: num_val must be a non-negative int, got {num_val!r}")
     keys = string.ascii_lowercase[:num_keys]
     rng = random.Random(seed)
     seen: set[str] = set()
     problems: list[Problem] = []
-    while len(problems) < n_train + n_test:
+    n = n_test + n_train
+    distinct = math.comb(high - low + 1, num_keys) * num_keys
+    if n + num_val > distinct:
+        raise ValueError(f"search: {n + num_val} problems asked, only {distinct} distinct questions exist")
+    while len(problems) < n + num_val:
         values = sorted(rng.sample(range(low, high + 1), num_keys))
         target = rng.randrange(num_keys)
         question = f"Find {values[target]}: " + " ".join(f"{k}{v}" for k, v in zip(keys, values, strict=True))
         if question in seen:
             continue
         seen.add(question)
-        split, i = ("test", len(problems)) if len(problems) < n_test else ("train", len(problems) - n_test)
+        i = len(problems)
+        split, start = ("test", 0) if i < n_test else ("train", n_test) if i < n else ("val", n)
         meta = {"keys": keys, "values": values, "target": target}
-        problems.append(Problem(f"search-{split}-{i}", question, f"#### {keys[target]}", meta))
-    return SearchEnv(train=problems[n_test:], test=problems[:n_test], check_penalty=float(check_penalty), **env_fields)
+        problems.append(Problem(f"search-{split}-{i - start}", question, f"#### {keys[target]}", meta))
+    return SearchEnv(train=problems[n_test:n], test=problems[:n_test], val=problems[n:],
+                     check_penalty=float(check_penalty), **env_fields)

@@ -1,7 +1,7 @@
-"""The evaluation stage: run no-oracle episodes on test problems, score and record them.
+"""The evaluation stage: run no-oracle episodes on evaluation problems, score and record them.
 
 Steps:
-  1. one episode per test problem: k parallel samples at turn 1 (the first continues the
+  1. one episode per problem of eval.split (test, or val for tuning): k parallel samples at turn 1 (the first continues the
      conversation), then T-1 more turns with "incorrect" feedback (no oracle);
   2. write records.parquet (every turn and candidate), metrics.json, turns.png;
   3. print the table.
@@ -35,6 +35,11 @@ def eval_spec(cfg: EvalConfig) -> EpisodeSpec:
     )
 
 
+def eval_problems(env: Env, cfg: EvalConfig) -> list[Problem]:
+    """The problems of eval.split: test, or val (tuning happens on val; test is for the report)."""
+    return env.split(cfg.split)
+
+
 def evaluate(
     pool: RolloutPool,
     env: Env,
@@ -46,7 +51,7 @@ def evaluate(
 ) -> dict:
     """Evaluate the pool's current weights; writes out_dir/{records.parquet,metrics.json,turns.png}."""
     trajs = pool.run(env.name, env_options, problems, eval_spec(cfg), batch_size=cfg.batch_size)
-    metrics = {**(label or {}), **compute_metrics(trajs, env.answer_key, cfg.turns, cfg.parallel)}
+    metrics = {**(label or {}), **compute_metrics(trajs, env.answer_key, cfg.turns, cfg.parallel), "split": cfg.split}
     write_trajectories(trajs, os.path.join(out_dir, "records.parquet"))
     plot_turns([metrics], os.path.join(out_dir, "turns.png"))
     atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-SUMMARY_KEYS = ("m1@t1", "m{k}@t1", "p{k}@t1", "m1@t{T}", "p1@t{T}", "wrong_to_right", "right_to_wrong")
+SUMMARY_KEYS = ("m1@t1", "m{k}@t1", "p{k}@t1", "m1@t{T}", "p1@t{T}", "wrong_to_right", "right_to_wrong",
+                "tie_rate", "tie_rate_parallel")
 
 
 def summary_columns(m: dict) -> list[str]:
     return [c.format(k=m["parallel"], T=m["turns"]) for c in SUMMARY_KEYS]
+
+
+def percent(m: dict, key: str) -> str:
+    """A metric as a percentage; "-" where the row lacks it (metrics written before it existed)."""
+    v = m.get(key)
+    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def format_table(rows: Sequence[dict], title: str = "RISE evaluation") -> str:
@@ -22,7 +29,7 @@ def format_table(rows: Sequence[dict], title: str = "RISE evaluation") -> str:
     for c in [*cols, "acc by turn"]:
         table.add_column(c, justify="right")
     for m in rows:
-        cells = [f"{100 * m[c]:.1f}" for c in cols]
+        cells = [percent(m, c) for c in cols]
         turns = " ".join(f"{100 * a:.0f}" for a in m["acc_by_turn"])
         table.add_row(str(m.get("iteration", "-")), *cells, turns)
     console = Console(width=160, record=True)

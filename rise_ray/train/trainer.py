@@ -235,7 +235,7 @@ def resolve_context_window(cfg: RunConfig) -> int | None:
     return cfg.rollout.context_window if w == "rollout" else w
 
 
-def prepare_dataset(cfg: RunConfig, trajectories: str, model_path: str, out_dir: str) -> str:
+def prepare_dataset(cfg: RunConfig, trajectories: str | list[str], model_path: str, out_dir: str) -> str:
     """Build the training set from trajectory parquet files into `out_dir` (cfg.data settings,
     the env's prompts and feedback, the model's chat template)."""
     from rise_ray.data.builder import build_dataset
