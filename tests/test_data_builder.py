@@ -306,6 +306,15 @@ def test_rows_carry_the_sampled_ids_not_a_re_tokenization(env, layout):
         assert ids[len(prompt) : len(prompt) + len(traj.turns[0].token_ids)] == traj.turns[0].token_ids
 
 
+def test_a_template_that_trims_replies_keeps_the_sampled_whitespace(env):
+    tok = bpe_chat_tokenizer("assistant:\n")
+    tok.chat_template = tok.chat_template.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+    turns = sampled_turns(tok, [" Adding 12 and 55 gives 66.\n", " Adding 12 and 55 gives 67.\n"])
+    rows, stats = build_examples([Trajectory("p", "What is 12 + 55?", "67", turns)], env, tok, cfg(layout="packed"))
+    assert [ids for row in rows for ids, _ in trained_runs(row)] == [t.token_ids for t in turns]
+    assert stats["rows"] == 1
+
+
 def trained_runs(row: dict) -> list[tuple[list[int], int]]:
     """(ids, start) of each run of trained positions in a row."""
     runs, cur, start = [], [], 0

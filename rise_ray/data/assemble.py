@@ -32,15 +32,18 @@ def example_segments(
 
     Texts are cut from the rendered conversation at each reply's generation prompt and content,
     so a text never spans a reply; the template must render the conversation as an extension of
-    each generation prompt, and each reply verbatim."""
+    each generation prompt, and each reply verbatim or trimmed."""
     msgs = [*context, {"role": "assistant", "content": response}]
     full = render(tokenizer, msgs, gen=False)
     out: list[str | int] = []
     pos = 0
     for k, j in enumerate(j for j, m in enumerate(msgs) if m["role"] == "assistant"):
         head = render(tokenizer, msgs[:j], gen=True)
-        content = msgs[j]["content"]
-        if not full.startswith(head) or len(head) < pos or not full.startswith(content, len(head)):
+        # Some templates trim a reply (Llama 3's `| trim`): the engine then saw the trimmed text,
+        # and the row keeps the sampled ids (whitespace included) in its place.
+        raw = msgs[j]["content"]
+        content = next((c for c in (raw, raw.strip(), raw.lstrip("\n")) if full.startswith(c, len(head))), None)
+        if not full.startswith(head) or len(head) < pos or content is None:
             raise TemplateError(
                 "the chat template is not prefix-stable: the conversation with the reply does not start with "
                 "the generation prompt the model saw followed by the reply, so the reply's tokens cannot be placed "
