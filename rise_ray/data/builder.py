@@ -317,6 +317,8 @@ def build_examples(
             stats["replies_from_text"] += int(replies[-1] is None)
             replies = [encoded[t.response] if r is None else r for r, t in zip(replies, shown, strict=True)]
             ids, start = assemble(segs, replies, encoded.__getitem__, special)
+            if start == len(ids):
+                raise BuildError(f"problem {pid!r} turn {i}: the reply {shown[-1].response!r} has no tokens to train")
             own = shown[-1].prompt_ids
             stats["contexts_not_engine_prompt"] += int(bool(own) and list(own) != ids[:start])
             ex = fit_length(TurnExample(ti, i, pid, w, ids, start), cfg.max_length, cfg.overflow)
