@@ -1,4 +1,4 @@
-"""The training-set builder: criteria, dedupe, weights, token weights, layouts, lengths, drift, files."""
+"""The training-set builder: criteria, dedupe, weights, token weights, layouts, lengths, stored ids, files."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from rise_ray.data.builder import (
     read_stats,
     read_trajectories,
     select_turns,
-    tokenize_turn,
-    tokenize_turns,
     turn_weight,
 )
 from rise_ray.data.synthetic import arithmetic_trajectories, bpe_chat_tokenizer, make_trajectory, make_turn
@@ -157,7 +155,7 @@ def test_tiny_tokenizer_phrases_are_one_token_and_prefixes_agree(tok):
     attempts = [env.demo_attempt(p, o) or env.demo_attempt(p, -o) for o in (2, 1, 0)]
     traj = make_trajectory(p.id, p.question, [(a, float(o == 0)) for a, o in zip(attempts, (2, 1, 0), strict=True)])
     rows, stats = build_examples([traj], env, tok, cfg(layout="packed", stop_at_correct=False, dedupe=False))
-    assert stats["drift_turns"] == 0 and stats["examples"] == 3
+    assert stats["examples"] == 3 and stats["rows"] == 1
     conv = [*build_conversation(env, p, attempts[:-1], None), {"role": "assistant", "content": attempts[-1]}]
     full = tok.apply_chat_template(conv, tokenize=False)
     assert tok.decode(rows[0]["input_ids"]) == full  # decoding gives the text back
@@ -254,14 +252,14 @@ def test_too_long_examples_are_truncated_left_or_dropped_and_counted(env, tok):
     assert stats["dropped_too_long"] == 2 and rows == []  # the reply alone does not fit
 
 
-# --- tokenization drift with a real BPE tokenizer -------------------------------------------------
+# --- stored ids with a real BPE tokenizer ---------------------------------------------------------
 
 
-def test_bpe_template_with_newline_has_no_drift(env):
+def test_bpe_packed_rows_hold_the_prefix_examples(env):
     tok = bpe_chat_tokenizer("assistant:\n")
     trajs = arithmetic_trajectories(4, turns=3, seed=5)
     rows, stats = build_examples(trajs, env, tok, cfg(layout="prefix"))
-    assert stats.get("drift_turns", 0) == 0
+    assert stats["replies_from_text"] == stats["examples"]  # hand-made turns carry no ids
     packed, _ = build_examples(trajs, env, tok, cfg(layout="packed"))
     assert len(packed) == 4
     pre = by_turn(rows)
@@ -271,45 +269,63 @@ def test_bpe_template_with_newline_has_no_drift(env):
             assert row["input_ids"][: len(ids)] == ids
 
 
-def test_bpe_drift_is_detected_and_the_context_is_what_the_model_saw(env):
-    tok = bpe_chat_tokenizer("assistant: ")  # a trailing space: " Adding" merges across the boundary
-    context = [{"role": "user", "content": "What is 12 + 55?"}]
-    prompt = tok.apply_chat_template(context, tokenize=True, add_generation_prompt=True, return_dict=False)
-    whole = tok.apply_chat_template(
-        [*context, {"role": "assistant", "content": "Adding 12 and 55 gives 67."}],
-        tokenize=True,
-        return_dict=False,
-    )
-    assert whole[: len(prompt)] != prompt  # the naive prefix assumption really breaks here
-    ids, start, drift = tokenize_turn(tok, context, "Adding 12 and 55 gives 67.")
-    assert drift and start == len(prompt) and ids[:start] == prompt
-    assert tok.decode(ids[start:]) == "Adding 12 and 55 gives 67.<eot>"
-
-    trajs = arithmetic_trajectories(4, turns=3, seed=5)
-    rows, stats = build_examples(trajs, env, tok, cfg(layout="prefix"))
-    assert 0 < stats["drift_turns"] <= stats["examples"] == len(rows)  # replies starting " Adding" drift
-    for row in rows:  # every example starts with the engine's own prompt tokens
-        start = next(i for i, w in enumerate(row["weights"]) if w > 0)
-        text = tok.decode(row["input_ids"][:start])
-        assert text.endswith("assistant: ")
+def sampled_turns(tok, replies: list[str]) -> list:
+    """Policy turns whose sampled ids are NOT the re-tokenization of their text: each reply sampled
+    one character at a time (a real engine may sample any segmentation), ending on <eot>."""
+    eot = tok.convert_tokens_to_ids("<eot>")
+    turns = []
+    for k, text in enumerate(replies):
+        ids = [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]] + [eot]
+        assert ids[:-1] != tok(text, add_special_tokens=False)["input_ids"]
+        turn = make_turn(text, float(k == len(replies) - 1))
+        turn.token_ids = ids
+        turns.append(turn)
+    return turns
 
 
-def test_batched_tokenization_is_the_engines_per_conversation_tokenization():
-    """build_examples tokenizes all turns in batched calls: the ids must be exactly what one
-    chat_prompt_ids call per conversation gives (the engines' prompts), drifted turns included."""
+@pytest.mark.parametrize("layout", ["prefix", "packed"])
+def test_rows_carry_the_sampled_ids_not_a_re_tokenization(env, layout):
+    """A generation prompt ending in a space ("assistant: ") makes re-tokenizing a reply starting
+    " Adding" merge across the boundary (the old drift); and replies sampled as other segmentations
+    than their text's tokenization. The rows hold the sampled ids, the prompt the engine's ids."""
     from rise_ray.rollout.engine import chat_prompt_ids
 
     tok = bpe_chat_tokenizer("assistant: ")
-    turns = [
-        ([{"role": "user", "content": f"What is {a} + {b}?"}], reply)
-        for a, b in [(12, 55), (3, 4), (70, 1)]
-        for reply in (f"Adding {a} and {b} gives {a + b}.", f"={a + b}")
-    ]
-    batched = tokenize_turns(tok, turns)
-    assert batched == [tokenize_turns(tok, [t])[0] for t in turns]
-    assert any(d for _, _, d in batched) and not all(d for _, _, d in batched)  # both paths taken
-    for (context, _), (ids, start, _) in zip(turns, batched, strict=True):
-        assert ids[:start] == chat_prompt_ids(tok, context)
+    replies = [" Adding 12 and 55 gives 66.", " Adding 12 and 55 gives 67."]
+    traj = Trajectory("p", "What is 12 + 55?", "67", sampled_turns(tok, replies))
+    rows, stats = build_examples([traj], env, tok, cfg(layout=layout))
+    assert stats["replies_from_text"] == 0 and stats["examples"] == 2
+    runs = [r for row in rows for r in trained_runs(row)]
+    assert [ids for ids, _ in runs] == [t.token_ids for t in traj.turns]  # ids compared, not text
+    first = rows[0]["input_ids"] if layout == "packed" else by_turn(rows)[("p", 0)]["input_ids"]
+    prompt = chat_prompt_ids(tok, [{"role": "user", "content": traj.question}])
+    assert first[: len(prompt)] == prompt  # turn 1's context: the ids the engine was given
+    if layout == "packed":  # turn 2's context holds turn 1's sampled ids, not their re-tokenization
+        (row,) = rows
+        ids = row["input_ids"]
+        assert ids[len(prompt) : len(prompt) + len(traj.turns[0].token_ids)] == traj.turns[0].token_ids
+
+
+def test_a_template_that_trims_replies_keeps_the_sampled_whitespace(env):
+    tok = bpe_chat_tokenizer("assistant:\n")
+    tok.chat_template = tok.chat_template.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+    turns = sampled_turns(tok, [" Adding 12 and 55 gives 66.\n", " Adding 12 and 55 gives 67.\n"])
+    rows, stats = build_examples([Trajectory("p", "What is 12 + 55?", "67", turns)], env, tok, cfg(layout="packed"))
+    assert [ids for row in rows for ids, _ in trained_runs(row)] == [t.token_ids for t in turns]
+    assert stats["rows"] == 1
+
+
+def trained_runs(row: dict) -> list[tuple[list[int], int]]:
+    """(ids, start) of each run of trained positions in a row."""
+    runs, cur, start = [], [], 0
+    for pos, (t, w) in enumerate(zip(row["input_ids"], row["weights"], strict=True)):
+        if w > 0:
+            start = pos if not cur else start
+            cur.append(t)
+        elif cur:
+            runs.append((cur, start))
+            cur = []
+    return runs + ([(cur, start)] if cur else [])
 
 
 def test_template_that_is_not_prefix_stable_is_a_clear_error(env):
@@ -318,8 +334,8 @@ def test_template_that_is_not_prefix_stable_is_a_clear_error(env):
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eot>{% endfor %}"
         "{% if add_generation_prompt %}bot> {% endif %}"
     )
-    with pytest.raises(BuildError, match="prefix-stable"):
-        tokenize_turn(tok, [{"role": "user", "content": "hi"}], "hello")
+    with pytest.raises(BuildError, match=r"problem 'p' turn 0: .*prefix-stable"):
+        build_examples([make_trajectory("p", "hi", [("hello", 1.0)])], env, tok, cfg())
 
 
 # --- files ----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from rise_ray.models.tiny import build_tiny_model
 from rise_ray.rollout import make_engine
-from rise_ray.rollout.engine import Completion, Engine, PromptTooLong, SamplingParams
+from rise_ray.rollout.engine import Completion, Engine, PromptTooLong, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.hf import HFEngine
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -126,6 +126,34 @@ def test_hf_generate_shapes_and_finished(hf, n_tokens):
     assert all(n_tokens(c) <= 3 for c in flat if not c.finished)
 
 
+def sampled_logprobs(hf: HFEngine, prompt: list[int], ids: list[int]) -> list[float]:
+    """log p(ids | prompt) token by token, from one unpadded forward pass of the reference model."""
+    with torch.inference_mode():
+        logits = hf.model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1).tolist()
+
+
+def check_completion_ids(hf: HFEngine, convs, out) -> None:
+    """Each completion's prompt ids are the templated conversation; its token ids decode to its text,
+    end with eos exactly when it finished; its logprobs are the reference model's."""
+    eos = hf.tokenizer.eos_token_id
+    for conv, row in zip(convs, out, strict=True):
+        for c in row:
+            assert list(c.prompt_ids) == chat_prompt_ids(hf.tokenizer, conv)
+            ids = list(c.token_ids)
+            assert c.finished == (ids[-1] == eos) and eos not in ids[:-1]
+            assert hf.tokenizer.decode(ids, skip_special_tokens=True) == c
+            assert c.logprobs == pytest.approx(sampled_logprobs(hf, list(c.prompt_ids), ids), abs=LOGPROB_TOL)
+
+
+def test_hf_completions_carry_their_ids_and_logprobs(hf):
+    out = hf.generate(CONVS, 3, SamplingParams(temperature=1.0, max_tokens=40, seed=1, logprobs=True))
+    check_completion_ids(hf, CONVS, out)
+    plain = hf.generate(CONVS, 3, SamplingParams(temperature=1.0, max_tokens=40, seed=1))
+    assert [[c.token_ids for c in r] for r in plain] == [[c.token_ids for c in r] for r in out]
+    assert all(c.logprobs is None for r in plain for c in r)  # only when asked for
+
+
 def test_hf_long_generation_finishes(hf, n_tokens):
     out = hf.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=300, seed=0))
     flat = [c for r in out for c in r]
@@ -204,6 +232,12 @@ def test_vllm_generate_shapes_and_finished(vllm_engine, n_tokens):
     long = vllm_engine.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=300, seed=0))
     assert any(c.finished for r in long for c in r)
     assert all(n_tokens(c) < 300 for r in long for c in r if c.finished)
+
+
+@needs_vllm
+def test_vllm_completions_carry_their_ids_and_logprobs(vllm_engine, hf):
+    out = vllm_engine.generate(CONVS, 3, SamplingParams(temperature=1.0, max_tokens=40, seed=1, logprobs=True))
+    check_completion_ids(hf, CONVS, out)
 
 
 @needs_vllm

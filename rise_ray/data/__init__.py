@@ -12,8 +12,6 @@ from rise_ray.data.builder import (
     read_stats,
     read_trajectories,
     select_turns,
-    tokenize_turn,
-    tokenize_turns,
     turn_weight,
     write_dataset,
 )
@@ -30,8 +28,6 @@ __all__ = [
     "read_stats",
     "read_trajectories",
     "select_turns",
-    "tokenize_turn",
-    "tokenize_turns",
     "turn_weight",
     "write_dataset",
 ]

@@ -10,10 +10,13 @@ Steps, per trajectory (one problem, one rollout):
      repetitions) stay in the context but are never trained;
   3. weight each trained turn `exp(r / tau)` (optionally with the prompt's mean reward subtracted
      first, the AWR-like variant), capped at `max_weight`;
-  4. chat-template each trained turn's conversation with the model's tokenizer, exactly as the
-     rollout engine built it (`build_conversation`: same env feedback, same context window),
-     and weight its tokens: 0 on prompts and feedback, `weight / n` on the n tokens of the
-     assistant reply (the end-of-turn tokens the template adds included);
+  4. assemble each trained turn's ids from stored ids, in the conversation the rollout engine
+     built (`build_conversation`: same env feedback, same context window): the chat template's
+     texts (system, question, feedback, role markers, generation prompts) tokenized, and each
+     assistant reply - earlier attempts in the context and the trained reply - as the ids the
+     engine sampled (`Turn.token_ids`), never as its text re-tokenized. So every trained reply
+     token is the sampled one, by construction. Weights: 0 on context, `weight / n` on the n
+     tokens of the reply (the template's end-of-turn tokens after it included);
   5. lay out rows:
        - `prefix` (the paper's code): one row per trained turn, the loss only on its last turn;
        - `packed` (ours): prefix examples that are token-prefixes of one another share one row,
@@ -27,13 +30,19 @@ CE times its weight, averaged over examples) for both layouts, to float rounding
 micro-batches, each optimizer step divides by the units it holds, so `prefix` is the paper's
 per-batch mean and `packed` an estimate of the same objective that groups turns differently.
 
-Tokenization drift: a turn's prompt tokens must be the ones the engine fed the model
-(`apply_chat_template(..., add_generation_prompt=True)`). A turn is "aligned" when those prompt
-tokens are a token-prefix of the tokenized conversation ending with the reply; then the example
-is that tokenization. Otherwise (a BPE merge across the boundary, e.g. a generation prompt ending
-in a space) the example is the exact prompt tokens followed by the reply's own tokens, and it is
-counted in `drift_turns`. Packed rows only ever merge examples whose token ids are prefixes of
-one another, so drift can never make the two layouts differ.
+The assembly rule. The template renders the conversation ending with the reply; it is cut at each
+assistant message: the text up to its generation prompt, its content, the text after it. The texts
+are tokenized alone (a text never spans a reply: with the usual templates a special token ends
+each reply, so the engine's own tokenization of the rendered prompt splits there too), and each
+content is replaced by that reply's sampled ids. Turn 1's context is therefore exactly the ids
+the engine was given (`Turn.prompt_ids`); a later context equals the engine's prompt unless a
+re-tokenized earlier reply differed from its sampled ids (the engine saw the re-tokenization; the
+trained row keeps the sampled ids, so the packed row is one consistent sequence), or the data set
+rebuilds the context (dedupe, another window); `contexts_not_engine_prompt` counts those. A
+reply that ends with the stop token it sampled keeps it, and the template's copy of that token
+is not added again. Replies known only as text (a teacher's, whose vocabulary may differ, or
+turns recorded without ids) are tokenized alone and counted in `replies_from_text`. Packed rows
+only ever merge examples whose ids are prefixes of one another, so the layouts agree exactly.
 
 Too-long examples (more than `max_length` tokens) lose context tokens from the left, or are
 dropped (`overflow`); an example whose reply alone does not fit is always dropped. Both are
@@ -56,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rise_ray.config import DataConfig
+from rise_ray.data.assemble import TemplateError, assemble, encode_texts, example_segments, reply_ids
 from rise_ray.envs.base import DataError, Env, Problem
 from rise_ray.rollout.episodes import Trajectory, Turn, build_conversation
 
@@ -63,7 +73,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "rise-ray-sft-v1"
 EXAMPLES_FILE = "examples.parquet"
-ENCODE_BATCH = 4096  # conversations per batched tokenizer call
 STATS_FILE = "stats.json"
 TRAJECTORY_FIELDS = ("problem_id", "question", "reference", "turns")
 TURN_FIELDS = ("response", "reward", "correct")
@@ -148,7 +157,7 @@ def prompt_baselines(prepared: list[Prepared]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sums.items() if v}
 
 
-# --- 4. tokenize ----------------------------------------------------------------------------------
+# --- 4. assemble ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -161,65 +170,7 @@ class TurnExample:
     weight: float
     ids: list[int]
     start: int  # ids[start:] are the reply's tokens (trained); ids[:start] the context
-    drift: bool = False
     truncated: int = 0  # context tokens cut from the left
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-
-
-def _encode_chats(tokenizer: Any, conversations: list[list[dict[str, str]]], gen: bool) -> list[list[int]]:
-    """Token ids the way the rollout engines make them (rise_ray.rollout.engine.chat_prompt_ids):
-    apply_chat_template renders each conversation and tokenizes the texts in one batched call
-    (add_special_tokens=False either way), ~3x faster than a call per conversation."""
-    out: list[list[int]] = []
-    for start in range(0, len(conversations), ENCODE_BATCH):
-        chunk = conversations[start : start + ENCODE_BATCH]
-        ids = tokenizer.apply_chat_template(chunk, tokenize=True, add_generation_prompt=gen, return_dict=False)
-        out.extend([int(i) for i in (row.tolist() if hasattr(row, "tolist") else row)] for row in ids)
-    return out
-
-
-def tokenize_turn(tokenizer: Any, context: list[dict[str, str]], response: str) -> tuple[list[int], int, bool]:
-    """(ids, start, drift) for the reply `response` to the conversation `context` (one turn)."""
-    return tokenize_turns(tokenizer, [(context, response)])[0]
-
-
-def tokenize_turns(
-    tokenizer: Any, turns: list[tuple[list[dict[str, str]], str]]
-) -> list[tuple[list[int], int, bool]]:
-    """(ids, start, drift) for each (context, reply) pair.
-
-    The prompt tokens are the engines' (`chat_prompt_ids`, generation prompt included). When they are a
-    token-prefix of the templated conversation with the reply, that tokenization is used
-    (aligned); otherwise the ids are the prompt tokens followed by the reply's own tokens (drift).
-    """
-    prompts = _encode_chats(tokenizer, [c for c, _ in turns], gen=True)
-    fulls = _encode_chats(tokenizer, [[*c, {"role": "assistant", "content": r}] for c, r in turns], gen=False)
-    out = []
-    for (context, response), prompt_ids, full_ids in zip(turns, prompts, fulls, strict=True):
-        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-            out.append((full_ids, len(prompt_ids), False))
-        else:
-            out.append((_drifted_turn(tokenizer, context, response, prompt_ids), len(prompt_ids), True))
-    return out
-
-
-def _drifted_turn(tokenizer: Any, context: list[dict[str, str]], response: str, prompt_ids: list[int]) -> list[int]:
-    full_msgs = [*context, {"role": "assistant", "content": response}]
-    prompt_text = _render(tokenizer, context, gen=True)
-    full_text = _render(tokenizer, full_msgs, gen=False)
-    if not full_text.startswith(prompt_text):
-        raise BuildError(
-            "the chat template is not prefix-stable: the conversation with the reply does not start with "
-            "the generation prompt the model saw, so the reply's tokens cannot be located "
-            f"(prompt ends {prompt_text[-40:]!r}, conversation continues {full_text[len(prompt_text) - 40 :][:80]!r})"
-        )
-    reply_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-    if not reply_ids:
-        raise BuildError(f"the reply {response!r} renders to no tokens after the generation prompt")
-    return prompt_ids + [int(i) for i in reply_ids]
 
 
 def fit_length(ex: TurnExample, max_length: int, overflow: str) -> TurnExample | None:
@@ -232,7 +183,7 @@ def fit_length(ex: TurnExample, max_length: int, overflow: str) -> TurnExample |
         return None
     cut = n - max_length
     return TurnExample(
-        ex.traj_index, ex.turn_index, ex.problem_id, ex.weight, ex.ids[cut:], ex.start - cut, ex.drift, cut
+        ex.traj_index, ex.turn_index, ex.problem_id, ex.weight, ex.ids[cut:], ex.start - cut, cut
     )
 
 
@@ -323,8 +274,8 @@ def build_examples(
         prepared.append(p)
     baselines = prompt_baselines(prepared) if cfg.center_rewards else {}
 
-    # Pass 1: the trained turns of each trajectory, with weights and contexts.
-    jobs: list[tuple[int, list[tuple[int, float, list[dict[str, str]], str]]]] = []
+    # Pass 1: the trained turns of each trajectory, with weights and template segments.
+    jobs: list[tuple[int, list[tuple[int, float, list[str | int], list[Turn]]]]] = []
     for ti, p in enumerate(prepared):
         problem = _problem(p.traj)
         attempts = [t.response for t in p.turns]
@@ -340,20 +291,37 @@ def build_examples(
                 continue
             stats["turns_selected"] += 1
             w = turn_weight(rewards[i], cfg.tau, baselines.get(p.traj.problem_id, 0.0), cfg.max_weight)
-            turns.append((i, w, build_conversation(env, problem, attempts[:i], context_window), turn.response))
+            shown = p.turns[:i][-context_window:] if context_window else p.turns[:i]  # as build_conversation
+            conv = build_conversation(env, problem, attempts[:i], context_window)
+            try:
+                segs = example_segments(tokenizer, conv, turn.response)
+            except TemplateError as e:
+                raise BuildError(f"problem {p.traj.problem_id!r} turn {i}: {e}") from None
+            turns.append((i, w, segs, [*shown, turn]))
         jobs.append((ti, turns))
-    # Pass 2: every turn tokenized in batches; then examples and rows, trajectory by trajectory.
-    tokenized = iter(tokenize_turns(tokenizer, [(c, r) for _, turns in jobs for _, _, c, r in turns]))
+    # Pass 2: the template texts tokenized once each, in batches; replies are the sampled ids.
+    texts = list(
+        {seg: None for _, turns in jobs for _, _, segs, _ in turns for seg in segs if isinstance(seg, str)}
+        | {t.response: None for _, turns in jobs for *_, shown in turns for t in shown if reply_ids(t) is None}
+    )
+    encoded = dict(zip(texts, encode_texts(tokenizer, texts), strict=True))
+    special = {int(i) for i in tokenizer.all_special_ids}
     rows: list[dict[str, Any]] = []
     prefix_tokens = 0
     weights: list[float] = []
     for ti, turns in jobs:
         pid = prepared[ti].traj.problem_id
         examples: list[TurnExample] = []
-        for i, w, _, _ in turns:
-            ids, start, drift = next(tokenized)
-            stats["drift_turns"] += int(drift)
-            ex = fit_length(TurnExample(ti, i, pid, w, ids, start, drift), cfg.max_length, cfg.overflow)
+        for i, w, segs, shown in turns:
+            replies = [reply_ids(t) for t in shown]
+            stats["replies_from_text"] += int(replies[-1] is None)
+            replies = [encoded[t.response] if r is None else r for r, t in zip(replies, shown, strict=True)]
+            ids, start = assemble(segs, replies, encoded.__getitem__, special)
+            if start == len(ids):
+                raise BuildError(f"problem {pid!r} turn {i}: the reply {shown[-1].response!r} has no tokens to train")
+            own = shown[-1].prompt_ids
+            stats["contexts_not_engine_prompt"] += int(bool(own) and list(own) != ids[:start])
+            ex = fit_length(TurnExample(ti, i, pid, w, ids, start), cfg.max_length, cfg.overflow)
             if ex is None:
                 stats["dropped_too_long"] += 1
                 continue
@@ -396,11 +364,6 @@ def build_examples(
             stats.get("truncated", 0),
             cfg.max_length,
             stats.get("dropped_too_long", 0),
-        )
-    if stats.get("drift_turns"):
-        log.warning(
-            "data: %d turn(s) with tokenization drift: trained on the exact prompt tokens + the reply's own tokens",
-            stats["drift_turns"],
         )
     return rows, stats
 

@@ -50,7 +50,8 @@ def arithmetic_trajectories(n: int, turns: int = 5, seed: int = 0, solve_last: f
 def bpe_chat_tokenizer(gen_prompt: str = "assistant:\n"):
     """A small byte-level BPE tokenizer trained here (no download) with a chat template whose
     generation prompt is `gen_prompt` ("assistant:" + separator). With a trailing space
-    ("assistant: ") a reply starting " Adding" merges across the boundary: tokenization drift."""
+    ("assistant: ") a reply starting " Adding" merges across the boundary when a conversation is
+    re-tokenized: the re-tokenized reply is not the sequence a model sampled after the prompt."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

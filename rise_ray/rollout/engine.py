@@ -6,6 +6,7 @@ An engine turns chat conversations into sampled assistant replies. Everything ab
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,23 +19,46 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
+    logprobs: bool = False  # return each sampled token's log-probability (Completion.logprobs)
 
     def with_(self, **kw: Any) -> SamplingParams:
         return replace(self, **kw)
 
 
 class Completion(str):
-    """A reply: a plain str (the protocol's type) that also says whether it ended on its own."""
+    """A reply: a plain str (the protocol's type) that also carries what the engine really did.
 
-    finished: bool  # False when the reply hit max_tokens without an end-of-turn token
+    finished: False when the reply hit max_tokens without a stop token.
+    token_ids: the sampled ids, the stop token included when the engine sampled one (the text is
+      their decoding without it). Training uses these ids, never a re-tokenization of the text.
+    prompt_ids: the ids the engine was given (the chat-templated conversation).
+    logprobs: the log-probability of each sampled id, where the engine was asked for them.
+    """
 
-    def __new__(cls, text: str, finished: bool = True) -> Completion:
+    finished: bool
+    token_ids: tuple[int, ...]
+    prompt_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None
+
+    def __new__(
+        cls,
+        text: str,
+        finished: bool = True,
+        token_ids: Sequence[int] = (),
+        prompt_ids: Sequence[int] = (),
+        logprobs: Sequence[float] | None = None,
+    ) -> Completion:
         obj = super().__new__(cls, text)
         obj.finished = finished
+        obj.token_ids = tuple(int(i) for i in token_ids)
+        obj.prompt_ids = tuple(int(i) for i in prompt_ids)
+        obj.logprobs = None if logprobs is None else tuple(float(x) for x in logprobs)
+        if obj.logprobs is not None and len(obj.logprobs) != len(obj.token_ids):
+            raise ValueError(f"{len(obj.logprobs)} logprobs for {len(obj.token_ids)} token ids")
         return obj
 
-    def __reduce__(self):  # keep `finished` through pickling (Ray object store)
-        return (Completion, (str(self), self.finished))
+    def __reduce__(self):  # keep the attributes through pickling (Ray object store)
+        return (Completion, (str(self), self.finished, self.token_ids, self.prompt_ids, self.logprobs))
 
 
 def chat_prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:

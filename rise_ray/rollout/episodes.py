@@ -32,6 +32,11 @@ class Turn:
     candidate_answers: list[str | None] = field(default_factory=list)
     candidate_rewards: list[float] = field(default_factory=list)
     candidate_correct: list[bool] = field(default_factory=list)
+    # The kept reply as the engine made it (empty where the engine gave none, e.g. hand-made turns):
+    # the ids it was given, the ids it sampled (stop token included), their log-probabilities.
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -49,9 +54,12 @@ class Trajectory:
 
     @staticmethod
     def from_record(rec: dict) -> Trajectory:
-        turns = [Turn(**{k: _plain(v) for k, v in t.items()}) for t in rec["turns"]]
+        turns = [Turn(**{k: _plain(v) for k, v in t.items() if v is not None or k not in _ID_FIELDS}) for t in rec["turns"]]
         fields = {k: rec[k] for k in ("problem_id", "question", "reference", "degenerate_dropped", "stop_reason", "meta")}
         return Trajectory(turns=turns, **fields)
+
+
+_ID_FIELDS = ("prompt_ids", "token_ids", "logprobs")  # absent (null) in records written before they were kept
 
 
 def _plain(v):
@@ -151,6 +159,9 @@ def _choose(env: Env, problem: Problem, cands: list[str], spec: EpisodeSpec, sou
         candidate_answers=[g.answer for g in grades],
         candidate_rewards=[g.reward for g in grades],
         candidate_correct=[g.correct for g in grades],
+        prompt_ids=list(getattr(cands[k], "prompt_ids", ())),
+        token_ids=list(getattr(cands[k], "token_ids", ())),
+        logprobs=list(getattr(cands[k], "logprobs", None) or ()),
     )
 
 
@@ -171,6 +182,9 @@ def trajectory_schema():
             ("candidate_answers", pa.list_(pa.string())),
             ("candidate_rewards", pa.list_(pa.float64())),
             ("candidate_correct", pa.list_(pa.bool_())),
+            ("prompt_ids", pa.list_(pa.int32())),
+            ("token_ids", pa.list_(pa.int32())),
+            ("logprobs", pa.list_(pa.float64())),
         ]
     )
     return pa.schema(

@@ -108,6 +108,8 @@ class HFEngine:
         kw: dict[str, Any] = {"do_sample": sample}
         if sample:  # top_k=0: no top-k cut, as in vLLM (a checkpoint's generation_config may set 50)
             kw.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.logprobs:  # raw logits, as vLLM's default logprobs_mode (untouched by temperature/top-p)
+            kw.update(output_logits=True, return_dict_in_generate=True)
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -117,13 +119,21 @@ class HFEngine:
             use_cache=True,
             **kw,
         )
-        new = out[:, ids.shape[1] :].tolist()
+        seqs = out.sequences if params.logprobs else out
+        new = seqs[:, ids.shape[1] :]
+        logprobs = None
+        if params.logprobs:
+            logits = torch.stack(out.logits, dim=1).float()  # [rows, steps, vocab]
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1).tolist()
         result = []
-        for toks in new:
+        for i, (prompt, toks) in enumerate(zip(rows, new.tolist(), strict=True)):
+            # The sample ends at its first eos (the stop token is kept in token_ids, not in the
+            # text); after it generate() pads the rows that finished before the others.
             finished = self.eos_id in toks
-            if finished:
-                toks = toks[: toks.index(self.eos_id)]
-            result.append(Completion(self.tokenizer.decode(toks, skip_special_tokens=True), finished))
+            end = toks.index(self.eos_id) + 1 if finished else len(toks)
+            text = self.tokenizer.decode(toks[: end - 1] if finished else toks, skip_special_tokens=True)
+            lps = None if logprobs is None else logprobs[i][:end]
+            result.append(Completion(text, finished, toks[:end], prompt, lps))
         return result
 
     @torch.inference_mode()

@@ -172,16 +172,15 @@ class VLLMEngine:
                 top_p=params.top_p,
                 max_tokens=params.max_tokens,
                 seed=None if params.seed is None else params.seed + i * n,
+                logprobs=0 if params.logprobs else None,  # 0: the sampled token's only
             )
             for i in range(len(prompts))
         ]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
         result = []
-        for o in outs:
-            done = [
-                Completion(c.text, c.finish_reason == "stop")
-                for c in sorted(o.outputs, key=lambda c: c.index)
-            ]
+        for prompt, o in zip(prompts, outs, strict=True):
+            given = prompt if o.prompt_token_ids is None else list(o.prompt_token_ids)
+            done = [_completion(c, given) for c in sorted(o.outputs, key=lambda c: c.index)]
             result.append(done * n if greedy else done)
         return result
 
@@ -268,6 +267,14 @@ class VLLMEngine:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+
+
+def _completion(c: Any, prompt: list[int]) -> Completion:
+    """A vLLM CompletionOutput as a Completion: its token_ids hold the stop token when the sample
+    ended on one (the text does not); logprobs, when asked for, are one {id: Logprob} per token."""
+    ids = list(c.token_ids)
+    lps = None if c.logprobs is None else [step[t].logprob for t, step in zip(ids, c.logprobs, strict=True)]
+    return Completion(c.text, c.finish_reason == "stop", ids, prompt, lps)
 
 
 def _unaliased_cpu(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -223,7 +223,7 @@ def summarize(
         "num_workers": tcfg.num_workers,
         "zero_stage": tcfg.zero_stage,
         "lora": tcfg.lora.enabled,
-        "data": {k: stats.get(k) for k in ("layout", "rows", "examples", "input_tokens", "trained_tokens", "truncated", "dropped_too_long", "drift_turns")},
+        "data": {k: stats.get(k) for k in ("layout", "rows", "examples", "input_tokens", "trained_tokens", "truncated", "dropped_too_long", "replies_from_text", "contexts_not_engine_prompt")},
     }
 
 
@@ -248,7 +248,8 @@ def prepare_dataset(cfg: RunConfig, trajectories: str | list[str], model_path: s
         f"[rise train] data: {stats['trajectories_in']} trajectories -> {stats['rows']} {stats['layout']} rows, "
         f"{stats['examples']} examples, {stats['input_tokens']} tokens ({stats['trained_tokens']} trained); "
         f"truncated {stats.get('truncated', 0)}, dropped too long {stats.get('dropped_too_long', 0)}, "
-        f"drift {stats.get('drift_turns', 0)}",
+        f"replies from text {stats.get('replies_from_text', 0)}, contexts not the engine's prompt "
+        f"{stats.get('contexts_not_engine_prompt', 0)}",
         flush=True,
     )
     return out_dir
