@@ -104,13 +104,17 @@ def test_token_with_surrounding_whitespace_still_admits_its_holder(url):
 def test_a_replica_without_the_required_token_refuses_to_start(url, hmodel):
     from ray import serve
 
-    from rise_ray.serve.app import make_app
+    from rise_ray.serve.app import RiseServer
 
     cfg = load_config(overrides=[*OVERRIDES, "serve.token_env=RISE_SERVE_UNSET_TOKEN", "serve.require_token=true"])
     assert "RISE_SERVE_UNSET_TOKEN" not in os.environ
+    # make_app's deployment with no token of its own; one constructor retry instead of Serve's three.
+    app = RiseServer.options(max_constructor_retry_count=1, ray_actor_options={"num_cpus": 0.5}).bind(
+        hmodel, cfg.model_dump(mode="json"), None
+    )
     try:
         with pytest.raises(RuntimeError, match="rise-open failed"):
-            serve.run(make_app(hmodel, cfg), name="rise-open", route_prefix="/open")
+            serve.run(app, name="rise-open", route_prefix="/open")
         why = serve.status().applications["rise-open"].deployments["RiseServer"].message
         assert "require_token" in why and "refusing to start" in why, why
         assert httpx.get(url + "/open/v1/models", timeout=30).status_code != 200
