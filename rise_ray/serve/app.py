@@ -140,6 +140,7 @@ class RiseServer:
         # Solve work is counted while it runs, and the pool has a thread for each: nothing queues.
         self._slots = SolveSlots(s.max_ongoing_requests, s.retry_after_s)
         self._solve_threads = ThreadPoolExecutor(s.max_ongoing_requests, thread_name_prefix="rise-solve")
+        # Grading processes end with this replica's process (EOF on their pipe, or orphaned).
         self._grader = GraderPool(s.grade_workers)
         self._grader.warm()
         self._envs: dict[str, Env] = {}
@@ -380,10 +381,6 @@ class RiseServer:
             raise
         finally:
             self._slots.give(stopped)
-
-    def __del__(self) -> None:
-        if hasattr(self, "_grader"):
-            self._grader.close()
 
 
 # `serve run rise_ray.serve.app:build_app` and `rise serve` name these here.
