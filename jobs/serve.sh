@@ -18,17 +18,21 @@ fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8266}"
 
-# jobs/runtime_env.yaml plus the token (one JSON: `ray job submit` takes --runtime-env or
-# --runtime-env-json, not both). The token then shows in the job's runtime env in the dashboard.
-runtime_env=$(python - <<'PY'
-import json, os, yaml
+# jobs/runtime_env.yaml plus the token, written to a private temporary file for --runtime-env: a
+# token on a command line is readable by every local user (ps, /proc). The token then shows in
+# the job's runtime env in the dashboard (see jobs/serve.md).
+umask 077
+runtime_env_file=$(mktemp "${TMPDIR:-/tmp}/rise-serve-env.XXXXXX")
+trap 'rm -f "$runtime_env_file"' EXIT
+python - "$runtime_env_file" <<'PY'
+import json, os, sys, yaml
 env = yaml.safe_load(open("jobs/runtime_env.yaml")) or {}
 if os.environ.get("RISE_SERVE_TOKEN"):
-    env.setdefault("env_vars", {})["RISE_SERVE_TOKEN"] = os.environ["RISE_SERVE_TOKEN"]
-print(json.dumps(env))
+    env.setdefault("env_vars", {})["RISE_SERVE_TOKEN"] = os.environ["RISE_SERVE_TOKEN"].strip()
+with open(sys.argv[1], "w") as f:
+    json.dump(env, f)  # JSON is YAML: `ray job submit --runtime-env` reads it
 PY
-)
 # The uploaded working dir comes first on the job's PYTHONPATH, so no `pip install` is needed (one
 # would repoint a shared venv's editable install at the job's temporary directory).
-exec ray job submit --no-wait --working-dir . --runtime-env-json "$runtime_env" -- \
+ray job submit --no-wait --working-dir . --runtime-env "$runtime_env_file" -- \
     python -m rise_ray.cli serve "$@"

@@ -252,6 +252,12 @@ class ServeConfig(_Strict):
     retry_after_s: float = Field(1.0, ge=0)
     num_cpus_per_replica: float = Field(1.0, gt=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)
+    require_token: bool = False  # true: a replica with no token to check refuses to start
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies: 413 before parsing
+    max_answer_chars: int = Field(1000, ge=1)  # the gold `answer` of /v1/rise/solve
+    grade_timeout_s: float = Field(5.0, gt=0)  # grading time per solve request, then 422
+    grade_workers: int = Field(2, ge=1)  # grading processes per replica (killed when over time)
+    health_check_period_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeConfig:

@@ -129,7 +129,8 @@ def server(boxed_model):
         ray.shutdown()
     metrics_port, port = free_port(), free_port()
     os.environ[TOKEN_ENV] = TOKEN
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    # address="local": a Ray of our own even when another is running on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         url = serve_command(boxed_model, load_config(overrides=OVERRIDES), "127.0.0.1", port, blocking=False)
         yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", "tiny-rise", boxed_model)

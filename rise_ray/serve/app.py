@@ -2,16 +2,21 @@
 
 One deployment (`RiseServer`, a FastAPI ingress) holds one engine per replica, the same Engine
 protocol the rollouts use (vLLM when installed, transformers otherwise). Steps of a request:
-  1. the bearer token is checked (every route but /healthz), then the body is parsed strictly
-     (rise_ray.serve.schemas): a bad request is a 4xx JSON error naming the field;
-  2. limits (n, max_tokens, turns) and the prompt's length against the context are checked;
+  1. the bearer token is checked (every route but /healthz), the body read up to
+     serve.max_body_bytes (413 past it) and parsed strictly (rise_ray.serve.schemas): a bad
+     request is a 4xx JSON error naming the field; any failure is JSON (rise_ray.serve.errors);
+  2. limits (n, max_tokens, turns, seed) and the prompt's length against the context are
+     checked; special tokens written in message content are kept text (rise_ray.serve.limits);
   3. generation goes through one `@serve.batch` queue: concurrent requests with the same sampling
      settings become one engine call, made on the replica's event-loop thread (one at a time:
      engines are not thread-safe);
   4. /v1/rise/solve runs `run_episodes` (on a worker thread, its engine calls fed back into the
-     batch queue) and returns every attempt, its answer, and the majority answer (m1@tT).
+     batch queue; grading in time-limited child processes, rise_ray.serve.grading) and returns
+     every attempt, its answer, and the majority answer (m1@tT). A client that goes away
+     cancels its queued engine work and its episode stops at the next turn.
 Overload past max_ongoing_requests per replica plus max_queued_requests at the proxy is Serve's
-backpressure: 503 with Retry-After.
+backpressure: 503 with Retry-After. /healthz and Serve's health check report a dead engine;
+Serve then replaces the replica.
 
     serve run rise_ray.serve.app:build_app checkpoint=/path/to/model      # or `rise serve`
 """
@@ -19,43 +24,32 @@ backpressure: 503 with Retry-After.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import importlib.util
-import json
 import math
 import os
-import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rise_ray.config import DEFAULT_CONFIG, RunConfig, load_config
+from rise_ray.config import RunConfig
 from rise_ray.envs.base import Env, Problem
-from rise_ray.eval.metrics import majority_index
 from rise_ray.rollout.engine import Conversation, PromptTooLong, SamplingParams
-from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes
+from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
+from rise_ray.serve import errors
+from rise_ray.serve.deploy import ROUTES, read_token, token_digest  # noqa: F401  (ROUTES: importers name it here)
+from rise_ray.serve.grading import BoundedEnv, GraderPool, serve_env
+from rise_ray.serve.limits import Cancelled, CancelToken, SolveSlots, TextOnly, check_seed, read_body
+from rise_ray.serve.results import ServeMetrics, majority_answer, solve_result, sse_events  # noqa: F401
 from rise_ray.serve.schemas import ApiError, ChatRequest, SolveRequest, parse
-
-ROUTES = ("GET /healthz", "GET /v1/models", "POST /v1/chat/completions", "POST /v1/rise/solve")
-
-
-def majority_answer(answers: Sequence[str | None], key: Callable[[str | None], str | None]) -> str | None:
-    """The majority answer (rise_ray.eval.metrics.majority_index): the most frequent readable
-    answer, ties to the latest (a reply must pick one; the metrics score ties as 1/j); None when
-    no answer was readable."""
-    i = majority_index(answers, key)
-    return None if i is None else answers[i]
 
 
 def resolve_engine(kind: str) -> str:
@@ -65,55 +59,10 @@ def resolve_engine(kind: str) -> str:
     return kind
 
 
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def solve_result(traj: Trajectory, env: Env, turns: int, graded: bool) -> dict[str, Any]:
-    """The body of a solve response: every attempt, its answer, and the final answer: the majority
-    over the attempts (m1@tT, ties to the latest), or the correct attempt's answer when the oracle
-    stopped the episode there."""
-    answers = [t.answer for t in traj.turns]
-    keys = [env.answer_key(a) for a in answers]
-    if traj.stop_reason == "correct":
-        final, rule = answers[-1], "oracle"
-    else:
-        final, rule = majority_answer(answers, env.answer_key), f"m1@t{turns}"
-    final_correct = None
-    if graded:  # the vote's answer is correct when the attempts giving it were graded correct
-        final_key = env.answer_key(final)
-        final_correct = any(t.correct for t, k in zip(traj.turns, keys, strict=True) if k is not None and k == final_key)
-    return {
-        "turns": turns,
-        "turns_used": len(traj.turns),
-        "stop_reason": traj.stop_reason,  # turns | correct | prompt_too_long
-        "attempts": [
-            {"turn": i + 1, "response": t.response, "answer": t.answer,
-             "correct": t.correct if graded else None, "finished": t.finished}
-            for i, t in enumerate(traj.turns)
-        ],
-        "answers": answers,
-        "final_answer": final,
-        "final_correct": final_correct,
-        "rule": rule,
-        "answer_changes": sum(a != b for a, b in zip(keys, keys[1:], strict=False)),
-    }
-
-
 # -- the HTTP app -------------------------------------------------------------------------------------
 # No /docs or /openapi.json: they would be unguarded routes.
 api = FastAPI(title="rise-ray", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    err = ApiError(exc.status_code, str(exc.detail), None, "not_found" if exc.status_code == 404 else None)
-    return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+errors.install(api)
 
 
 @dataclass(frozen=True)
@@ -134,16 +83,17 @@ class _LoopEngine:
     """The Engine protocol for run_episodes on a worker thread: generate() goes through the
     replica's batch queue on its event loop, so solve turns are batched with chat requests."""
 
-    def __init__(self, server: RiseServer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, server: RiseServer, loop: asyncio.AbstractEventLoop, cancel: CancelToken) -> None:
         self.server = server
         self.loop = loop
+        self.cancel = cancel
         self.max_model_len = server.max_model_len
 
     def prompt_len(self, conversation: Conversation) -> int:
         return self.server.prompt_len(conversation)
 
     def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
-        return asyncio.run_coroutine_threadsafe(self.server.generate(conversations, n, params), self.loop).result()
+        return self.cancel.run(self.server.generate(conversations, n, params), self.loop)
 
 
 # serve.ingress freezes the FastAPI app (and the methods' globals) here: whatever a route uses must
@@ -160,6 +110,13 @@ class RiseServer:
 
         self.cfg = RunConfig.model_validate(config)
         s = self.cfg.serve
+        # Auth first, failing closed: a blank token is an error, and with serve.require_token a
+        # replica that has no token to check never starts (rather than serve without one).
+        if token_sha256 is None and s.token_env in os.environ:
+            token_sha256 = token_digest(read_token(self.cfg) or "")
+        if token_sha256 is None and s.require_token:
+            raise RuntimeError(f"serve.require_token: ${s.token_env} is not set on this replica: refusing to start")
+        self._token_sha256 = token_sha256
         self.engine_kind = resolve_engine(s.engine)
         if s.num_gpus_per_replica == 0:
             # A CPU replica gets as many torch threads as CPUs it holds (oversubscribing a shared
@@ -176,33 +133,23 @@ class RiseServer:
         self._tok_lock = threading.Lock()
         self.model_name = s.model_name or os.path.basename(os.path.normpath(checkpoint))
         self.created = int(time.time())
-        if token_sha256 is None and os.environ.get(s.token_env):
-            token_sha256 = token_digest(os.environ[s.token_env])
-        self._token_sha256 = token_sha256
+        special = {*self.tokenizer.all_special_tokens,
+                   *(t.content for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if t.special)}
+        self._text_only = TextOnly(special)
+        self._engine_error: str | None = None  # set when the engine fails a probe: it is dead
+        # Solve work is counted while it runs, and the pool has a thread for each: nothing queues.
+        self._slots = SolveSlots(s.max_ongoing_requests, s.retry_after_s)
         self._solve_threads = ThreadPoolExecutor(s.max_ongoing_requests, thread_name_prefix="rise-solve")
+        # Grading processes end with this replica's process (EOF on their pipe, or orphaned).
+        self._grader = GraderPool(s.grade_workers)
+        self._grader.warm()
         self._envs: dict[str, Env] = {}
         self._env_lock = threading.Lock()
         self.default_env = s.env or self.cfg.env.name
         self._env(self.default_env)  # fail at start-up, not at the first request, if it is broken
         self._batched.set_max_batch_size(s.max_batch_size)
         self._batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
-        self._metrics()
-
-    def _metrics(self) -> None:
-        from ray.serve import metrics
-
-        self.m_solve = metrics.Counter(
-            "rise_solve_requests", "Solve requests served.", tag_keys=("env", "oracle")
-        )
-        self.m_turns = metrics.Counter("rise_solve_turns", "Turns (attempts) used by solve requests.", tag_keys=("env",))
-        self.m_changes = metrics.Counter(
-            "rise_solve_answer_changes", "Answer changes between consecutive attempts.", tag_keys=("env",)
-        )
-        self.m_turns_used = metrics.Histogram(
-            "rise_solve_turns_used", "Turns used per solve request.", boundaries=[1, 2, 3, 4, 5, 8, 12, 16],
-            tag_keys=("env",),
-        )
-        self.m_chat = metrics.Counter("rise_chat_requests", "Chat completion requests served.", tag_keys=("stream",))
+        self.metrics = ServeMetrics()
 
     # -- helpers --------------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -225,23 +172,10 @@ class RiseServer:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _env(self, name: str) -> Env:
-        from rise_ray.envs import REGISTRY, env_options, get_env
-        from rise_ray.session import env_options as cfg_env_options
-
         with self._env_lock:
-            if name in self._envs:
-                return self._envs[name]
-            if name not in REGISTRY:
-                raise ApiError(400, f"env: unknown env {name!r}; known: {sorted(REGISTRY)}", "env", "unknown_env")
-            if name == self.cfg.env.name:  # the training env: the same prompts and feedback it was trained on
-                opts = cfg_env_options(self.cfg.env, with_data=False)
-            else:
-                e = self.cfg.env
-                opts = {"feedback": e.feedback, "repeat_question": e.repeat_question, "unparsed_reward": e.unparsed_reward}
-            accepted = env_options(name)
-            opts.update({k: 0 for k in ("num_train", "num_test") if k in accepted})  # grading needs no problems
-            self._envs[name] = env = get_env(name, **{k: v for k, v in opts.items() if k in accepted})
-            return env
+            if name not in self._envs:
+                self._envs[name] = serve_env(self.cfg, name)
+            return self._envs[name]
 
     def _max_tokens(self, value: int | None, default: int, param: str = "max_tokens") -> int:
         limit = self.cfg.serve.max_tokens_limit
@@ -289,6 +223,7 @@ class RiseServer:
             try:
                 outs: list[Any] = self._run_engine([jobs[i] for i in idx])
             except Exception as e:
+                self._probe_engine(e)
                 if len(idx) == 1:
                     results[idx[0]] = e
                     continue
@@ -302,10 +237,36 @@ class RiseServer:
                 results[i] = out
         return results
 
+    def _probe_engine(self, error: Exception) -> None:
+        """After an engine call failed: a request's own fault (PromptTooLong, ValueError), or an
+        engine that can no longer generate? A one-token probe decides; if it fails too the engine
+        is dead: /healthz says so and check_health makes Serve replace this replica."""
+        if isinstance(error, ValueError) or self._engine_error is not None:
+            return
+        try:
+            self.engine.generate([[{"role": "user", "content": "ping"}]], 1, SamplingParams(temperature=0, max_tokens=1))
+        except Exception as e:
+            self._engine_error = f"{type(e).__name__}: {e}"
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose engine died is replaced."""
+        if self._engine_error is not None:
+            raise RuntimeError(f"the engine is dead: {self._engine_error}")
+
+    def _live_engine(self) -> None:
+        if self._engine_error is not None:
+            raise ApiError(503, "this replica's engine is dead; Serve is replacing it: retry later", None,
+                           "engine_dead", headers={"Retry-After": "5"})
+
     # -- routes ---------------------------------------------------------------------------------------
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_name, "engine": self.engine_kind, "max_model_len": self.max_model_len}
+    async def healthz(self) -> Any:
+        body = {"status": "ok", "model": self.model_name, "engine": self.engine_kind,
+                "max_model_len": self.max_model_len,
+                "solve": {"in_flight": self._slots.in_flight, "cancelled": self._slots.cancelled}}
+        if self._engine_error is not None:
+            return JSONResponse({**body, "status": "engine_dead", "error": self._engine_error}, status_code=503)
+        return body
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -317,15 +278,16 @@ class RiseServer:
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
         self._auth(request)
-        req = parse(ChatRequest, await request.body())
         s = self.cfg.serve
+        req = parse(ChatRequest, await read_body(request, s.max_body_bytes))
+        self._live_engine()
         if req.model is not None and req.model != self.model_name:
             raise ApiError(404, f"model: {req.model!r} is not served here; this server serves {self.model_name!r}",
                            "model", "model_not_found")
         n = 1 if req.n is None else req.n
         if n > s.max_n:
             raise ApiError(400, f"n: {n} is above this server's limit of {s.max_n}", "n")
-        conv = [{"role": m.role, "content": m.content} for m in req.messages]
+        conv = [{"role": m.role, "content": self._text_only(m.content)} for m in req.messages]
         prompt_tokens = self.prompt_len(conv)
         if req.max_completion_tokens is not None:
             given, param = req.max_completion_tokens, "max_completion_tokens"
@@ -344,7 +306,7 @@ class RiseServer:
             (outs,) = await self.generate([conv], n, params)
         except PromptTooLong as e:
             raise ApiError(400, f"messages: {e}", "messages", "context_length_exceeded") from None
-        self.m_chat.inc(tags={"stream": str(bool(req.stream)).lower()})
+        self.metrics.chat.inc(tags={"stream": str(bool(req.stream)).lower()})
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         reasons = ["stop" if getattr(o, "finished", True) else "length" for o in outs]
         completion_tokens = sum(self._count_tokens(o) for o in outs)
@@ -352,7 +314,7 @@ class RiseServer:
                  "total_tokens": prompt_tokens + completion_tokens}
         if req.stream:
             with_usage = bool((req.stream_options or {}).get("include_usage"))
-            events = self._sse(rid, created, outs, reasons, usage if with_usage else None)
+            events = sse_events(self.model_name, rid, created, outs, reasons, usage if with_usage else None)
             return StreamingResponse(events, media_type="text/event-stream")
         choices = [
             {"index": i, "message": {"role": "assistant", "content": str(o)}, "finish_reason": r, "logprobs": None}
@@ -361,34 +323,21 @@ class RiseServer:
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": usage}
 
-    async def _sse(
-        self, rid: str, created: int, outs: list[str], reasons: list[str], usage: dict[str, int] | None
-    ) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format. The engine returns whole replies, so each
-        choice comes as one content chunk, then its finish chunk."""
-
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": choices, **extra}
-            return f"data: {json.dumps(body)}\n\n"
-
-        for i, (o, r) in enumerate(zip(outs, reasons, strict=True)):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": str(o)}, "finish_reason": None}])
-            yield chunk([{"index": i, "delta": {}, "finish_reason": r}])
-        if usage is not None:
-            yield chunk([], usage=usage)
-        yield "data: [DONE]\n\n"
-
     @api.post("/v1/rise/solve")
     async def solve(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        req = parse(SolveRequest, await request.body())
         s, ev = self.cfg.serve, self.cfg.eval
+        req = parse(SolveRequest, await read_body(request, s.max_body_bytes))
+        self._live_engine()
         env_name = req.env or self.default_env
         env = self._env(env_name)
         if req.turns is not None and req.turns > s.max_turns:
             raise ApiError(400, f"turns: {req.turns} is above this server's limit of {s.max_turns}", "turns")
         turns = req.turns or min(ev.turns, s.max_turns)
+        check_seed(req.seed, turns)
+        if req.answer is not None and len(req.answer) > s.max_answer_chars:
+            raise ApiError(400, f"answer: {len(req.answer)} characters is above this server's limit of "
+                           f"{s.max_answer_chars}", "answer")
         if req.oracle and req.answer is None:
             raise ApiError(400, "answer: oracle: true needs the gold answer to check attempts against", "answer")
         params = SamplingParams(
@@ -397,129 +346,42 @@ class RiseServer:
             max_tokens=self._max_tokens(req.max_tokens, ev.max_tokens),
             seed=req.seed,
         )
-        problem = Problem(f"solve-{uuid.uuid4().hex}", req.problem, req.answer or "")
+        problem = Problem(f"solve-{uuid.uuid4().hex}", self._text_only(req.problem), req.answer or "")
         self._check_fits(self.prompt_len(env.first_prompt(problem)), params.max_tokens, "problem")
         spec = EpisodeSpec(turns=turns, params=params, choose="first", oracle=req.oracle,
                            context_window=req.context_window)
-        loop = asyncio.get_running_loop()
-        (traj,) = await loop.run_in_executor(
-            self._solve_threads, run_episodes, _LoopEngine(self, loop), env, [problem], spec
-        )
-        out = solve_result(traj, env, turns, graded=req.answer is not None)
-        tags = {"env": env_name}
-        self.m_solve.inc(tags={**tags, "oracle": str(req.oracle).lower()})
-        self.m_turns.inc(out["turns_used"], tags=tags)
-        self.m_turns_used.observe(out["turns_used"], tags=tags)
-        if out["answer_changes"]:
-            self.m_changes.inc(out["answer_changes"], tags=tags)
+        cancel = CancelToken()
+        self._slots.take()
+        try:
+            fut = self._solve_threads.submit(self._episode, env, problem, spec, req.answer is not None, cancel,
+                                             asyncio.get_running_loop())
+        except BaseException:
+            self._slots.give(False)
+            raise
+        try:
+            out = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:  # the client went away (Serve cancels the handler)
+            cancel.cancel()
+            if fut.cancelled():  # it never started, so it gives back no slot itself
+                self._slots.give(True)
+            raise
+        self.metrics.solved(env_name, req.oracle, out)
         return {"id": problem.id, "model": self.model_name, "env": env_name, **out}
 
-
-# -- building and running the app ---------------------------------------------------------------------
-def make_app(checkpoint: str, cfg: RunConfig, token: str | None = None) -> serve.Application:
-    """The Serve application for `checkpoint`, with deployment options from `cfg.serve`.
-
-    `token`: the bearer token; only its SHA-256 reaches the cluster. None: each replica reads the
-    environment variable named by `cfg.serve.token_env`; neither set: no auth.
-    """
-    from rise_ray.envs import REGISTRY
-
-    s = cfg.serve
-    if (s.env or cfg.env.name) not in REGISTRY:
-        raise ValueError(f"serve.env: unknown env {s.env or cfg.env.name!r}; known: {sorted(REGISTRY)}")
-    if os.path.exists(checkpoint):
-        checkpoint = os.path.abspath(checkpoint)
-    options: dict[str, Any] = {
-        "autoscaling_config": {
-            "min_replicas": s.min_replicas,
-            "initial_replicas": max(s.min_replicas, 1),
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
-        },
-        "max_ongoing_requests": s.max_ongoing_requests,
-        "max_queued_requests": s.max_queued_requests,
-        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-        "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
-        "health_check_timeout_s": 60,
-    }
-    digest = token_digest(token) if token else None
-    return RiseServer.options(**options).bind(checkpoint, cfg.model_dump(mode="json"), digest)
+    def _episode(self, env: Env, problem: Problem, spec: EpisodeSpec, graded: bool, cancel: CancelToken,
+                 loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        """On a solve thread: the episode and its result, grading under the request's time limit."""
+        stopped = False
+        try:
+            bounded: Any = BoundedEnv(env, self._grader, self.cfg.serve.grade_timeout_s, cancel.event)
+            (traj,) = run_episodes(_LoopEngine(self, loop, cancel), bounded, [problem], spec)
+            return solve_result(traj, bounded, spec.turns, graded)
+        except Cancelled:
+            stopped = True
+            raise
+        finally:
+            self._slots.give(stopped)
 
 
-class AppArgs(BaseModel):
-    """`args` of a Serve config file (configs/serve/deploy.yaml) or `serve run ... checkpoint=...`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    checkpoint: str
-    config: str | None = None  # a run config YAML (None: the embedded default, as `rise` uses)
-    # key=value, e.g. ["serve.max_n=4"]; a string (from `serve run ... overrides="a=1 b=2"`) is split
-    overrides: list[str] | str = Field(default_factory=list)
-
-
-def build_app(args: Mapping[str, Any] | AppArgs) -> serve.Application:
-    """The import-path builder for `serve deploy` / `serve run`: rise_ray.serve.app:build_app."""
-    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args))
-    overrides = a.overrides.split() if isinstance(a.overrides, str) else a.overrides
-    return make_app(a.checkpoint, load_config(a.config or DEFAULT_CONFIG, overrides))
-
-
-def check_checkpoint(checkpoint: str) -> None:
-    """A local checkpoint must be an HF model directory; an `org/name` hub id is passed through."""
-    if os.path.isdir(checkpoint):
-        if not os.path.exists(os.path.join(checkpoint, "config.json")):
-            raise FileNotFoundError(f"{checkpoint}: not a model directory (no config.json)")
-    elif os.path.exists(checkpoint) or checkpoint.startswith(("/", ".", "~")) or checkpoint.count("/") != 1:
-        raise FileNotFoundError(f"{checkpoint}: no such model directory")
-
-
-def serve_command(
-    checkpoint: str, cfg: RunConfig, host: str | None = None, port: int | None = None, blocking: bool = True
-) -> str:
-    """`rise serve`: join Ray (RAY_ADDRESS, else a local Ray with its dashboard), start Serve on
-    host:port (default cfg.serve.host/port: 127.0.0.1:8000) and the app at "/". Blocking: until
-    Ctrl-C or SIGTERM (`ray job stop`), then the app is deleted. Returns the base URL."""
-    import ray
-
-    check_checkpoint(checkpoint)
-    s = cfg.serve
-    host = s.host if host is None else host
-    port = s.port if port is None else port
-    dashboard = None
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            dashboard = ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True).dashboard_url
-    token = os.environ.get(s.token_env) or None
-    url = f"http://{host}:{port}"
-    if not blocking:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(make_app(checkpoint, cfg, token), name=s.app_name, route_prefix="/", blocking=False)
-        return url
-
-    def on_term(signum: int, frame: Any) -> None:  # stop on SIGTERM the way Ctrl-C stops
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)  # after ray.init, which installs its own
-    deployed = False
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        deployed = True
-        serve.run(make_app(checkpoint, cfg, token), name=s.app_name, route_prefix="/", blocking=False)
-        print(f"rise serve: {checkpoint} at {url}\n  routes: {', '.join(ROUTES)}")
-        print(f"  auth: {'bearer token from $' + s.token_env if token else 'none (set $' + s.token_env + ' to require one)'}")
-        if token is None and host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"  warning: listening on {host} without a token: anyone who reaches it can use the model")
-        if dashboard:
-            print(f"  Ray dashboard (Serve tab, metrics): http://{dashboard}")
-        print("  Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        print("rise serve: stopping", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if deployed:
-            serve.delete(s.app_name)
-    return url
+# `serve run rise_ray.serve.app:build_app` and `rise serve` name these here.
+from rise_ray.serve.deploy import AppArgs, build_app, check_checkpoint, make_app, serve_command  # noqa: E402, F401

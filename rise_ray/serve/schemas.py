@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 M = TypeVar("M", bound=BaseModel)
+SEED_MAX = 2**63 - 1  # seeds reach torch's and vLLM's 64-bit generators
 
 
 class ApiError(Exception):
@@ -67,11 +68,11 @@ class ChatRequest(BaseModel):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     n: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI clients' name for max_tokens
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
 
@@ -87,10 +88,10 @@ class SolveRequest(BaseModel):
     oracle: bool = False  # stop at the first correct attempt (needs `answer`)
     answer: str | None = None  # the gold answer, if known: attempts are graded against it
     context_window: int | None = Field(None, ge=1)  # keep only the latest k attempts in the prompt
-    temperature: float | None = Field(None, ge=0, le=2)  # None: eval.temperature
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # None: eval.temperature
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)  # per attempt; None: eval.max_tokens
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)  # turn t samples with seed + t - 1
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
