@@ -12,8 +12,9 @@ from rise_ray.rollout.episodes import Trajectory
 
 
 def majority_answer(answers: Sequence[str | None], key: Callable[[str | None], str | None]) -> str | None:
-    """The majority answer by the m1@tT rule (rise_ray.eval.metrics.majority_index): the most
-    frequent readable answer, ties to the latest; None when no answer was readable."""
+    """The majority answer (rise_ray.eval.metrics.majority_index): the most frequent readable
+    answer, ties to the latest (a reply must pick one; the metrics score ties as 1/j); None when
+    no answer was readable."""
     i = majority_index(answers, key)
     return None if i is None else answers[i]
 
