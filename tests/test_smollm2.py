@@ -63,7 +63,7 @@ def test_smollm2_through_the_whole_loop_then_served(tmp_path):
     assert stages["iter_1/collect"]["output"]["trajectories"] == 4
     metrics = json.loads((run / "metrics.json").read_text())["iterations"]
     assert [m["iteration"] for m in metrics] == [0, 1] and all(len(m["acc_by_turn"]) == 2 for m in metrics)
-    trained = stages["iter_1/train"]["output"]
+    trained = run / stages["iter_1/train"]["output"]  # paths in the manifest are relative to the run
     assert os.path.isfile(os.path.join(trained, "model.safetensors"))  # LoRA merged: plain weights
 
     port = free_port()
@@ -86,7 +86,8 @@ def test_smollm2_through_the_whole_loop_then_served(tmp_path):
         health = httpx.get(base + "/healthz", timeout=10).json()
         assert health["max_model_len"] == 1024  # the run's own config, not the embedded default's 512
         with httpx.Client(base_url=base, timeout=300) as c:
-            r = c.post("/v1/chat/completions", json={"model": "m", "max_tokens": 16, "temperature": 0,
+            (served,) = [m["id"] for m in c.get("/v1/models").json()["data"]]
+            r = c.post("/v1/chat/completions", json={"model": served, "max_tokens": 16, "temperature": 0,
                                                     "messages": [{"role": "user", "content": "What is 2 + 3?"}]})
             assert r.status_code == 200, r.text
             body = r.json()
