@@ -126,8 +126,8 @@ def train_stage(cfg: RunConfig, data: dict, init: str, out: str, policy) -> str:
 
 
 def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:
-    """Load the trained weights into the live engines, then check a few logprobs against the
-    checkpoint computed here with transformers: a mismatch fails the run loudly.
+    """Load the trained weights into the live engines, then check a few logprobs against an fp32
+    reference of the checkpoint (and of the weights held before): a mismatch fails the run loudly.
 
     files (CPU): engines on this node read the checkpoint's files; engines on other nodes get the
     state dict through the object store, written to shared memory per engine.
@@ -138,14 +138,19 @@ def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:
     from rise_ray.rollout.weight_transfer import resolve_method
 
     method = resolve_method(cfg.sync.method, cfg.rollout)
+    previous = policy.current_checkpoint()
     policy.wake_up(tags=["weights"])
     if method == "files":
         seconds = policy.update_weights(checkpoint, version)
     else:
         seconds = policy.sync_native(checkpoint, version, method, bucket_bytes=cfg.sync.bucket_mb * 2**20)
     policy.wake_up()
-    max_err = check_engines(policy, checkpoint, tolerance=cfg.sync.tolerance) if cfg.sync.check else None
-    return {"seconds": round(seconds, 3), "method": method, "max_logprob_error": max_err}
+    out = {"seconds": round(seconds, 3), "method": method, "max_logprob_error": None}
+    if cfg.sync.check:  # an fp32 reference in a Ray task of its own (rise_ray.rollout.sync)
+        s = cfg.sync
+        check = check_engines(policy, checkpoint, s.tolerance, previous, tolerance_half=s.tolerance_half)
+        out.update(max_logprob_error=check["max_logprob_error"], check=check)
+    return out
 
 
 def resume(run_dir: str, overrides: list[str] | None = None) -> list[dict]:
