@@ -272,10 +272,14 @@ class RunConfig(_Strict):
         if self.rollout.improve_with == "teacher" and not self.teacher.path:
             raise ValueError("rollout.improve_with is 'teacher' but teacher.path is not set")
         r = self.rollout
-        if r.colocate_with_trainer and not (self.train.use_gpu and 0 < r.num_gpus_per_engine < 1 and r.tensor_parallel_size == 1):
+        if r.colocate_with_trainer and not (self.train.use_gpu and 0.5 < r.num_gpus_per_engine < 1 and r.tensor_parallel_size == 1):
             raise ValueError("rollout.colocate_with_trainer shares each GPU between an engine and a trainer worker: "
-                             "set train.use_gpu=true, rollout.num_gpus_per_engine to a fraction (e.g. 0.4) and "
-                             "rollout.tensor_parallel_size=1")
+                             "set train.use_gpu=true, rollout.num_gpus_per_engine between 0.5 and 1 (e.g. 0.6: Ray's "
+                             "bookkeeping only, more than half keeps two engines off one GPU; memory is "
+                             "gpu_memory_utilization) and rollout.tensor_parallel_size=1")
+        if r.colocate_with_trainer and self.train.num_workers > r.num_engines:
+            raise ValueError(f"rollout.colocate_with_trainer pairs each trainer worker with an engine's GPU: "
+                             f"train.num_workers ({self.train.num_workers}) > rollout.num_engines ({r.num_engines})")
         if self.sync.method in ("nccl", "ipc") and self.rollout.engine != "vllm":
             raise ValueError(f"sync.method '{self.sync.method}' is vLLM's weight transfer: set rollout.engine=vllm")
         return self

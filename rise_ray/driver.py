@@ -122,7 +122,8 @@ def train_stage(cfg: RunConfig, data: dict, init: str, out: str, policy) -> str:
     if cfg.rollout.colocate_with_trainer:  # the trainer takes the engines' GPUs; sync wakes them
         policy.sleep(level=2)  # level 2 drops the weights too: new ones arrive at the sync
 
-    return train(cfg, data["path"], init, out)
+    nodes = policy.node_ids() if cfg.rollout.colocate_with_trainer else None  # pair worker i with engine i
+    return train(cfg, data["path"], init, out, engine_nodes=nodes)
 
 
 def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:

@@ -149,12 +149,12 @@ def test_memory_of_an_8b_model_by_hand():
 def test_tensor_parallel_colocation_and_memory_verdicts():
     path = os.path.join(ROOT, "configs", "gsm8k_mistral7b_self.yaml")
     cluster = dict(NO_GPU, gpus=8, cpus=96, gpu_memory_gib=80)
-    share = ["rollout.colocate_with_trainer=true", "rollout.num_gpus_per_engine=0.4"]
+    share = ["rollout.colocate_with_trainer=true", "rollout.num_gpus_per_engine=0.6"]
     colocated = planmod.build_plan(load_config(path, share), cluster=cluster)
     assert colocated["gpus_needed"] == 4  # the trainer runs on the engines' GPUs while they sleep
     workers = next(a for a in colocated["actors"] if a["actor"] == "Ray Train workers")
-    assert workers["gpus_each"] == 0.6  # what the engine leaves of each GPU
-    with pytest.raises(ConfigError, match="num_gpus_per_engine to a fraction"):
+    assert workers["gpus_each"] == 0.4  # what the engine leaves of each GPU
+    with pytest.raises(ConfigError, match="num_gpus_per_engine between 0.5 and 1"):
         load_config(path, ["rollout.colocate_with_trainer=true"])  # a whole GPU per engine leaves none
     tp = planmod.build_plan(load_config(path, ["rollout.tensor_parallel_size=2"]), cluster=cluster)
     assert "tensor_parallel_size 2 needs 2 GPUs per engine" in tp["verdict"]
