@@ -25,8 +25,8 @@ import time
 from typing import Any
 
 from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
-from rise_ray.train.placement import STRATEGY, PlacementTimeout, reserve, worker_placement
 from rise_ray.train.loop import LOG_FILE, MARKER_FILE, MODEL_DIR, plan_steps, read_log, train_loop_per_worker
+from rise_ray.train.placement import STRATEGY, PlacementTimeout, reserve, worker_placement
 
 log = logging.getLogger(__name__)
 
