@@ -100,3 +100,65 @@ def test_train_placement_has_a_deadline_naming_what_it_waited_for(gpu_cluster):
     reserve({"CPU": 0.1, "GPU": 1.0}, 2, [{"ray.io/node-id": node}] * 2, timeout=60)
     with pytest.raises(PlacementTimeout, match="on the node of engine i"):
         reserve({"CPU": 0.1, "GPU": 1.0}, 3, [{"ray.io/node-id": node}] * 3, timeout=3)
+
+
+# --- a whole `rise run` across nodes (slow) --------------------------------------------------------
+
+TINY_RUN = [
+    "iterations=1", "env.num_train=32", "env.num_test=8",
+    "warmup.num_problems=64", "warmup.train={epochs: 1, lr: 0.003, micro_batch_size: 32}",
+    "rollout.best_of_n=2", "rollout.turns=2", "rollout.max_tokens=12", "rollout.batch_size=4",
+    "rollout.num_cpus_per_engine=1.5", "rollout.cpu_threads=1", "eval.turns=2", "eval.parallel=2",
+    "eval.max_tokens=12", "eval.batch_size=8", "train.micro_batch_size=16", "train.cpus_per_worker=0.5",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tmp_path, monkeypatch):
+    """Engines need 1.5 CPUs: the driver's node (1 CPU) cannot hold them, so they run elsewhere and
+    get weights through the object store. Mid-collection their node is removed: the engine comes
+    back on the other node with the synced weights and no problem is lost."""
+    import json
+    import threading
+    import time
+
+    from rise_ray import driver
+    from rise_ray.config import load_config
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    run_dir = tmp_path / "mn"
+    seen: dict = {}
+
+    def remove_engine_node():
+        from ray.util.state import list_actors
+
+        manifest = run_dir / "manifest.json"
+        while "iter_0/eval" not in (json.loads(manifest.read_text())["stages"] if manifest.exists() else {}):
+            time.sleep(0.5)
+        time.sleep(4.0)  # collection is under way
+        actors = [a for a in list_actors(filters=[("class_name", "=", "EngineActor"), ("state", "=", "ALIVE")])]
+        seen["engine_nodes"] = [a.node_id for a in actors]
+        victim = next(n for n in nodes if n.node_id in seen["engine_nodes"])
+        cluster.remove_node(victim)
+        seen["removed"] = victim.node_id
+
+    try:
+        cfg = load_config(None, [f"run_dir={tmp_path}", "name=mn", *TINY_RUN])
+        watcher = threading.Thread(target=remove_engine_node, daemon=True)
+        watcher.start()
+        driver.run(cfg, str(run_dir))
+        watcher.join(timeout=5)
+        head = cluster.head_node.node_id
+        assert seen.get("removed"), "the run finished before the engine's node was removed"
+        assert head not in seen["engine_nodes"]  # engines never on the driver's node
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["stages"]["iter_1/collect"]["output"]["trajectories"] == 32  # none lost
+        check = manifest["stages"]["iter_1/sync"]["output"]["check"]
+        assert check["max_logprob_error"] <= check["tolerance"] and check["reference_node"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

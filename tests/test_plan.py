@@ -42,6 +42,7 @@ def expected_stages(iterations):
     return names + ["report"]
 
 
+@pytest.mark.cpu_only  # plans against this machine: expects no GPU
 @pytest.mark.parametrize("path", [None, *CONFIGS], ids=lambda p: os.path.basename(p) if p else "embedded")
 def test_every_config_plans(path, capsys, monkeypatch):
     rc, plan = dry_run_json(capsys, monkeypatch, [path] if path else [])
@@ -241,6 +242,7 @@ def test_cluster_from_ray_address(monkeypatch):
     assert plan["verdict"] == "fits"
 
 
+@pytest.mark.cpu_only  # "a GPU config does not fit" on this machine
 def test_dry_run_subprocess_starts_nothing_and_is_quick():
     """The real CLI on this machine: no vLLM import, no Ray started, a GPU config does not fit."""
     code = (
