@@ -195,8 +195,8 @@ class WarmupConfig(_Strict):
 
 class SyncConfig(_Strict):
     check: bool = True  # compare engine logprobs with the trained checkpoint's fp32 reference after every sync
-    # max |logprob difference| from that reference: None = by the engines' dtype (1e-2 for fp32,
-    # tolerance_half for bf16 / fp16, whose logits alone round to steps of 0.03-0.125)
+    # max |logprob difference| from that reference: None = by the engines' dtype (1e-2 for fp32; for
+    # bf16 / fp16 tolerance_half or 2% of the probe's largest |logit|, whichever is larger)
     tolerance: float | None = Field(None, gt=0)
     tolerance_half: float = Field(0.25, gt=0)
     # How the weights travel: files = safetensors in shared memory (CPU and GPU); nccl / ipc = vLLM's

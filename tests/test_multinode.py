@@ -18,10 +18,23 @@ from rise_ray.train.placement import PlacementTimeout, reserve, worker_placement
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _unadvertise(cluster: Cluster) -> None:
+    """Ray writes the head's address to /tmp/ray/ray_current_cluster, where a plain ray.init() of
+    another process on this machine would find it and join this test's cluster: remove it."""
+    path = "/tmp/ray/ray_current_cluster"
+    try:
+        with open(path) as f:
+            if f.read().strip() == cluster.address:
+                os.remove(path)
+    except OSError:
+        pass
+
+
 @pytest.fixture(scope="module")
 def gpu_cluster():
     """A head without GPUs (the driver's node) and two nodes of 2 declared GPUs each."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    _unadvertise(cluster)
     for _ in range(2):
         cluster.add_node(num_cpus=1, num_gpus=2)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -127,6 +140,7 @@ def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tm
     from rise_ray.config import load_config
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    _unadvertise(cluster)
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
