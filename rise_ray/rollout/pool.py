@@ -31,9 +31,10 @@ from rise_ray.envs.base import Problem
 from rise_ray.rollout.engine import Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, to_table
 
-# Deadlines (seconds; environment variables override them). Start-up: a first download of the model
-# happens before this (session.resolve_model), so it covers loading and compiling only.
+# Deadlines (seconds; environment variables override them). Start-up covers loading and compiling;
+# a model given by hub id (not a local directory) may first be downloaded: that gets DOWNLOAD more.
 READY_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_READY_TIMEOUT_S", "900"))
+DOWNLOAD_TIMEOUT_S = float(os.environ.get("RISE_MODEL_DOWNLOAD_TIMEOUT_S", "7200"))
 SENDER_READY_TIMEOUT_S = float(os.environ.get("RISE_SENDER_READY_TIMEOUT_S", "300"))
 CALL_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_CALL_TIMEOUT_S", "3600"))  # one generate / load call
 SYNC_TIMEOUT_S = float(os.environ.get("RISE_SYNC_TIMEOUT_S", "1800"))  # a whole NCCL / IPC transfer
@@ -207,14 +208,16 @@ class RolloutPool:
             for _ in range(num_engines)
         ]
         refs = [a.info.remote() for a in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=READY_TIMEOUT_S)
+        deadline = READY_TIMEOUT_S + (0 if os.path.isdir(model_path) else DOWNLOAD_TIMEOUT_S)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=deadline)
         if len(ready) < len(refs):
             for a in self.actors:
                 ray.kill(a, no_restart=True)
             need = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
             raise EngineTimeout(
                 f"engine start-up: {len(refs) - len(ready)} of {num_engines} {kind} engine(s) of {model_path} "
-                f"(each {need}) not ready within {READY_TIMEOUT_S:.0f} s (RISE_ENGINE_READY_TIMEOUT_S); "
+                f"(each {need}) not ready within {deadline:.0f} s (RISE_ENGINE_READY_TIMEOUT_S"
+                f"{'' if os.path.isdir(model_path) else ' + RISE_MODEL_DOWNLOAD_TIMEOUT_S'}); "
                 f"Ray's free resources: {ray.available_resources()}"
             )
         infos = ray.get(refs)  # an engine that failed to start raises its error here
