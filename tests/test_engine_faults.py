@@ -42,3 +42,19 @@ def test_engine_start_up_has_a_deadline_naming_what_it_waited_for(ray_local, tin
     monkeypatch.setattr(pool_mod, "READY_TIMEOUT_S", 3.0)
     with pytest.raises(pool_mod.EngineTimeout, match=r"engine start-up: 1 of 1 hf engine\(s\).*'GPU': 1"):
         RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, num_gpus=1)  # no GPU here: never placed
+
+
+@pytest.mark.timeout(180)
+def test_a_weight_transfer_past_its_deadline_fails_and_restarts_the_engines(ray_local, tiny_model_dir, monkeypatch):
+    """An NCCL / IPC transfer that never ends (an engine stuck in a broadcast): the stage fails
+    naming it, and the engines are restarted rather than left inside the collective."""
+    monkeypatch.setattr(pool_mod, "SYNC_TIMEOUT_S", 1.0)
+    pool = RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5)
+    pid = pool.infos()[0]["pid"]
+    conv = [{"role": "user", "content": "Find x: x * 7 = 91"}]
+    # busy for several seconds (and once more: Ray retries it on the restarted engine)
+    stuck = pool.actors[0].generate.remote([conv] * 32, 4, SamplingParams(max_tokens=128, seed=0))
+    with pytest.raises(pool_mod.EngineTimeout, match=r"weight transfer \(test\): no answer within 1 s .*RISE_SYNC_TIMEOUT_S"):
+        pool._transfer([stuck], "weight transfer (test)")
+    assert pool.infos()[0]["pid"] != pid  # a fresh engine process
+    pool.shutdown()
