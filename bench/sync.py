@@ -69,7 +69,7 @@ def bench_model(engine: str, base: str, trained: str, repeats: int) -> dict:
         object_store.append(time.perf_counter() - start)
         in_place.append(pool.update_weights(base if i % 2 == 0 else trained, f"v{i}"))
     pool.update_weights(trained, "final")
-    err = check_engines(pool, trained, tolerance=1e-3)
+    err = check_engines(pool, trained, tolerance=1e-3)["max_logprob_error"]
     rebuild = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -210,8 +210,11 @@ class WarmupConfig(_Strict):
 
 
 class SyncConfig(_Strict):
-    check: bool = True  # compare engine logprobs with the trained checkpoint after every sync
-    tolerance: float = Field(1e-2, gt=0)  # max |logprob difference| (fp32 CPU is ~1e-5; bf16 needs more)
+    check: bool = True  # compare engine logprobs with the trained checkpoint's fp32 reference after every sync
+    # max |logprob difference| from that reference: None = by the engines' dtype (1e-2 for fp32; for
+    # bf16 / fp16 tolerance_half or 2% of the probe's largest |logit|, whichever is larger)
+    tolerance: float | None = Field(None, gt=0)
+    tolerance_half: float = Field(0.25, gt=0)
     # How the weights travel: files = safetensors in shared memory (CPU and GPU); nccl / ipc = vLLM's
     # native weight transfer (GPU only). auto: ipc when colocated on GPU, nccl on GPU, files on CPU.
     method: Literal["auto", "files", "nccl", "ipc"] = "auto"
@@ -297,10 +300,14 @@ class RunConfig(_Strict):
         if self.rollout.improve_with == "teacher" and not self.teacher.path:
             raise ValueError("rollout.improve_with is 'teacher' but teacher.path is not set")
         r = self.rollout
-        if r.colocate_with_trainer and not (self.train.use_gpu and 0 < r.num_gpus_per_engine < 1 and r.tensor_parallel_size == 1):
+        if r.colocate_with_trainer and not (self.train.use_gpu and 0.5 < r.num_gpus_per_engine < 1 and r.tensor_parallel_size == 1):
             raise ValueError("rollout.colocate_with_trainer shares each GPU between an engine and a trainer worker: "
-                             "set train.use_gpu=true, rollout.num_gpus_per_engine to a fraction (e.g. 0.4) and "
-                             "rollout.tensor_parallel_size=1")
+                             "set train.use_gpu=true, rollout.num_gpus_per_engine between 0.5 and 1 (e.g. 0.6: Ray's "
+                             "bookkeeping only, more than half keeps two engines off one GPU; memory is "
+                             "gpu_memory_utilization) and rollout.tensor_parallel_size=1")
+        if r.colocate_with_trainer and self.train.num_workers > r.num_engines:
+            raise ValueError(f"rollout.colocate_with_trainer pairs each trainer worker with an engine's GPU: "
+                             f"train.num_workers ({self.train.num_workers}) > rollout.num_engines ({r.num_engines})")
         if self.sync.method in ("nccl", "ipc") and self.rollout.engine != "vllm":
             raise ValueError(f"sync.method '{self.sync.method}' is vLLM's weight transfer: set rollout.engine=vllm")
         return self

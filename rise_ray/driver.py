@@ -139,12 +139,13 @@ def train_stage(cfg: RunConfig, data: dict, init: str, out: str, policy) -> str:
     if cfg.rollout.colocate_with_trainer:  # the trainer takes the engines' GPUs; sync wakes them
         policy.sleep(level=2)  # level 2 drops the weights too: new ones arrive at the sync
 
-    return train(cfg, data["path"], init, out)
+    nodes = policy.node_ids() if cfg.rollout.colocate_with_trainer else None  # pair worker i with engine i
+    return train(cfg, data["path"], init, out, engine_nodes=nodes)
 
 
 def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:
-    """Load the trained weights into the live engines, then check a few logprobs against the
-    checkpoint computed here with transformers: a mismatch fails the run loudly.
+    """Load the trained weights into the live engines, then check a few logprobs against an fp32
+    reference of the checkpoint (and of the weights held before): a mismatch fails the run loudly.
 
     files (CPU): engines on this node read the checkpoint's files; engines on other nodes get the
     state dict through the object store, written to shared memory per engine.
@@ -155,14 +156,19 @@ def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:
     from rise_ray.rollout.weight_transfer import resolve_method
 
     method = resolve_method(cfg.sync.method, cfg.rollout)
+    previous = policy.current_checkpoint()
     policy.wake_up(tags=["weights"])
     if method == "files":
         seconds = policy.update_weights(checkpoint, version)
     else:
         seconds = policy.sync_native(checkpoint, version, method, bucket_bytes=cfg.sync.bucket_mb * 2**20)
     policy.wake_up()
-    max_err = check_engines(policy, checkpoint, tolerance=cfg.sync.tolerance) if cfg.sync.check else None
-    return {"seconds": round(seconds, 3), "method": method, "max_logprob_error": max_err}
+    out = {"seconds": round(seconds, 3), "method": method, "max_logprob_error": None}
+    if cfg.sync.check:  # an fp32 reference in a Ray task of its own (rise_ray.rollout.sync)
+        s = cfg.sync
+        check = check_engines(policy, checkpoint, s.tolerance, previous, tolerance_half=s.tolerance_half)
+        out.update(max_logprob_error=check["max_logprob_error"], check=check)
+    return out
 
 
 def resume(run_dir: str, overrides: list[str] | None = None, redo_changed: bool = False) -> list[dict]:

@@ -133,13 +133,16 @@ def cluster_info() -> dict[str, Any]:
     """GPUs, their type and memory, CPUs: of the Ray cluster at RAY_ADDRESS, else of this machine."""
     addr = os.environ.get("RAY_ADDRESS")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    gpus, mem, gpu_type, nodes = 0, None, None, 1
+    gpus, mem, gpu_type, nodes, node_gpus = 0, None, None, 1, None
     if addr:
         import ray
 
         ray.init(address=addr, log_to_driver=False, logging_level="ERROR")  # joins; starts nothing
         try:
-            res, nodes = ray.cluster_resources(), sum(1 for n in ray.nodes() if n.get("Alive"))
+            alive = [n for n in ray.nodes() if n.get("Alive")]
+            res, nodes = ray.cluster_resources(), len(alive)
+            if all("Resources" in n for n in alive):
+                node_gpus = [int(n["Resources"].get("GPU", 0)) for n in alive]
         finally:
             ray.shutdown()
         gpus, cpus, source = int(res.get("GPU", 0)), res.get("CPU", 0), f"Ray cluster at {addr}"
@@ -155,7 +158,37 @@ def cluster_info() -> dict[str, Any]:
             if torch.cuda.is_available():
                 props = torch.cuda.get_device_properties(0)
                 gpus, mem, gpu_type = torch.cuda.device_count(), props.total_memory / GiB, props.name
-    return dict(source=source, nodes=nodes, gpus=gpus, cpus=cpus, gpu_type=gpu_type, gpu_memory_gib=mem)
+    node_gpus = node_gpus if node_gpus is not None else [gpus]
+    return dict(source=source, nodes=nodes, gpus=gpus, cpus=cpus, gpu_type=gpu_type, gpu_memory_gib=mem,
+                node_gpus=node_gpus)
+
+
+def place_on_nodes(node_gpus: list[int], groups: list[tuple[str, int, float]]) -> list[str]:
+    """Ray's accounting, per node: each (name, count, GPUs each) in order; a whole number of GPUs
+    needs that many free GPUs on one node (tensor parallel), a fraction goes best-fit to the GPU
+    with the least room that holds it (as Ray does). Returns what does not fit."""
+    free = [[1.0] * n for n in node_gpus]
+    problems = []
+    for name, count, each in groups:
+        for i in range(count):
+            if each <= 0:
+                continue
+            if each >= 1:
+                k = math.ceil(each - 1e-9)
+                node = next((g for g in free if sum(x >= 1 - 1e-9 for x in g) >= k), None)
+                if node is not None:
+                    for j in [j for j, x in enumerate(node) if x >= 1 - 1e-9][:k]:
+                        node[j] = 0.0
+                    continue
+            else:
+                fits = [(x, n, j) for n, g in enumerate(free) for j, x in enumerate(g) if x >= each - 1e-9]
+                if fits:
+                    _, n, j = min(fits)
+                    free[n][j] = round(free[n][j] - each, 6)
+                    continue
+            problems.append(f"{name} {i + 1} of {count} ({each:g} GPUs) fits on no node (GPUs per node: {node_gpus})")
+            break
+    return problems
 
 
 def _actor(name: str, model: str | None, count: int, gpus: float, tp: int, cpus: float) -> dict:
@@ -244,6 +277,9 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
     needed, cpus = math.ceil(teacher_gpus + shared), sum(a["count"] * a["cpus_each"] for a in actors)
     if needed > cluster["gpus"]:
         problems.insert(0, f"needs {needed} GPUs, cluster has {cluster['gpus']}")
+    if needed <= cluster["gpus"]:  # the totals fit; do they per node?
+        groups = [(a["actor"], a["count"], a["gpus_each"]) for a in actors]  # engines first, as they start
+        problems += place_on_nodes(cluster.get("node_gpus") or [cluster["gpus"]], groups)
     if cpus > cluster["cpus"]:
         problems.append(f"needs {cpus:g} CPUs, cluster has {cluster['cpus']:g}")
 

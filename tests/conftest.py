@@ -23,12 +23,13 @@ def pytest_collection_modifyitems(config, items):
         has_gpu = torch.cuda.is_available()
     except ImportError:
         has_gpu = False
-    if has_gpu:
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (none here)")
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (none here)")
+    skip_cpu = pytest.mark.skip(reason="assumes a machine without GPUs (this one has one)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+        if "cpu_only" in item.keywords and has_gpu:
+            item.add_marker(skip_cpu)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ def expected_stages(iterations):
     return names + ["report"]
 
 
+@pytest.mark.cpu_only  # plans against this machine: expects no GPU
 @pytest.mark.parametrize("path", [None, *CONFIGS], ids=lambda p: os.path.basename(p) if p else "embedded")
 def test_every_config_plans(path, capsys, monkeypatch):
     rc, plan = dry_run_json(capsys, monkeypatch, [path] if path else [])
@@ -149,12 +150,12 @@ def test_memory_of_an_8b_model_by_hand():
 def test_tensor_parallel_colocation_and_memory_verdicts():
     path = os.path.join(ROOT, "configs", "gsm8k_mistral7b_self.yaml")
     cluster = dict(NO_GPU, gpus=8, cpus=96, gpu_memory_gib=80)
-    share = ["rollout.colocate_with_trainer=true", "rollout.num_gpus_per_engine=0.4"]
+    share = ["rollout.colocate_with_trainer=true", "rollout.num_gpus_per_engine=0.6"]
     colocated = planmod.build_plan(load_config(path, share), cluster=cluster)
     assert colocated["gpus_needed"] == 4  # the trainer runs on the engines' GPUs while they sleep
     workers = next(a for a in colocated["actors"] if a["actor"] == "Ray Train workers")
-    assert workers["gpus_each"] == 0.6  # what the engine leaves of each GPU
-    with pytest.raises(ConfigError, match="num_gpus_per_engine to a fraction"):
+    assert workers["gpus_each"] == 0.4  # what the engine leaves of each GPU
+    with pytest.raises(ConfigError, match="num_gpus_per_engine between 0.5 and 1"):
         load_config(path, ["rollout.colocate_with_trainer=true"])  # a whole GPU per engine leaves none
     tp = planmod.build_plan(load_config(path, ["rollout.tensor_parallel_size=2"]), cluster=cluster)
     assert "tensor_parallel_size 2 needs 2 GPUs per engine" in tp["verdict"]
@@ -223,7 +224,8 @@ def test_cluster_from_ray_address(monkeypatch):
         init=lambda **kw: calls.append(("init", kw["address"])),
         shutdown=lambda: calls.append(("shutdown",)),
         cluster_resources=lambda: {"CPU": 192.0, "GPU": 16.0, "accelerator_type:A100-80G": 16.0},
-        nodes=lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}],
+        nodes=lambda: [{"Alive": True, "Resources": {"GPU": 8.0}}, {"Alive": True, "Resources": {"GPU": 8.0}},
+                       {"Alive": False}],
     )
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
@@ -235,11 +237,12 @@ def test_cluster_from_ray_address(monkeypatch):
         "A100-80G",
         80,
     )
-    assert calls == [("init", "10.0.0.1:6379"), ("shutdown",)]
+    assert calls == [("init", "10.0.0.1:6379"), ("shutdown",)] and c["node_gpus"] == [8, 8]
     plan = planmod.build_plan(load_config(os.path.join(ROOT, "configs", "math_mistral7b_distill.yaml")))
     assert plan["verdict"] == "fits"
 
 
+@pytest.mark.cpu_only  # "a GPU config does not fit" on this machine
 def test_dry_run_subprocess_starts_nothing_and_is_quick():
     """The real CLI on this machine: no vLLM import, no Ray started, a GPU config does not fit."""
     code = (
@@ -266,3 +269,23 @@ def test_dry_run_subprocess_starts_nothing_and_is_quick():
     default, distill = rest.split("Plan for gsm8k-llama3-8b-distill")
     assert default.rstrip().endswith("fits") and "Stages" in default and "iter_2/sync" in default
     assert "does not fit: needs 16 GPUs" in " ".join(distill.split())
+
+
+def test_dry_run_checks_fit_per_node_not_only_cluster_totals():
+    path = os.path.join(ROOT, "configs", "gsm8k_llama3_8b_distill.yaml")
+    cfg = load_config(path)
+    need = cfg.teacher.num_engines * cfg.teacher.tensor_parallel_size + cfg.rollout.num_engines + cfg.train.num_workers
+    one_node = dict(NO_GPU, gpus=16, cpus=192, gpu_memory_gib=80, nodes=1, node_gpus=[16])
+    assert planmod.build_plan(cfg, cluster=one_node)["verdict"] == "fits"
+    # the same 16 GPUs as 16 one-GPU nodes: the teacher's tensor-parallel engine needs 4 on one node
+    split = dict(one_node, nodes=16, node_gpus=[1] * 16)
+    plan = planmod.build_plan(cfg, cluster=split)
+    assert need <= 16 and plan["gpus_needed"] <= 16  # the totals fit
+    assert "teacher engines (vllm) 1 of 1 (4 GPUs) fits on no node" in plan["verdict"]
+    # colocated fractions: two 0.6 engines and two 0.4 workers fit two GPUs; on one GPU they do not
+    co = load_config(os.path.join(ROOT, "configs", "gsm8k_qwen0.5b.yaml"), ["rollout.num_engines=2", "train.num_workers=2"])
+    two = dict(NO_GPU, gpus=2, cpus=16, gpu_memory_gib=80, node_gpus=[1, 1])
+    assert planmod.build_plan(co, cluster=two)["verdict"] == "fits"
+    assert planmod.place_on_nodes([2], [("engine", 2, 0.4), ("worker", 2, 0.6)]) == [
+        "worker 2 of 2 (0.6 GPUs) fits on no node (GPUs per node: [2])"
+    ]  # what Ray does with 0.4 engines: both on GPU 0 (best-fit), then one worker has no GPU

@@ -28,18 +28,18 @@ def test_sync_in_place_and_logprob_check(ray_local, tiny_model_dir, perturbed_ck
     pointer = str(tmp_path / "weights.json")
     pool = RolloutPool("hf", tiny_model_dir, num_engines=2, num_cpus=0.5, pointer_path=pointer)
     pids = {info["pid"] for info in ray_local.get([a.info.remote() for a in pool.actors])}
-    assert check_engines(pool, tiny_model_dir, tolerance=1e-4) < 1e-4
+    assert check_engines(pool, tiny_model_dir, tolerance=1e-4)["max_logprob_error"] < 1e-4
     with pytest.raises(RuntimeError, match="weight sync check failed"):
         check_engines(pool, perturbed_ckpt, tolerance=1e-4)  # engines still hold the old weights
     seconds = pool.update_weights(load_state_dict(perturbed_ckpt), "v1", checkpoint_dir=perturbed_ckpt)
     assert seconds > 0
-    assert check_engines(pool, perturbed_ckpt, tolerance=1e-4) < 1e-4
+    assert check_engines(pool, perturbed_ckpt, tolerance=1e-4)["max_logprob_error"] < 1e-4
     infos = ray_local.get([a.info.remote() for a in pool.actors])
     assert {i["pid"] for i in infos} == pids  # in place: the same engine processes
     assert {i["weights_version"] for i in infos} == {"v1"}
     assert os.path.exists(pointer)
     pool.update_weights(tiny_model_dir, "v2")  # a checkpoint dir: engines on this node read its files
-    assert check_engines(pool, tiny_model_dir, tolerance=1e-4) < 1e-4
+    assert check_engines(pool, tiny_model_dir, tolerance=1e-4)["max_logprob_error"] < 1e-4
     with open(pointer) as f:
         assert json.load(f)["checkpoint"] == tiny_model_dir
     pool.shutdown()
@@ -67,5 +67,5 @@ def test_dead_actor_is_replaced_and_no_problem_lost(ray_local, tiny_model_dir, p
     info = ray_local.get(pool.actors[0].info.remote())
     assert info["pid"] != pid  # replaced by Ray
     assert info["weights_version"] == "v1"  # and it came back with the synced weights
-    assert check_engines(pool, perturbed_ckpt, tolerance=1e-4) < 1e-4
+    assert check_engines(pool, perturbed_ckpt, tolerance=1e-4)["max_logprob_error"] < 1e-4
     pool.shutdown()

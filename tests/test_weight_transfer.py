@@ -453,7 +453,7 @@ def test_hf_pool_sleeps_as_a_no_op_and_refuses_a_native_sync(ray_local, tiny_mod
 
 # --- GPU: real engines, real NCCL / IPC (skipped here) ----------------------------------------------
 
-GPU_TOLERANCE = 5e-2  # HF and vLLM in bf16 on GPU (the check's reference runs in bf16 on CUDA)
+GPU_TOLERANCE = 0.25  # vLLM in bf16 on GPU against the check's fp32 reference (the bf16 default)
 
 
 @pytest.fixture(scope="module")
@@ -472,7 +472,7 @@ def _gpu_pool(tiny_model_dir, tmp_path, rollout: RolloutConfig):
 def _check(pool, checkpoint) -> float:
     from rise_ray.rollout.sync import check_engines
 
-    return check_engines(pool, checkpoint, GPU_TOLERANCE)
+    return check_engines(pool, checkpoint, GPU_TOLERANCE)["max_logprob_error"]
 
 
 @pytest.mark.gpu
@@ -500,7 +500,7 @@ def test_nccl_sync_into_live_vllm_engines(ray_local, tiny_model_dir, far_ckpt, t
 @pytest.mark.timeout(900)
 def test_ipc_sync_into_a_sleeping_colocated_engine(ray_local, tiny_model_dir, far_ckpt, tmp_path):
     rollout = RolloutConfig(
-        engine="vllm", num_gpus_per_engine=0.4, num_cpus_per_engine=0.5, gpu_memory_utilization=0.3,
+        engine="vllm", num_gpus_per_engine=0.6, num_cpus_per_engine=0.5, gpu_memory_utilization=0.3,
         colocate_with_trainer=True,
     )  # fmt: skip
     pool = _gpu_pool(tiny_model_dir, tmp_path, rollout)

@@ -9,8 +9,11 @@ from rise_ray.rollout.engine import Engine
 ENGINE_KINDS = ("hf", "vllm")
 
 
-def make_engine(kind: str, model_path: str, **kwargs: Any) -> Engine:
-    """Build an engine; imports lazily so `hf` works where vLLM is not installed."""
+def make_engine(kind: str | type, model_path: str, **kwargs: Any) -> Engine:
+    """Build an engine; imports lazily so `hf` works where vLLM is not installed. `kind` may also be
+    an engine class of one's own (called with the model path and the engine kwargs)."""
+    if isinstance(kind, type):
+        return kind(model_path, **kwargs)
     if kind == "hf":
         from rise_ray.rollout.hf import HFEngine
 

@@ -63,6 +63,7 @@ class HFEngine:
             torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.dtype = str(dtype).removeprefix("torch.")
         self.eos_id: int = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.pad_id: int = self.eos_id if pad is None else pad

@@ -11,7 +11,9 @@ The actors live across RISE iterations (engines are never rebuilt per round): ne
 loaded in place with `update_weights` (files), or on GPU streamed by vLLM's native weight transfer
 with `sync_native` (NCCL or CUDA IPC; rise_ray.rollout.weight_transfer). An actor that dies is
 restarted by Ray, reloads the latest synced weights from the pointer file, and the call in flight is
-retried, so no batch is lost or counted twice.
+retried, so no batch is lost or counted twice; after ENGINE_MAX_RESTARTS restarts it stays dead and
+the stage fails with its error (an engine that crashes on every request must not loop forever).
+Every wait on the actors has a deadline, and its error names what was waited for.
 """
 
 from __future__ import annotations
@@ -29,11 +31,29 @@ from rise_ray.envs.base import Problem
 from rise_ray.rollout.engine import Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, to_table
 
-READY_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_READY_TIMEOUT_S", "600"))
+# Deadlines (seconds; environment variables override them). Start-up covers loading and compiling;
+# a model given by hub id (not a local directory) may first be downloaded: that gets DOWNLOAD more.
+READY_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_READY_TIMEOUT_S", "900"))
+DOWNLOAD_TIMEOUT_S = float(os.environ.get("RISE_MODEL_DOWNLOAD_TIMEOUT_S", "7200"))
 SENDER_READY_TIMEOUT_S = float(os.environ.get("RISE_SENDER_READY_TIMEOUT_S", "300"))
+CALL_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_CALL_TIMEOUT_S", "3600"))  # one generate / load call
+SYNC_TIMEOUT_S = float(os.environ.get("RISE_SYNC_TIMEOUT_S", "1800"))  # a whole NCCL / IPC transfer
+ENGINE_MAX_RESTARTS = int(os.environ.get("RISE_ENGINE_MAX_RESTARTS", "3"))
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+class EngineTimeout(RuntimeError):
+    """A wait on engine actors passed its deadline."""
+
+
+def wait(refs: Any, what: str, timeout: float, env: str = "RISE_ENGINE_CALL_TIMEOUT_S") -> Any:
+    """ray.get with a deadline whose error names what was waited for."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise EngineTimeout(f"{what}: no answer within {timeout:.0f} s (raise {env} if it is just slow)") from None
+
+
+@ray.remote(max_restarts=ENGINE_MAX_RESTARTS, max_task_retries=ENGINE_MAX_RESTARTS)
 class EngineActor:
     """Holds one engine (vLLM or transformers) for the life of the run."""
 
@@ -62,6 +82,8 @@ class EngineActor:
             "weights_version": self.weights_version,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "dtype": getattr(self.engine, "dtype", "unknown"),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         }
 
     def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
@@ -127,17 +149,18 @@ class RemoteEngine:
         self.max_model_len = max_model_len
 
     def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
-        return ray.get(self.actor.generate.remote(conversations, n, params))
+        ref = self.actor.generate.remote(conversations, n, params)
+        return wait(ref, f"engine generate ({len(conversations)} conversations x {n})", CALL_TIMEOUT_S)
 
     def prompt_len(self, conversation: Conversation) -> int:
         # Tokenised here, not on the actor: one round trip per turn, not per conversation.
         return len(chat_prompt_ids(_tokenizer(self.model_path), conversation))
 
     def update_weights(self, weights: Any) -> None:
-        ray.get(self.actor.update_weights.remote(weights, "manual"))
+        wait(self.actor.update_weights.remote(weights, "manual"), "engine weight load", CALL_TIMEOUT_S)
 
     def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[tuple[int, float]]:
-        return ray.get(self.actor.top_logprobs.remote(conversation, k))
+        return wait(self.actor.top_logprobs.remote(conversation, k), "engine top_logprobs", CALL_TIMEOUT_S)
 
 
 @functools.lru_cache(maxsize=8)
@@ -184,7 +207,20 @@ class RolloutPool:
             )
             for _ in range(num_engines)
         ]
-        infos = ray.get([a.info.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
+        refs = [a.info.remote() for a in self.actors]
+        deadline = READY_TIMEOUT_S + (0 if os.path.isdir(model_path) else DOWNLOAD_TIMEOUT_S)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=deadline)
+        if len(ready) < len(refs):
+            for a in self.actors:
+                ray.kill(a, no_restart=True)
+            need = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+            raise EngineTimeout(
+                f"engine start-up: {len(refs) - len(ready)} of {num_engines} {kind} engine(s) of {model_path} "
+                f"(each {need}) not ready within {deadline:.0f} s (RISE_ENGINE_READY_TIMEOUT_S"
+                f"{'' if os.path.isdir(model_path) else ' + RISE_MODEL_DOWNLOAD_TIMEOUT_S'}); "
+                f"Ray's free resources: {ray.available_resources()}"
+            )
+        infos = ray.get(refs)  # an engine that failed to start raises its error here
         self.max_model_len = infos[0]["max_model_len"]
 
     def run(
@@ -244,13 +280,13 @@ class RolloutPool:
 
         start = time.perf_counter()
         here = ray.get_runtime_context().get_node_id()
-        nodes = [i["node_id"] for i in ray.get([a.info.remote() for a in self.actors])]
+        nodes = self.node_ids()
         local = [isinstance(weights, str) and n == here for n in nodes]
         calls = [a.update_weights.remote(weights, version) for a, ok in zip(self.actors, local, strict=True) if ok]
         if not all(local):
             ref = ray.put(load_state_dict(weights) if isinstance(weights, str) else weights)
             calls += [a.update_weights.remote(ref, version) for a, ok in zip(self.actors, local, strict=True) if not ok]
-        ray.get(calls)
+        wait(calls, f"weight load into {len(calls)} engine(s)", CALL_TIMEOUT_S)
         checkpoint = weights if isinstance(weights, str) else checkpoint_dir
         if checkpoint:
             self._write_pointer(checkpoint, version)
@@ -272,7 +308,8 @@ class RolloutPool:
             )
         start = time.perf_counter()
         if method == "ipc":
-            ray.get([a.send_ipc.remote(checkpoint, bucket_bytes, version) for a in self.actors])
+            calls = [a.send_ipc.remote(checkpoint, bucket_bytes, version) for a in self.actors]
+            self._transfer(calls, f"weight transfer (ipc) of {checkpoint} into {len(calls)} engine(s)")
         elif method == "nccl":
             tp = int(self.engine_kwargs.get("tensor_parallel_size", 1))
             sender = CheckpointSender.remote()
@@ -284,13 +321,42 @@ class RolloutPool:
                         f"sync.method nccl: no free GPU for the sender after {SENDER_READY_TIMEOUT_S:.0f} s "
                         "(it cannot share an engine's GPU); free one, or use ipc / files"
                     ) from None
-                ray.get(sender.send.remote(checkpoint, self.actors, tp, bucket_bytes, version))
+                what = f"weight transfer (nccl broadcasts) of {checkpoint} to {len(self.actors)} engine(s)"
+                self._transfer([sender.send.remote(checkpoint, self.actors, tp, bucket_bytes, version)], what)
             finally:
                 ray.kill(sender)
         else:
             raise ValueError(f"sync_native: unknown method {method!r} (nccl | ipc)")
         self._write_pointer(checkpoint, version)
         return time.perf_counter() - start
+
+    def _transfer(self, calls: list[Any], what: str) -> None:
+        """Wait for a native transfer; past SYNC_TIMEOUT_S the engines may sit in a collective that
+        never ends, so they are restarted (they reload the last synced weights from the pointer
+        file) and the stage fails: run it again."""
+        try:
+            wait(calls, what, SYNC_TIMEOUT_S, env="RISE_SYNC_TIMEOUT_S")
+        except EngineTimeout:
+            for a in self.actors:
+                ray.kill(a, no_restart=False)
+            raise
+
+    def node_ids(self) -> list[str]:
+        """The node each engine actor runs on now."""
+        return [i["node_id"] for i in self.infos()]
+
+    def infos(self) -> list[dict[str, Any]]:
+        return wait([a.info.remote() for a in self.actors], "engine info", READY_TIMEOUT_S)
+
+    def dtypes(self) -> list[str]:
+        return [i["dtype"] for i in self.infos()]
+
+    def current_checkpoint(self) -> str:
+        """The weights the engines hold: the pointer file's checkpoint, else the initial model."""
+        if self.pointer_path and os.path.exists(self.pointer_path):
+            with open(self.pointer_path) as f:
+                return json.load(f)["checkpoint"]
+        return self.model_path
 
     def _write_pointer(self, checkpoint: str, version: str) -> None:
         """Name the checkpoint so an engine restarted later loads the same weights (by files)."""
@@ -302,14 +368,14 @@ class RolloutPool:
     def sleep(self, level: int = 1) -> None:
         """Free the engines' GPU memory for a trainer sharing their GPUs (vLLM sleep mode; a no-op
         for engines without it). Undo with `wake_up` before the engines are used again."""
-        ray.get([a.sleep.remote(level) for a in self.actors])
+        wait([a.sleep.remote(level) for a in self.actors], "engine sleep", CALL_TIMEOUT_S)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """tags=["weights"]: only the weights' memory back (before a sync); None: everything."""
-        ray.get([a.wake_up.remote(tags) for a in self.actors])
+        wait([a.wake_up.remote(tags) for a in self.actors], "engine wake-up", CALL_TIMEOUT_S)
 
     def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[list[tuple[int, float]]]:
-        return ray.get([a.top_logprobs.remote(conversation, k) for a in self.actors])
+        return wait([a.top_logprobs.remote(conversation, k) for a in self.actors], "engine top_logprobs", CALL_TIMEOUT_S)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -140,6 +140,7 @@ class VLLMEngine:
         else:
             self.llm = vllm.LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.max_model_len = max_model_len
         self.tensor_parallel_size = tensor_parallel_size
         self.weight_transfer = weight_transfer

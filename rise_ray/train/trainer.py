@@ -26,6 +26,7 @@ from typing import Any
 
 from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
 from rise_ray.train.loop import LOG_FILE, MARKER_FILE, MODEL_DIR, plan_steps, read_log, train_loop_per_worker
+from rise_ray.train.placement import STRATEGY, PlacementTimeout, reserve, worker_placement
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,9 @@ def _pad_id(model_path: str) -> int:
     return 0
 
 
-def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str) -> str:
-    """Train on the data set directory from `init_model_path`; returns `out_dir/model`."""
+def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, engine_nodes: list[str] | None = None) -> str:
+    """Train on the data set directory from `init_model_path`; returns `out_dir/model`.
+    `engine_nodes`: colocated, the node of each policy engine (rise_ray.train.placement)."""
     import ray
     import ray.train
     from ray.data import ExecutionOptions
@@ -141,6 +143,11 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str) 
 
         init_ray()
     check_resources(tcfg, train_gpus_per_worker(cfg))
+    resources, labels = worker_placement(cfg, engine_nodes)
+    try:
+        reserve(resources, tcfg.num_workers, labels)
+    except PlacementTimeout as e:
+        raise TrainError(str(e)) from None
 
     log_path = os.path.join(out_dir, LOG_FILE)
     loop_config = {
@@ -157,12 +164,15 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str) 
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
-            resources_per_worker={"CPU": tcfg.cpus_per_worker, **({"GPU": gpus} if (gpus := train_gpus_per_worker(cfg)) else {})},
+            resources_per_worker=resources,
+            label_selector=labels,
+            placement_strategy=STRATEGY,
         ),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
             storage_path=os.path.join(out_dir, "ray_train"),
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            # controller failures include a worker group that could not be placed: bounded, not retried forever
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures, controller_failure_limit=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
         ),
         datasets={DATASET_NAME: load_train_dataset(dataset_dir)},

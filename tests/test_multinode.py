@@ -1,0 +1,182 @@
+"""Several Ray nodes on this machine (ray.cluster_utils.Cluster), GPUs declared but never touched.
+
+Ray accepts `num_gpus=N` on a node without GPUs and assigns GPU ids by its own accounting, so where
+engines and trainer workers land (node, GPU id) can be asserted without CUDA. The engines are the
+transformers engine on CPU: their placement, not vLLM, is under test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from rise_ray.config import load_config
+from rise_ray.train.placement import PlacementTimeout, reserve, worker_placement
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _unadvertise(cluster: Cluster) -> None:
+    """Ray writes the head's address to /tmp/ray/ray_current_cluster, where a plain ray.init() of
+    another process on this machine would find it and join this test's cluster: remove it."""
+    path = "/tmp/ray/ray_current_cluster"
+    try:
+        with open(path) as f:
+            if f.read().strip() == cluster.address:
+                os.remove(path)
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    """A head without GPUs (the driver's node) and two nodes of 2 declared GPUs each."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    _unadvertise(cluster)
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _colocated_cfg(model_dir: str):
+    """The shipped one-GPU colocated config, scaled to 2 engines and 2 trainer workers."""
+    return load_config(os.path.join(ROOT, "configs", "gsm8k_qwen0.5b.yaml"), [
+        f"model.path={model_dir}", "model.dtype=float32", "rollout.engine=hf", "rollout.num_engines=2",
+        "rollout.num_cpus_per_engine=0.1", "train.num_workers=2", "train.cpus_per_worker=0.1",
+    ])  # fmt: skip
+
+
+def _probe_train_workers(resources: dict, labels: list[dict] | None, n: int) -> list[tuple[str, str]]:
+    """Run a real Ray Train V2 worker group with the ScalingConfig rise builds; each worker reports
+    its (node, GPU id). gloo, not NCCL: no CUDA is touched."""
+    import tempfile
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rise_ray.train.placement import STRATEGY
+
+    out = tempfile.mkdtemp()
+
+    def loop(_):  # each worker writes where it runs (same machine: a shared folder)
+        ctx = ray.get_runtime_context()
+        rank = ray.train.get_context().get_world_rank()
+        with open(os.path.join(out, f"{rank}.txt"), "w") as f:
+            f.write(f"{ctx.get_node_id()}|{','.join(str(g) for g in ray.get_gpu_ids())}")
+
+    trainer = TorchTrainer(
+        loop,
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=n, use_gpu=True, resources_per_worker=resources, label_selector=labels,
+            placement_strategy=STRATEGY,
+        ),
+        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(),
+                                       failure_config=ray.train.FailureConfig(controller_failure_limit=0)),
+    )  # fmt: skip
+    trainer.fit()
+    return [tuple(open(os.path.join(out, f"{r}.txt")).read().split("|")) for r in range(n)]
+
+
+@pytest.mark.timeout(300)
+def test_colocated_engines_take_a_gpu_each_and_trainer_workers_join_them(gpu_cluster, tiny_model_dir):
+    from rise_ray.session import make_pool
+
+    cfg = _colocated_cfg(tiny_model_dir)
+    pool = make_pool(cfg.rollout, cfg.model, tiny_model_dir, 0, sync_method="files")
+    try:
+        engines = [(i["node_id"], ",".join(i["gpu_ids"])) for i in pool.infos()]
+        assert len(set(engines)) == 2, f"two engines on one GPU: {engines}"  # Ray packs 0.4s best-fit
+        head = ray.get_runtime_context().get_node_id()
+        assert all(node != head for node, _ in engines)  # the driver's node has no GPU
+        resources, labels = worker_placement(cfg, pool.node_ids())
+        assert resources["GPU"] == pytest.approx(1 - cfg.rollout.num_gpus_per_engine)
+        reserve(resources, cfg.train.num_workers, labels, timeout=60)  # fits: no error
+        workers = _probe_train_workers(resources, labels, cfg.train.num_workers)
+        assert sorted(workers) == sorted(engines)  # each worker on an engine's GPU, one per GPU
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_train_placement_has_a_deadline_naming_what_it_waited_for(gpu_cluster):
+    # 5 whole GPUs in a 4-GPU cluster: Ray Train would retry this placement forever
+    with pytest.raises(PlacementTimeout, match=r"5 worker\(s\) of \{'CPU': 0.1, 'GPU': 1.0\} could not be placed"):
+        reserve({"CPU": 0.1, "GPU": 1.0}, 5, None, timeout=3)
+    # per node: two workers pinned to a node with 2 GPUs fit; three do not, though the cluster has 4
+    node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
+    reserve({"CPU": 0.1, "GPU": 1.0}, 2, [{"ray.io/node-id": node}] * 2, timeout=60)
+    with pytest.raises(PlacementTimeout, match="on the node of engine i"):
+        reserve({"CPU": 0.1, "GPU": 1.0}, 3, [{"ray.io/node-id": node}] * 3, timeout=3)
+
+
+# --- a whole `rise run` across nodes (slow) --------------------------------------------------------
+
+TINY_RUN = [
+    "iterations=1", "env.num_train=32", "env.num_test=8",
+    "warmup.num_problems=64", "warmup.train={epochs: 1, lr: 0.003, micro_batch_size: 32}",
+    "rollout.best_of_n=2", "rollout.turns=2", "rollout.max_tokens=12", "rollout.batch_size=4",
+    "rollout.num_cpus_per_engine=1.5", "rollout.cpu_threads=1", "eval.turns=2", "eval.parallel=2",
+    "eval.max_tokens=12", "eval.batch_size=8", "train.micro_batch_size=16", "train.cpus_per_worker=0.5",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tmp_path, monkeypatch):
+    """Engines need 1.5 CPUs: the driver's node (1 CPU) cannot hold them, so they run elsewhere and
+    get weights through the object store. Mid-collection their node is removed: the engine comes
+    back on the other node with the synced weights and no problem is lost."""
+    import json
+    import threading
+    import time
+
+    from rise_ray import driver
+    from rise_ray.config import load_config
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    _unadvertise(cluster)
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    run_dir = tmp_path / "mn"
+    seen: dict = {}
+
+    def remove_engine_node():
+        try:
+            from ray._private.state import available_resources_per_node
+
+            manifest = run_dir / "manifest.json"
+            while "iter_0/eval" not in (json.loads(manifest.read_text())["stages"] if manifest.exists() else {}):
+                time.sleep(0.2)
+            time.sleep(1.0)  # collection is under way
+            # the engine's node: the worker node with the least CPU left (it holds 1.5 of 2)
+            free = available_resources_per_node()
+            victim = min(nodes, key=lambda n: free.get(n.node_id, {}).get("CPU", 2.0))
+            seen["engine_node"] = victim.node_id
+            cluster.remove_node(victim)
+            seen["removed"] = victim.node_id
+        except Exception as e:  # shown by the assertion below
+            seen["error"] = repr(e)
+
+    try:
+        cfg = load_config(None, [f"run_dir={tmp_path}", "name=mn", *TINY_RUN])
+        watcher = threading.Thread(target=remove_engine_node, daemon=True)
+        watcher.start()
+        driver.run(cfg, str(run_dir))
+        watcher.join(timeout=5)
+        head = cluster.head_node.node_id
+        assert seen.get("removed"), f"the engine's node was not removed during the run: {seen}"
+        assert seen["engine_node"] != head  # engines never on the driver's node
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["stages"]["iter_1/collect"]["output"]["trajectories"] == 32  # none lost
+        check = manifest["stages"]["iter_1/sync"]["output"]["check"]
+        assert check["max_logprob_error"] <= check["tolerance"] and check["reference_node"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
