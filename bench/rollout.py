@@ -96,7 +96,7 @@ def main() -> None:
                        first_n=args.n, later_n=1, choose="first", oracle=False)
     kw = {"max_model_len": args.max_model_len}
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     pool = RolloutPool(args.engine, model_dir, num_engines=1, num_cpus=args.threads, engine_kwargs=kw)
     batch = args.batch_size or len(problems)
     env_opts = {}  # the env's defaults: what get_env gave this process

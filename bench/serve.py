@@ -143,7 +143,7 @@ def main() -> None:
     from rise_ray.session import engine_kwargs
 
     os.environ.pop(cfg.serve.token_env, None)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     engine = None
     try:
         t = time.perf_counter()

@@ -103,7 +103,7 @@ def main() -> None:
     from rise_ray.files import atomic_write_json
 
     root = tempfile.mkdtemp(prefix="rise-sync-bench-")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     results = {}
     for name, sizes in shapes.items():
         base, trained, params = make_checkpoints(name, sizes, root)

@@ -221,7 +221,7 @@ def main() -> int:
 
         # Interleaved repeats (this machine's CPUs are shared, so single runs are noisy): each repeat
         # runs the three back to back, and the ratios are medians over repeats of paired ratios.
-        ray.init(num_cpus=max(2, cpus, ns.threads), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(2, cpus, ns.threads), include_dashboard=False, log_to_driver=False)
         runs: dict[str, list[dict[str, Any]]] = {"hf": [], "packed": [], "prefix": []}
         for r in range(ns.repeats):
             runs["hf"].append(run_hf_trainer(work, model, sets["packed"], ns.micro_batch, ns.epochs, ns.threads))
