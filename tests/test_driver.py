@@ -42,7 +42,7 @@ def trajectories(run_dir: str, k: int) -> int:
 
 @pytest.mark.timeout(900)
 def test_short_run_writes_the_run_directory(tmp_path):
-    out = finish(rise("run", f"run_dir={tmp_path}", "name=short", *TINY))
+    out = finish(rise("run", f"run_dir={tmp_path}", "name=short", *TINY, "data.aggregate=true"))
     run_dir = tmp_path / "short"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert list(manifest["stages"]) == STAGES
@@ -52,7 +52,8 @@ def test_short_run_writes_the_run_directory(tmp_path):
         for key in ("m1@t1", "m2@t1", "p2@t1", "m1@t2", "p1@t2", "acc_by_turn", "wrong_to_right", "right_to_wrong",
                     "tie_rate", "tie_rate_parallel"):
             assert key in m
-    # data.aggregate (default): iteration 2 trains on the trajectories of iterations 1 and 2
+    # data.aggregate (the paper's; the embedded default turns it off): iteration 2 trains on the
+    # trajectories of iterations 1 and 2
     stats = json.loads((run_dir / "iter_2" / "dataset" / "stats.json").read_text())
     assert stats["trajectories_in"] == 96 and len(stats["source"]) == 2
     for k in (1, 2):

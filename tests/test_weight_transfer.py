@@ -79,7 +79,7 @@ def test_auto_resolves_by_engine_and_gpus():
 
 
 def test_engines_are_built_for_their_sync_method():
-    model = ModelConfig()
+    model = ModelConfig(max_model_len=1024)  # no model directory here to read its own context from
     gpu = RolloutConfig(engine="vllm", num_gpus_per_engine=1)
     colocated = RolloutConfig(engine="vllm", num_gpus_per_engine=0.5, colocate_with_trainer=True)
     assert engine_kwargs(gpu, model, 0, "auto")["weight_transfer"] == "nccl"
