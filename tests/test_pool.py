@@ -69,3 +69,20 @@ def test_dead_actor_is_replaced_and_no_problem_lost(ray_local, tiny_model_dir, p
     assert info["weights_version"] == "v1"  # and it came back with the synced weights
     assert check_engines(pool, perturbed_ckpt, tolerance=1e-4)["max_logprob_error"] < 1e-4
     pool.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_a_batch_slower_than_ray_datas_no_progress_guard_still_finishes(ray_local, tiny_model_dir):
+    """Ray Data stops an execution that shows no progress for execution_no_progress_timeout_s
+    (30 min by default); a batch of long CPU episodes shows none until it is done. Here the guard
+    is 1 s and the batch takes longer: the pool's own engine-call deadlines are what bound it."""
+    import ray
+
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 1
+    pool = RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5)
+    env = get_env("search", num_train=0, num_test=24)
+    spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=48, seed=0), first_n=2)
+    start = time.monotonic()
+    trajs = pool.run(env.name, {}, env.test, spec, batch_size=24)
+    assert time.monotonic() - start > 1 and len(trajs) == 24
+    pool.shutdown()

@@ -239,6 +239,10 @@ class RolloutPool:
             {"idx": i, "id": p.id, "question": p.question, "reference": p.reference, "meta": json.dumps(p.meta, default=str)}
             for i, p in enumerate(problems)
         ]
+        # A batch answers only when the last turn of its episodes is done: on CPUs that can take
+        # longer than Ray Data's no-progress guard (30 min) with nothing to show, and the guard then
+        # kills a healthy run. Every engine call inside has its own deadline (CALL_TIMEOUT_S).
+        ray.data.DataContext.get_current().execution_no_progress_timeout_s = -1
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
         ds = ds.map_batches(
             _episode_batch,
