@@ -95,7 +95,7 @@ def test_smollm2_through_the_whole_loop_then_served(tmp_path):
             r = c.post("/v1/rise/solve", json={"problem": "Tom has 3 apples and buys 4 more. How many apples?",
                                                "env": "gsm8k", "answer": "7", "turns": 2, "max_tokens": 48, "seed": 1})
             assert r.status_code == 200, r.text
-            assert 1 <= r.json()["turns_used"] <= 2
+            assert r.json()["turns_used"] in (1, 2)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

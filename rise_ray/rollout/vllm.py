@@ -109,12 +109,12 @@ class VLLMEngine:
             # Prefix caching reuses whole blocks only. A turn's prompt is the previous turn's prompt
             # and reply plus feedback: with vLLM's CPU default of 128-token blocks up to 127 of those
             # tokens are prefilled again each turn; 32 is the smallest block its CPU attention takes.
-            # Measured on 512 five-turn episodes, engine called directly: turns 4-5 ~15% faster.
+            # (Figures: docs/scaling.md, "Measurements behind the defaults".)
             extra_llm_kwargs.setdefault("block_size", 32)
             if tensor_parallel_size == 1:
-                # The engine core and the model in this process (measured 1.4x the tokens/s on 2
-                # cores): with vLLM's default worker process, the core busy-waits on it (spinning
-                # on shared memory) and takes a core from the model's threads.
+                # The engine core and the model in this process: with vLLM's default worker
+                # process, the core busy-waits on it (spinning on shared memory) and takes a core
+                # from the model's threads.
                 extra_llm_kwargs.setdefault("distributed_executor_backend", "uni")
         kw: dict[str, Any] = dict(
             model=model_path,

@@ -7,14 +7,15 @@ small pool of child processes: a call over the request's budget kills its proces
 replaces it) and the request gets a 422. Each request has `serve.grade_timeout_s` of grading time
 in all, counted only while one of its calls runs.
 
-The children are plain `python -m rise_ray.serve.grading` processes talking pickle over pipes
+The children are plain `python -m rise_ray.serve.grading` processes talking JSON over pipes
 (multiprocessing's spawn would re-run the Ray worker's own __main__).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import pickle
 import queue
 import struct
 import subprocess
@@ -34,7 +35,7 @@ READY_TIMEOUT_S = 120.0  # a fresh child imports the envs and math-verify (sympy
 
 
 def _write(f: Any, obj: Any) -> None:
-    data = pickle.dumps(obj)
+    data = json.dumps(obj).encode()
     f.write(_LEN.pack(len(data)) + data)
     f.flush()
 
@@ -44,7 +45,7 @@ def _read(f: Any) -> Any:
     if len(head) < _LEN.size:
         raise EOFError("grading process closed its pipe")
     (n,) = _LEN.unpack(head)
-    return pickle.loads(f.read(n))
+    return json.loads(f.read(n))
 
 
 class _Worker:
@@ -103,7 +104,7 @@ class GraderPool:
         try:
             self._ensure_ready(w)
             start = time.monotonic()
-            _write(w.proc.stdin, (env, method, args))
+            _write(w.proc.stdin, [env.serve_spec, method, list(args)])  # type: ignore[attr-defined]
             while not w.wait(min(CANCEL_POLL_S, budget_s - (time.monotonic() - start))):
                 if cancelled is not None and cancelled.is_set():
                     raise Cancelled()
@@ -118,7 +119,7 @@ class GraderPool:
             self._idle.put(w)
         if status == "error":
             raise RuntimeError(f"grading failed: {value}")
-        return value, time.monotonic() - start
+        return (Grade(**value) if method == "grade" else value), time.monotonic() - start
 
     def close(self) -> None:
         while not self._idle.empty():
@@ -148,7 +149,10 @@ def serve_env(cfg: RunConfig, name: str) -> Env:
         opts = {"feedback": e.feedback, "repeat_question": e.repeat_question, "unparsed_reward": e.unparsed_reward}
     accepted = env_options(name)
     opts.update({k: 0 for k in ("num_train", "num_test") if k in accepted})  # grading needs no problems
-    return get_env(name, **{k: v for k, v in opts.items() if k in accepted})
+    opts = {k: v for k, v in opts.items() if k in accepted}
+    env = get_env(name, **opts)
+    env.serve_spec = {"name": name, "options": opts}  # type: ignore[attr-defined]  # how a grading process builds it
+    return env
 
 
 class BoundedEnv:
@@ -191,7 +195,8 @@ class BoundedEnv:
 
 
 def _main() -> None:
-    """The child: read (env, method, args), write ("ok", result) or ("error", text)."""
+    """The child: read [env spec, method, args], write ["ok", result] or ["error", text], as JSON
+    (a child that grades hostile text never sends the replica anything but data)."""
     parent = os.getppid()
 
     def orphaned() -> None:  # a replica that died leaves no grading process spinning in sympy
@@ -203,21 +208,26 @@ def _main() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints go to stderr, not into the reply pipe
     inp = sys.stdin.buffer
-    import rise_ray.envs  # noqa: F401
+    from rise_ray.envs import get_env
     from rise_ray.envs.math import _mv, symbolic_equal
 
     _mv()
     symbolic_equal("1/2", "0.5", None)  # sympy's first parse is the slow one
     _write(out, "ready")
+    envs: dict[str, Env] = {}
     while True:
         try:
-            env, method, args = _read(inp)
+            spec, method, args = _read(inp)
         except EOFError:
             return
         try:
-            reply: tuple[str, Any] = ("ok", getattr(env, method)(*args))
+            key = json.dumps(spec, sort_keys=True)
+            if key not in envs:
+                envs[key] = get_env(spec["name"], **spec["options"])
+            result = getattr(envs[key], method)(*args)
+            reply: list[Any] = ["ok", dataclasses.asdict(result) if isinstance(result, Grade) else result]
         except Exception as e:  # a grader bug answers this call, the process keeps serving
-            reply = ("error", f"{type(e).__name__}: {e}")
+            reply = ["error", f"{type(e).__name__}: {e}"]
         _write(out, reply)
 
 
