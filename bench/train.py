@@ -86,15 +86,17 @@ def run_ours(work: str, model: str, data: str, name: str, micro: int, epochs: in
 
 
 def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: int, threads: int) -> dict[str, Any]:
-    """transformers.Trainer on the same rows: same loss (sum w x CE / units per batch), the same
-    number of CPU threads as our worker."""
+    """transformers.Trainer on the same rows, the same loss (sum w x CE / units per batch) written
+    as a Trainer user writes it (the model's logits at every position, then the weighted CE; ours
+    projects to the vocabulary only at trained positions), the same number of CPU threads as our
+    worker."""
     import torch
 
     torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from rise_ray.data.builder import read_rows
-    from rise_ray.train.loop import collate, plan_steps, weighted_loss_sum
+    from rise_ray.train.loop import collate, plan_steps
 
     rows = read_rows(data)
     counted: dict[str, Any] = {"tokens": 0, "per_batch": []}
@@ -117,7 +119,10 @@ def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: in
     class WeightedTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             units = inputs.pop("units").sum()
-            loss = weighted_loss_sum(model, inputs["input_ids"], inputs["attention_mask"], inputs["weights"]) / units
+            ids, w = inputs["input_ids"], inputs["weights"][:, 1:]
+            logits = model(input_ids=ids, attention_mask=inputs["attention_mask"]).logits[:, :-1]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            loss = (ce * w).sum() / units
             return (loss, None) if return_outputs else loss
 
     class Clock(TrainerCallback):
@@ -221,6 +226,9 @@ def main() -> int:
 
         # Interleaved repeats (this machine's CPUs are shared, so single runs are noisy): each repeat
         # runs the three back to back, and the ratios are medians over repeats of paired ratios.
+        # Ray starts its workers niced (worker_niceness 15): on a machine with any other load our
+        # loop would lose CPU to the HF Trainer in this (un-niced) driver. Same priority for both.
+        os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray reads this exact name)
         ray.init(address="local", num_cpus=max(2, cpus, ns.threads), include_dashboard=False, log_to_driver=False)
         runs: dict[str, list[dict[str, Any]]] = {"hf": [], "packed": [], "prefix": []}
         for r in range(ns.repeats):

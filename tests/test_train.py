@@ -173,6 +173,60 @@ def test_length_groups_cut_padding_and_keep_the_gradient(tiny):
         torch.testing.assert_close(p.grad, g_whole[name], rtol=1e-4, atol=1e-6 * g_whole[name].abs().max().item() + 1e-9)
 
 
+def full_logits_loss_sum(model, input_ids, attention_mask, weights):
+    """The same objective computed the plain way: every position's logits, then the weighted CE."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+    w = weights[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return (ce * w).sum()
+
+
+def gemma2_with_softcap():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0, sliding_window=16,
+    )
+    return Gemma2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["llama", "lora", "softcap"])
+def test_logits_only_at_weighted_positions_give_the_full_loss_and_gradients(tiny, kind):
+    """The loss projects to the vocabulary only where a token is trained; loss and gradients equal
+    the plain computation over every position's logits, through LoRA and a post-projection
+    soft-cap alike."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    rows, _ = build_examples(arithmetic_trajectories(6, turns=3, seed=2), ENV, tok, DataConfig(layout="packed"))
+    b = batch_of(rows[:4])
+    assert 0 < int((b["weights"] != 0).sum()) < b["tokens"]  # some positions are not trained
+    if kind == "softcap":
+        model = gemma2_with_softcap()
+        b["input_ids"] = b["input_ids"] % 64
+    else:
+        model = fresh_model(tiny)
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    results = []
+    for fn in (weighted_loss_sum, full_logits_loss_sum):
+        model.zero_grad()
+        loss = fn(model, b["input_ids"], b["attention_mask"], b["weights"])
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in params}))
+    (l_sel, g_sel), (l_full, g_full) = results
+    assert l_sel == pytest.approx(l_full, rel=1e-5)
+    for n, g in g_full.items():
+        torch.testing.assert_close(g_sel[n], g, rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9)
+    # the hook is gone afterwards: a plain forward gives logits at every position again
+    assert model(input_ids=b["input_ids"]).logits.shape[:2] == b["input_ids"].shape
+
+
 def test_prefix_layout_is_the_papers_loss(tiny):
     """The paper's CustomTrainer: each example's mean token CE (HF loss on its labels) times its
     weight, averaged over the examples of the batch."""

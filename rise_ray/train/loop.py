@@ -90,14 +90,32 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def weighted_loss_sum(model: Any, input_ids: Any, attention_mask: Any, weights: Any) -> Any:
     """sum over tokens of weight x CE(prediction of the token); weights[:, t] weights input_ids[:, t]
-    (position 0 is never predicted). Only weighted positions go through the softmax."""
+    (position 0 is never predicted).
+
+    The output projection runs only at weighted positions: in RISE data most tokens are the
+    question, feedback and earlier turns, and a vocabulary-wide projection (plus its softmax and
+    gradient) there is wasted work and memory. A forward pre-hook on the output embedding picks
+    those rows inside the model's own forward, so DeepSpeed's forward/backward bookkeeping, ZeRO-3's
+    parameter gathering, LoRA and whatever the model applies after the projection (soft-capping,
+    logit scales) all run as usual; only their input is smaller."""
     import torch
     import torch.nn.functional as F
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     w = weights[:, 1:]
     sel = w != 0
-    logits = out.logits[:, :-1][sel]
+
+    def weighted_rows(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][:, :-1][sel], *args[1:])
+
+    head = getattr(model, "module", model).get_output_embeddings()  # DeepSpeedEngine -> its model
+    hook = head.register_forward_pre_hook(weighted_rows)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        hook.remove()
+    n = int(sel.sum())
+    if logits.shape[0] != n or logits.dim() != 2:
+        raise RuntimeError(f"output projection gave logits of shape {tuple(logits.shape)}, expected ({n}, vocab)")
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()
     ce = F.cross_entropy(logits, input_ids[:, 1:][sel], reduction="none")

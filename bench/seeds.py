@@ -1,0 +1,138 @@
+"""Benchmark: a config's RISE table over several full seeds, as mean ± sd.
+
+Steps:
+  1. for each seed K, `rise run` in its own run directory with every seed the run has drawn from K:
+     model initialisation, warm-up data, rollouts, training order, data shuffling and evaluation
+     sampling (the problems stay the same: the env's split is fixed);
+  2. read each run's metrics.json (a seed whose run already finished is read, not rerun: `rise run`
+     resumes a run directory and redoes nothing);
+  3. print mean ± sd (sample sd over seeds) per iteration, check the default's targets on the
+     means, and write JSON.
+
+    python bench/seeds.py                                   # seeds 0 1 2 of the embedded default
+    python bench/seeds.py --label paper rollout.stop_when_correct=true data.stop_at_correct=true data.dedupe=true
+    python bench/seeds.py --seeds 0 eval.split=val          # tuning: the validation split only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METRICS = ("m1@t1", "m5@t1", "m1@t5", "p1@t5", "wrong_to_right", "right_to_wrong", "tie_rate", "tie_rate_parallel")
+SEEDED = ("seed", "model.tiny.seed", "warmup.seed", "rollout.seed", "train.seed", "data.seed")
+
+
+def seed_overrides(k: int) -> list[str]:
+    # eval.seed keeps its offset from the others (default 1234) so evaluation never replays a
+    # rollout's sampling stream.
+    return [f"{key}={k}" for key in SEEDED] + [f"eval.seed={1234 + k}"]
+
+
+def run_seed(k: int, label: str, run_dir: str, config: str | None, overrides: list[str]) -> dict[str, Any]:
+    name = f"{label}-seed{k}"
+    cmd = [sys.executable, "-m", "rise_ray.cli", "run", *([config] if config else []),
+           *overrides, *seed_overrides(k), f"name={name}", f"run_dir={run_dir}"]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    with open(os.path.join(run_dir, name, "metrics.json"), encoding="utf-8") as f:
+        out = json.load(f)
+    out["process_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def mean_sd(xs: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per iteration: mean and sd over seeds of each metric and of each turn's accuracy."""
+    iters = min(len(r["iterations"]) for r in runs)
+    rows = []
+    for i in range(iters):
+        its = [r["iterations"][i] for r in runs]
+        row: dict[str, Any] = {"iteration": i}
+        for m in METRICS:
+            if all(m in it for it in its):
+                row[m] = mean_sd([it[m] for it in its])
+        turns = min(len(it["acc_by_turn"]) for it in its)
+        row["acc_by_turn"] = [mean_sd([it["acc_by_turn"][t] for it in its]) for t in range(turns)]
+        rows.append(row)
+    return rows
+
+
+def targets(rows: list[dict[str, Any]], wall: dict[str, float]) -> dict[str, Any]:
+    """The embedded default's claims, on the means: the last iteration against the base (row 0)."""
+    base, last = rows[0], rows[-1]
+    gain = last["m1@t5"]["mean"] - last["m1@t1"]["mean"]
+    base_gain = base["m1@t5"]["mean"] - base["m1@t1"]["mean"]
+    return {
+        "m1@t5_minus_m1@t1": gain,
+        "base_m1@t5_minus_m1@t1": base_gain,
+        "gain_at_least_5_points": gain >= 0.05,
+        "gain_above_base": gain > base_gain,
+        "m1@t5_above_m5@t1": last["m1@t5"]["mean"] > last["m5@t1"]["mean"],
+        "p1@t5_not_below_base": last["p1@t5"]["mean"] >= base["p1@t5"]["mean"],
+        "wall_at_most_10_min": wall["mean"] <= 600,
+    }
+
+
+def pm(x: dict[str, float]) -> str:
+    return f"{100 * x['mean']:.1f} ± {100 * x['sd']:.1f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = ["| iter | m1@t1 | m5@t1 | m1@t5 | p1@t5 | accuracy by turn (mean) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        turns = " ".join(f"{100 * t['mean']:.0f}" for t in r["acc_by_turn"])
+        out.append(f"| {r['iteration']} | {pm(r['m1@t1'])} | {pm(r['m5@t1'])} | {pm(r['m1@t5'])} | {pm(r['p1@t5'])} | {turns} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--config", help="a config file (default: the embedded default)")
+    ap.add_argument("--label", default="default", help="names the runs and the result file")
+    ap.add_argument("--run-dir", default="runs/seeds")
+    ap.add_argument("--out", help="JSON path (default: bench/results/seeds_<label>.json)")
+    ns, overrides = ap.parse_known_args()
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        ap.error(f"not a key=value override: {bad[0]}")
+    runs = [run_seed(k, ns.label, ns.run_dir, ns.config, overrides) for k in ns.seeds]
+    rows = summarize(runs)
+    wall = mean_sd([r["wall_s"] for r in runs if r.get("wall_s")] or [float("nan")])
+    result = {
+        "label": ns.label,
+        "config": ns.config or "embedded default",
+        "overrides": overrides,
+        "seeds": ns.seeds,
+        "iterations": rows,
+        "wall_s": wall,
+        "targets": targets(rows, wall),
+        "per_seed": [{"seed": k, "wall_s": r.get("wall_s"), "iterations": r["iterations"]} for k, r in zip(ns.seeds, runs, strict=True)],
+    }
+    print(table(rows))
+    print(f"wall per run: {wall['mean']:.0f} ± {wall['sd']:.0f} s")
+    print(json.dumps(result["targets"], indent=2))
+    out = ns.out or os.path.join(RESULTS, f"seeds_{ns.label}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
