@@ -126,6 +126,10 @@ class DataConfig(_Strict):
     only_successful: bool = False  # keep only trajectories that end correct
     dedupe: bool = True  # drop empty and repeated responses within a trajectory (the paper's code)
     stop_at_correct: bool = True  # cut a trajectory after its first correct turn (the paper's code)
+    # With stop_at_correct false: the turns kept after the first correct one (None: all). Every kept
+    # turn after a right answer teaches "keep it"; many of them outweigh the turns that teach
+    # changing a wrong one, and the model then keeps wrong answers too.
+    turns_after_correct: int | None = Field(None, ge=0)
     layout: Literal["packed", "prefix"] = "packed"  # packed: one row per trajectory; prefix: per turn
     max_length: int = Field(2048, ge=8)  # tokens per example
     overflow: Literal["truncate_left", "drop"] = "truncate_left"  # too-long examples

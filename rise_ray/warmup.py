@@ -63,7 +63,9 @@ def warmup(cfg: RunConfig, env: Env, model_path: str, out_dir: str) -> str:
         train_cfg = TrainConfig.model_validate({**cfg.train.model_dump(), **w.train})
     except ValidationError as e:
         raise ConfigError(f"warmup.train: {e}") from None
-    data_cfg = cfg.data.model_copy(update={"criteria": "all", "center_rewards": False, "dedupe": False})
+    data_cfg = cfg.data.model_copy(
+        update={"criteria": "all", "center_rewards": False, "dedupe": False, "turns_after_correct": None}
+    )
     wcfg = cfg.model_copy(update={"train": train_cfg, "data": data_cfg})
     data_dir = os.path.join(out_dir, "dataset")
     prepare_dataset(wcfg, traj_dir, model_path, data_dir)

@@ -98,6 +98,18 @@ def test_prepare_drops_empty_duplicates_and_turns_after_correct():
     assert len(kept.turns) == 5
 
 
+@pytest.mark.parametrize(("after", "responses"), [(0, ["a", "b"]), (1, ["a", "b", "b"]), (2, ["a", "b", "b", "c"])])
+def test_turns_after_correct_keeps_that_many_turns_past_the_first_right_one(after, responses):
+    traj = make_trajectory("p", "q?", [("a", 0.0), ("b", 1.0), ("b", 1.0), ("c", 0.0), ("b", 1.0)])
+    p = prepare(traj, dedupe=False, stop_at_correct=False, turns_after_correct=after)
+    assert [t.response for t in p.turns] == responses
+    assert p.counts["dropped_after_correct"] == 5 - len(responses)
+    # stop_at_correct wins (the paper's cut), and a trajectory never right keeps every turn
+    assert len(prepare(traj, dedupe=False, stop_at_correct=True, turns_after_correct=after).turns) == 2
+    wrong = make_trajectory("w", "q?", [("a", 0.0), ("c", 0.0), ("d", 0.0)])
+    assert len(prepare(wrong, dedupe=False, stop_at_correct=False, turns_after_correct=0).turns) == 3
+
+
 def test_weights_exp_center_and_cap(env, tok):
     assert turn_weight(1.0, 0.4) == pytest.approx(math.exp(2.5))
     assert turn_weight(-1.0, 0.4) == pytest.approx(math.exp(-2.5))

@@ -94,10 +94,15 @@ class Prepared:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def prepare(traj: Trajectory, dedupe: bool = True, stop_at_correct: bool = True) -> Prepared:
+def prepare(
+    traj: Trajectory, dedupe: bool = True, stop_at_correct: bool = True, turns_after_correct: int | None = None
+) -> Prepared:
     """Drop empty / repeated responses (compared stripped, kept verbatim) and cut after the first
-    correct turn. Dropped turns leave the context too, as in the paper's code, so later turns are
-    rebuilt on the remaining attempts (the conversation the model will see from then on)."""
+    correct turn (`stop_at_correct`), or `turns_after_correct` turns after it. Dropped turns leave
+    the context too, as in the paper's code, so later turns are rebuilt on the remaining attempts
+    (the conversation the model will see from then on)."""
+    after = 0 if stop_at_correct else turns_after_correct
+    first_correct: int | None = None
     counts = {"dropped_empty": 0, "dropped_duplicate": 0, "dropped_after_correct": 0}
     seen: set[str] = set()
     kept: list[Turn] = []
@@ -111,7 +116,9 @@ def prepare(traj: Trajectory, dedupe: bool = True, stop_at_correct: bool = True)
             continue
         seen.add(key)
         kept.append(turn)
-        if stop_at_correct and turn.correct:
+        if turn.correct and first_correct is None:
+            first_correct = len(kept) - 1
+        if after is not None and first_correct is not None and len(kept) - 1 - first_correct >= after:
             counts["dropped_after_correct"] = len(traj.turns) - k - 1
             break
     return Prepared(traj, kept, counts)
@@ -262,7 +269,7 @@ def build_examples(
     prepared: list[Prepared] = []
     for traj in trajs:
         stats["turns_in"] += len(traj.turns)
-        p = prepare(traj, cfg.dedupe, cfg.stop_at_correct)
+        p = prepare(traj, cfg.dedupe, cfg.stop_at_correct, cfg.turns_after_correct)
         for k, v in p.counts.items():
             stats[k] += v
         if not p.turns:
