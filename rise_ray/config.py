@@ -342,11 +342,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Mappings merge key by key; any other value, and an empty mapping ({}: clear it), replaces."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -382,7 +382,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The resolved config: defaults < YAML file < key=value overrides."""
     data = read_yaml(path) if path else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     source = path or "defaults"
     if overrides:
         source += " + overrides " + " ".join(overrides)

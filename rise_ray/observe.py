@@ -94,7 +94,7 @@ def rollout_stats(path: str, tokenizer: Any = None) -> dict[str, Any]:
 
 def train_stats(model_dir: str) -> dict[str, Any]:
     """Loss and throughput of a train stage from its metrics log (train_log.jsonl) and summary."""
-    from rise_ray.train.loop import LOG_FILE, read_log
+    from rise_ray.train.progress import LOG_FILE, read_log
     from rise_ray.train.trainer import SUMMARY_FILE
 
     out_dir = os.path.dirname(os.path.abspath(model_dir))

@@ -92,19 +92,19 @@ def test_engines_are_built_for_their_sync_method():
 
 
 def test_offload_reaches_the_deepspeed_config():
-    from rise_ray.train.loop import deepspeed_config
+    from rise_ray.train.engine import deepspeed_config
 
-    t3 = load_config(None, ["train.zero_stage=3", "train.offload=true"]).train.model_dump()
+    t3 = load_config(None, ["train.zero_stage=3", "train.offload=true"]).train
     zero = deepspeed_config(t3, world=2, bf16=False)["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
-    t2 = load_config(None, ["train.zero_stage=2", "train.offload=true"]).train.model_dump()
+    t2 = load_config(None, ["train.zero_stage=2", "train.offload=true"]).train
     ds2 = deepspeed_config(t2, world=1, bf16=False)
     assert "offload_param" not in ds2["zero_optimization"] and ds2["zero_force_ds_cpu_optimizer"] is False
     assert (
-        "offload_optimizer" not in deepspeed_config({**t2, "offload": False}, 1, False)["zero_optimization"]
+        "offload_optimizer" not in deepspeed_config(t2.model_copy(update={"offload": False}), 1, False)["zero_optimization"]
     )
     with pytest.raises(ValueError, match="zero_stage"):
-        deepspeed_config(load_config(None, ["train.offload=true"]).train.model_dump(), 1, False)
+        deepspeed_config(load_config(None, ["train.offload=true"]).train, 1, False)
 
 
 # --- sources --------------------------------------------------------------------------------------
@@ -189,7 +189,10 @@ def _zero3_worker(rank, world, port, model_dir, out_dir, lora, use_gpu):
     import deepspeed
     import torch.distributed as dist
 
+    from rise_ray.train import engine as ds_setup
     from rise_ray.train import loop
+    from rise_ray.train.checkpoint import gather_state_dict
+    from rise_ray.train.progress import StepPlan
 
     torch.set_num_threads(1)
     if use_gpu:
@@ -203,12 +206,12 @@ def _zero3_worker(rank, world, port, model_dir, out_dir, lora, use_gpu):
     ]  # fmt: skip
     if lora:
         overrides += ["train.lora.enabled=true", "train.lora.r=4", "train.lora.alpha=8"]
-    tcfg = load_config(None, overrides).train.model_dump()
-    loop.join_deepspeed(dist, world)
-    bf16 = loop.resolve_bf16(tcfg)
-    ds = loop.deepspeed_config(tcfg, world, bf16)
-    model, _, _ = loop.load_model(model_dir, tcfg, ds, bf16)
-    engine = loop.make_engine(model, tcfg, ds, loop.StepPlan(2, 1, 1, 1, 0))
+    tcfg = load_config(None, overrides).train
+    ds_setup.join_deepspeed(dist, world)
+    bf16 = ds_setup.resolve_bf16(tcfg)
+    ds = ds_setup.deepspeed_config(tcfg, world, bf16)
+    model, _, _ = ds_setup.load_model(model_dir, tcfg, ds, bf16)
+    engine = ds_setup.make_engine(model, tcfg, ds, StepPlan(2, 1, 1, 1, 0))
     g = torch.Generator().manual_seed(rank)
     rows = torch.randint(7, 60, (2, 16), generator=g).tolist()
     batch = {"input_ids": rows, "weights": [[0.0] + [1.0] * 15] * 2, "units": [1, 1]}
@@ -235,7 +238,7 @@ def _zero3_worker(rank, world, port, model_dir, out_dir, lora, use_gpu):
     finally:
         deepspeed.zero.GatheredParameters = real
     units = [(u.name, tuple(u.shape), u.params[0].dtype, u.nbytes) for u in wt._units(engine)]
-    ref = loop.gather_state_dict(engine, rank)
+    ref = gather_state_dict(engine, rank)
     torch.save(
         {"pairs": pairs, "units": units, "gathers": gathers, "whole_at_yield": whole_at_yield, "loss": loss,
          "dtypes": {n: t.dtype for n, t in gathered_named_params(engine, BUCKET)},
