@@ -16,7 +16,6 @@ tolerance, the second cannot be told from rounding: the result says `conclusive:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -34,11 +33,10 @@ def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint directory (safetensors only; never pickle)."""
     from safetensors.torch import load_file
 
-    files = sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint}: no *.safetensors files")
+    from rise_ray.rollout.hf import checkpoint_files
+
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in checkpoint_files(checkpoint):
         state.update(load_file(f))
     return state
 
