@@ -39,7 +39,7 @@ class EnvConfig(_Strict):
 
 
 class TinyModelConfig(_Strict):
-    # Head size 64 (hidden_size / num_heads): vLLM's CPU attention rejects smaller heads.
+    # hidden_size / num_heads is the head size: vLLM's CPU attention takes 32, 64, 80, ... (not 16).
     hidden_size: int = Field(64, ge=16)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(1, ge=1)

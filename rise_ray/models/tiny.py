@@ -5,11 +5,11 @@ except that digits pair up left to right ("47" is one token, "123" is "12" "3"),
 for each of a few phrases every answer or feedback of ours repeats (as a BPE vocabulary would
 have merged them): the model pays per token, on a CPU, and "\\boxed{" alone was 7 of an
 attempt's 17 tokens. A two-digit number as one token also makes reading a number from the
-question one lookup instead of two, which the embedded default needs (measured: its
-configs/default.yaml). Phrases are matched in message text only, and messages are
+question one lookup instead of two, which the embedded default's search task relies on
+(rise_ray/configs/default.yaml). Phrases are matched in message text only, and messages are
 separated by special tokens, so tokenizing a conversation prefix and then the whole conversation
 always agree (no drift).
-Head size is 64 because vLLM's CPU attention does not support 16.
+Head sizes (hidden_size / num_heads) must be ones vLLM's CPU attention takes: 32, 64, 80, ... (not 16).
 """
 
 from __future__ import annotations
