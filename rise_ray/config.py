@@ -7,7 +7,7 @@ traceback from deep inside the run.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -131,18 +131,12 @@ class DataConfig(_Strict):
     overflow: Literal["truncate_left", "drop"] = "truncate_left"  # too-long examples
     # Attempts kept in the prompt: "rollout" = rollout.context_window (the conversation the model
     # saw), None = the whole history, k = the latest k.
-    context_window: int | Literal["rollout"] | None = "rollout"
+    context_window: Annotated[int, Field(ge=1)] | Literal["rollout"] | None = "rollout"
     shuffle: bool = True
     seed: int = 0
     # Iteration k trains on the trajectories of iterations 1..k (the paper's Algorithm 1 grows one
     # data set across iterations); False: on iteration k's own trajectories only.
     aggregate: bool = True
-
-    @model_validator(mode="after")
-    def _window_positive(self) -> DataConfig:
-        if isinstance(self.context_window, int) and self.context_window < 1:
-            raise ValueError("data.context_window must be >= 1, 'rollout' or null")
-        return self
 
 
 class LoRAConfig(_Strict):
@@ -182,17 +176,11 @@ class TrainConfig(_Strict):
     max_failures: int = Field(2, ge=-1)  # worker restarts Ray Train may make (-1 = unlimited)
     log_every_steps: int = Field(1, ge=1)
     offload: bool = False  # DeepSpeed ZeRO offload of optimizer states (and ZeRO-3 parameters) to CPU
-    prefetch_batches: int | Literal["auto"] = "auto"  # Ray Data batches made ahead; auto: 1 on GPU, 0 on CPU
+    prefetch_batches: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # Ray Data batches made ahead; auto: 1 on GPU, 0 on CPU
     seed: int = 0
     bf16: bool | Literal["auto"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # Extra DeepSpeed config merged over ours, e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     deepspeed: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _prefetch_non_negative(self) -> TrainConfig:
-        if isinstance(self.prefetch_batches, int) and self.prefetch_batches < 0:
-            raise ValueError("train.prefetch_batches must be >= 0 or 'auto'")
-        return self
 
 
 class WarmupConfig(_Strict):
