@@ -43,7 +43,7 @@ def model_shape(path: str | None, tiny: Any = None) -> dict[str, Any] | None:
     """The model's shape: model.tiny, a local config.json, or the table; None when unknown."""
     head_dim = context = None
     if path is None:
-        from rise_ray.models.tiny import PHRASES, VOCAB
+        from rise_ray.demo.tiny import PHRASES, VOCAB
 
         t = tiny
         vals = [t.num_layers, t.hidden_size, t.num_heads, t.num_heads, t.intermediate_size]
@@ -202,10 +202,10 @@ def _on(name: str, gpus: float) -> str:
 
 def plan_stages(cfg: RunConfig, policy_gpus: float, teacher_gpus: float, train_gpus: int) -> list[dict]:
     """The driver's stages in order (driver.run), with where each runs and the GPUs it uses."""
+    from rise_ray.demo.warmup import warmup_train_config
     from rise_ray.driver import stage_names
     from rise_ray.manifest import warmup_enabled
     from rise_ray.rollout.weight_transfer import resolve_method
-    from rise_ray.warmup import warmup_train_config
 
     t, r = cfg.train, cfg.rollout
     wt = warmup_train_config(cfg) if warmup_enabled(cfg) else None

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from synthetic import arithmetic_trajectories
 
 from rise_ray.config import DataConfig, RunConfig, load_config
 from rise_ray.data.builder import build_dataset, build_examples, read_rows
-from rise_ray.data.synthetic import arithmetic_trajectories
 from rise_ray.envs.base import Env
 from rise_ray.train.engine import deepspeed_config, make_scheduler
 from rise_ray.train.loop import (
@@ -32,7 +32,7 @@ ENV = Env(feedback="Wrong. Try again.")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    from rise_ray.models.tiny import build_tiny_model
+    from rise_ray.demo.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny")), hidden_size=64, num_layers=2, intermediate_size=128)
 
@@ -91,7 +91,7 @@ def fresh_model(path: str | None = None, vocab: int | None = None):
 
 
 def bpe_drift_tokenizer():
-    from rise_ray.data.synthetic import bpe_chat_tokenizer
+    from synthetic import bpe_chat_tokenizer
 
     return bpe_chat_tokenizer("assistant: ")
 

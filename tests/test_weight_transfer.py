@@ -12,16 +12,18 @@ import math
 import os
 import socket
 
+import gathered_source as gs
 import pytest
 import torch
 from conftest import perturbed_copy
+from gathered_source import gathered_named_params
 
 from rise_ray.config import ModelConfig, RolloutConfig, load_config
 from rise_ray.rollout import weight_transfer as wt
-from rise_ray.rollout.weight_transfer import gathered_named_params, iter_buckets, resolve_method
+from rise_ray.rollout.weight_transfer import iter_buckets, resolve_method
 from rise_ray.session import engine_kwargs
 
-# Tiny-model sizes (rise_ray.models.tiny, hidden 128): attention projections 64 KiB, MLP 192 KiB.
+# Tiny-model sizes (rise_ray.demo.tiny, hidden 128): attention projections 64 KiB, MLP 192 KiB.
 BUCKET = 150_000  # three projections per bucket; an MLP weight is larger and travels alone
 
 
@@ -172,7 +174,7 @@ def test_checkpoint_source_metadata_matches_its_tensors(tiny_model_dir):
 
 def test_gathered_source_metadata_matches_iteration(tiny_model_dir):
     pytest.importorskip("vllm")
-    src = wt.GatheredSource(_lora_model(tiny_model_dir), BUCKET)
+    src = gs.GatheredSource(_lora_model(tiny_model_dir), BUCKET)
     assert [(m.name, m.dtype, tuple(m.shape)) for m in src.metadata()] == [
         (n, t.dtype, tuple(t.shape)) for n, t in src
     ]
@@ -237,7 +239,7 @@ def _zero3_worker(rank, world, port, model_dir, out_dir, lora, use_gpu):
             pairs.append((name, t.float().cpu()))
     finally:
         deepspeed.zero.GatheredParameters = real
-    units = [(u.name, tuple(u.shape), u.params[0].dtype, u.nbytes) for u in wt._units(engine)]
+    units = [(u.name, tuple(u.shape), u.params[0].dtype, u.nbytes) for u in gs._units(engine)]
     ref = gather_state_dict(engine, rank)
     torch.save(
         {"pairs": pairs, "units": units, "gathers": gathers, "whole_at_yield": whole_at_yield, "loss": loss,

@@ -9,11 +9,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from rise_ray.demo.search import SearchEnv, make_search
 from rise_ray.envs.arithmetic import ArithmeticEnv, check_line, make_arithmetic
 from rise_ray.envs.base import DataError, Env, Grade, Problem
 from rise_ray.envs.gsm8k import GSM8KEnv, make_gsm8k
 from rise_ray.envs.math import MathEnv, make_math
-from rise_ray.envs.search import SearchEnv, make_search
 
 # Env fields any builder taking **env_fields accepts (rewards, prompt and feedback text)
 ENV_FIELDS = ("system_prompt", "feedback", "repeat_question", "correct_reward", "wrong_reward", "unparsed_reward",
