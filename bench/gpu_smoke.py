@@ -38,7 +38,7 @@ def build_model(out: str) -> str:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from rise_ray.models.tiny import build_tokenizer
+    from rise_ray.demo.tiny import build_tokenizer
 
     if os.path.isfile(os.path.join(out, "config.json")):
         return out

@@ -22,10 +22,10 @@ import os
 import tempfile
 import time
 
+from rise_ray.demo.tiny import build_tiny_model
 from rise_ray.envs import get_env
 from rise_ray.files import atomic_write_json
 from rise_ray.models.source import get_model
-from rise_ray.models.tiny import build_tiny_model
 from rise_ray.rollout import make_engine
 from rise_ray.rollout.engine import SamplingParams
 from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
@@ -123,7 +123,7 @@ def main() -> None:
     }
     result = {
         "engine": args.engine,
-        "model": args.model or "rise_ray.models.tiny",
+        "model": args.model or "rise_ray.demo.tiny",
         "problems": len(problems),
         "turns": args.turns,
         "n": args.n,

@@ -28,9 +28,9 @@ import tempfile
 import time
 
 from rise_ray.config import load_config
+from rise_ray.demo.tiny import build_tiny_model
 from rise_ray.envs import get_env
 from rise_ray.files import atomic_write_json
-from rise_ray.models.tiny import build_tiny_model
 from rise_ray.rollout import make_engine
 from rise_ray.rollout.engine import SamplingParams
 
@@ -194,7 +194,7 @@ def main() -> None:
         "rounds": args.rounds,
         "overrides": args.overrides,
         "setup": {
-            "model": "rise_ray.models.tiny (random Llama, char tokenizer), default config dims",
+            "model": "rise_ray.demo.tiny (random Llama, char tokenizer), default config dims",
             "requests": "search questions, temperature 1, unseeded, n=1",
             "direct": "engine.generate in waves of `clients` conversations, in-process, no HTTP",
             "served": "httpx clients -> Serve proxy -> 1 replica (1 CPU), @serve.batch up to 32",

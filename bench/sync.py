@@ -39,8 +39,8 @@ def make_checkpoints(name: str, sizes: dict | str, root: str) -> tuple[str, str,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rise_ray.demo.tiny import build_tiny_model
     from rise_ray.models.source import get_model
-    from rise_ray.models.tiny import build_tiny_model
 
     if isinstance(sizes, str):
         base = get_model(sizes)

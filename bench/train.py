@@ -36,8 +36,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "t
 def build_sets(work: str, model: str, n: int, turns: int, seed: int) -> dict[str, str]:
     from rise_ray.config import DataConfig
     from rise_ray.data.builder import build_dataset
-    from rise_ray.data.synthetic import arithmetic_trajectories
     from rise_ray.envs.base import Env
+    from tests.synthetic import arithmetic_trajectories  # hand-made trajectories (test helpers)
 
     trajs = arithmetic_trajectories(n, turns=turns, seed=seed, solve_last=0.5)
     assert all(len(t.turns) == turns for t in trajs)
@@ -206,7 +206,7 @@ def main() -> int:
     import ray
 
     from rise_ray.data.builder import read_stats
-    from rise_ray.models.tiny import build_tiny_model
+    from rise_ray.demo.tiny import build_tiny_model
     from rise_ray.train.loop import setup_environment
 
     setup_environment(use_gpu=False)
@@ -256,7 +256,7 @@ def main() -> int:
             "setup": {
                 "trajectories": ns.trajectories,
                 "turns": ns.turns,
-                "model": ns.model or "rise_ray.models.tiny (Llama, tiny tokenizer)",
+                "model": ns.model or "rise_ray.demo.tiny (Llama, tiny tokenizer)",
                 "epochs": ns.epochs,
                 "micro_batch_rows": {"packed": ns.micro_batch, "prefix": prefix_micro},
                 "workers": 1,

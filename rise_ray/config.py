@@ -7,12 +7,12 @@ traceback from deep inside the run.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.yaml")  # the embedded default
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "demo", "default.yaml")  # the embedded default
 
 
 class ConfigError(ValueError):
@@ -39,7 +39,7 @@ class EnvConfig(_Strict):
 
 
 class TinyModelConfig(_Strict):
-    # Head size 64 (hidden_size / num_heads): vLLM's CPU attention rejects smaller heads.
+    # hidden_size / num_heads is the head size: vLLM's CPU attention takes 32, 64, 80, ... (not 16).
     hidden_size: int = Field(64, ge=16)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(1, ge=1)
@@ -135,18 +135,12 @@ class DataConfig(_Strict):
     overflow: Literal["truncate_left", "drop"] = "truncate_left"  # too-long examples
     # Attempts kept in the prompt: "rollout" = rollout.context_window (the conversation the model
     # saw), None = the whole history, k = the latest k.
-    context_window: int | Literal["rollout"] | None = "rollout"
+    context_window: Annotated[int, Field(ge=1)] | Literal["rollout"] | None = "rollout"
     shuffle: bool = True
     seed: int = 0
     # Iteration k trains on the trajectories of iterations 1..k (the paper's Algorithm 1 grows one
     # data set across iterations); False: on iteration k's own trajectories only.
     aggregate: bool = True
-
-    @model_validator(mode="after")
-    def _window_positive(self) -> DataConfig:
-        if isinstance(self.context_window, int) and self.context_window < 1:
-            raise ValueError("data.context_window must be >= 1, 'rollout' or null")
-        return self
 
 
 class LoRAConfig(_Strict):
@@ -186,17 +180,11 @@ class TrainConfig(_Strict):
     max_failures: int = Field(2, ge=-1)  # worker restarts Ray Train may make (-1 = unlimited)
     log_every_steps: int = Field(1, ge=1)
     offload: bool = False  # DeepSpeed ZeRO offload of optimizer states (and ZeRO-3 parameters) to CPU
-    prefetch_batches: int | Literal["auto"] = "auto"  # Ray Data batches made ahead; auto: 1 on GPU, 0 on CPU
+    prefetch_batches: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # Ray Data batches made ahead; auto: 1 on GPU, 0 on CPU
     seed: int = 0
     bf16: bool | Literal["auto"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # Extra DeepSpeed config merged over ours, e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     deepspeed: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _prefetch_non_negative(self) -> TrainConfig:
-        if isinstance(self.prefetch_batches, int) and self.prefetch_batches < 0:
-            raise ValueError("train.prefetch_batches must be >= 0 or 'auto'")
-        return self
 
 
 class WarmupConfig(_Strict):
@@ -346,11 +334,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Mappings merge key by key; any other value, and an empty mapping ({}: clear it), replaces."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -386,7 +374,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The resolved config: defaults < YAML file < key=value overrides."""
     data = read_yaml(path) if path else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     source = path or "defaults"
     if overrides:
         source += " + overrides " + " ".join(overrides)

@@ -25,7 +25,7 @@ import time
 from rise_ray.collect import collect, collection_stats, problems_for_iteration
 from rise_ray.config import ConfigError, RunConfig, load_config
 from rise_ray.eval.evaluate import eval_problems, evaluate
-from rise_ray.manifest import Manifest, RunLock, open_run_dir, warmup_enabled
+from rise_ray.manifest import STAGE_KINDS, Manifest, RunLock, open_run_dir, warmup_enabled
 from rise_ray.observe import Observer
 from rise_ray.report import write_report
 from rise_ray.rollout.episodes import write_trajectories
@@ -80,6 +80,12 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
     return rows
 
 
+def stage_names(iterations: int) -> list[str]:
+    """The stages `run` records, in order."""
+    its = [f"iter_{k}/{kind}" for k in range(1, iterations + 1) for kind in STAGE_KINDS]
+    return ["base_model", "iter_0/eval", *its, "report"]
+
+
 def dataset_sources(manifest: Manifest, k: int, aggregate: bool) -> list[str]:
     """The trajectories iteration k trains on: those of iterations 1..k (data.aggregate, as the
     paper's Algorithm 1 grows one data set), else iteration k's alone."""
@@ -97,7 +103,7 @@ def build_base(cfg: RunConfig, env, run_dir: str) -> str:
     path = resolve_model(cfg.model, run_dir)
     if not warmup_enabled(cfg):
         return path
-    from rise_ray.warmup import warmup
+    from rise_ray.demo.warmup import warmup
 
     return warmup(cfg, env, path, os.path.join(run_dir, "warmup"))
 
@@ -126,7 +132,7 @@ def collect_stage(policy, teacher, env, grader_opts, problems, cfg: RunConfig, k
 
 
 def build_data(cfg: RunConfig, trajectories: list[str], model_path: str, it: str) -> dict:
-    from rise_ray.train.trainer import prepare_dataset
+    from rise_ray.data.builder import prepare_dataset
 
     out = os.path.join(it, "dataset")
     prepare_dataset(cfg, trajectories, model_path, out)

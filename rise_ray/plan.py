@@ -43,7 +43,7 @@ def model_shape(path: str | None, tiny: Any = None) -> dict[str, Any] | None:
     """The model's shape: model.tiny, a local config.json, or the table; None when unknown."""
     head_dim = context = None
     if path is None:
-        from rise_ray.models.tiny import PHRASES, VOCAB
+        from rise_ray.demo.tiny import PHRASES, VOCAB
 
         t = tiny
         vals = [t.num_layers, t.hidden_size, t.num_heads, t.num_heads, t.intermediate_size]
@@ -202,30 +202,31 @@ def _on(name: str, gpus: float) -> str:
 
 def plan_stages(cfg: RunConfig, policy_gpus: float, teacher_gpus: float, train_gpus: int) -> list[dict]:
     """The driver's stages in order (driver.run), with where each runs and the GPUs it uses."""
+    from rise_ray.demo.warmup import warmup_train_config
+    from rise_ray.driver import stage_names
+    from rise_ray.manifest import warmup_enabled
+    from rise_ray.rollout.weight_transfer import resolve_method
+
     t, r = cfg.train, cfg.rollout
-    warm = cfg.warmup.enabled if cfg.warmup.enabled is not None else cfg.model.path is None
-    wt = TrainConfig.model_validate({**t.model_dump(), **cfg.warmup.train}) if warm else None
-    sync = cfg.sync.method
-    if sync == "auto":
-        gpu_vllm = r.engine == "vllm" and r.num_gpus_per_engine > 0
-        sync = "ipc" if r.colocate_with_trainer else ("nccl" if gpu_vllm else "files")
+    wt = warmup_train_config(cfg) if warmup_enabled(cfg) else None
+    try:
+        sync = resolve_method(cfg.sync.method, r)
+    except ValueError as e:
+        sync = f"{cfg.sync.method}: {e}"
     on = _on("policy engines", policy_gpus)
     collect = on + (" + " + _on("teacher engines", teacher_gpus) if r.improve_with == "teacher" else "")
-    base = "warm-up SFT on Ray Train workers" if warm else f"model.path {cfg.model.path}: no work"
-    stages = [
-        ("base_model", base, wt.num_workers * wt.use_gpu if wt else 0),
-        ("iter_0/eval", on, policy_gpus),
-    ]
-    for k in range(1, cfg.iterations + 1):
-        stages += [
-            (f"iter_{k}/collect", collect, policy_gpus + teacher_gpus),
-            (f"iter_{k}/dataset", "driver (tokenise, weights exp(r/tau))", 0),
-            (f"iter_{k}/train", f"Ray Train: {t.num_workers} worker(s), ZeRO-{t.zero_stage}", train_gpus),
-            (f"iter_{k}/sync", f"weights -> policy engines ({sync})", policy_gpus),
-            (f"iter_{k}/eval", on, policy_gpus),
-        ]
-    stages.append(("report", "driver (metrics.json, report.md, turns.png)", 0))
-    return [{"stage": n, "runs_on": where, "gpus": g} for n, where, g in stages]
+    base = "warm-up SFT on Ray Train workers" if wt else f"model.path {cfg.model.path}: no work"
+    where = {
+        "base_model": (base, wt.num_workers * wt.use_gpu if wt else 0),
+        "collect": (collect, policy_gpus + teacher_gpus),
+        "dataset": ("driver (stored ids, weights exp(r/tau))", 0),
+        "train": (f"Ray Train: {t.num_workers} worker(s), ZeRO-{t.zero_stage}", train_gpus),
+        "sync": (f"weights -> policy engines ({sync})", policy_gpus),
+        "eval": (on, policy_gpus),
+        "report": ("driver (metrics.json, report.md, turns.png)", 0),
+    }
+    stages = [(n, *where[n.rsplit("/", 1)[-1]]) for n in stage_names(cfg.iterations)]
+    return [{"stage": n, "runs_on": w, "gpus": g} for n, w, g in stages]
 
 
 def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict | None = None) -> dict:

@@ -62,7 +62,7 @@ def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
 
     if cfg.path:
         return with_chat_template(get_model(cfg.path), cfg.chat_template)
-    from rise_ray.models.tiny import build_tiny_model
+    from rise_ray.demo.tiny import build_tiny_model
 
     out = os.path.join(work_dir, "base_model")
     if not os.path.exists(os.path.join(out, "config.json")):

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A random tiny Llama + its tokenizer, built once per test session."""
-    from rise_ray.models.tiny import build_tiny_model
+    from rise_ray.demo.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
 
@@ -43,7 +43,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def n_tokens():
     """Tokens of a tiny model's reply (its re-tokenized text: never more than the engine generated)."""
-    from rise_ray.models.tiny import build_tokenizer
+    from rise_ray.demo.tiny import build_tokenizer
 
     tok = build_tokenizer()
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])

@@ -9,6 +9,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from synthetic import arithmetic_trajectories, bpe_chat_tokenizer, make_trajectory, make_turn
 
 from rise_ray.config import DataConfig, load_config
 from rise_ray.data.builder import (
@@ -22,7 +23,6 @@ from rise_ray.data.builder import (
     select_turns,
     turn_weight,
 )
-from rise_ray.data.synthetic import arithmetic_trajectories, bpe_chat_tokenizer, make_trajectory, make_turn
 from rise_ray.envs.base import DataError, Env
 from rise_ray.rollout.episodes import Trajectory, build_conversation
 
@@ -31,7 +31,7 @@ FEEDBACK = "Wrong. Try again."
 
 @pytest.fixture(scope="module")
 def tok():
-    from rise_ray.models.tiny import build_tokenizer
+    from rise_ray.demo.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -152,8 +152,8 @@ def test_token_weights_cover_exactly_the_assistant_reply(env, tok):
 def test_tiny_tokenizer_phrases_are_one_token_and_prefixes_agree(tok):
     """The tiny tokenizer's phrase tokens ("\\boxed{", the feedback texts) and digit pairs shorten
     conversations and keep every turn's prompt a token-prefix of the whole conversation (no drift)."""
+    from rise_ray.demo.search import make_search
     from rise_ray.envs.base import INCORRECT_FEEDBACK
-    from rise_ray.envs.search import make_search
 
     for phrase in ("\\boxed{", "Incorrect."):
         assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1

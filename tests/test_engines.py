@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from rise_ray.models.tiny import build_tiny_model
+from rise_ray.demo.tiny import build_tiny_model
 from rise_ray.rollout import make_engine
 from rise_ray.rollout.engine import Completion, Engine, PromptTooLong, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.hf import HFEngine

@@ -185,6 +185,21 @@ def test_rollout_stats_counts_answers_per_turn(tmp_path):
     assert rollout_stats(path) == {"answers_by_turn": [2, 4], "answers": 6}
 
 
+def test_rollout_tokens_are_the_stored_ids_where_a_turn_kept_them(tmp_path):
+    """One candidate with sampled ids: its ids count (the text is never re-tokenized); best-of-3
+    keeps the ids of one candidate only, so those texts are tokenized."""
+    path = str(tmp_path / "t.parquet")
+    sampled = turn(1, False, text="x = 12")
+    sampled.token_ids = [5, 6, 7, 8, 9, 2]  # what the engine sampled: not what "x = 12" re-tokenizes to
+    write_trajectories([Trajectory("a", "q", "1", [sampled, turn(3, True, text="ab")])], path)
+
+    def tokenizer(texts, add_special_tokens=False):  # one id per character
+        return {"input_ids": [list(t) for t in texts]}
+
+    assert rollout_stats(path, lambda: tokenizer)["tokens"] == 6 + 3 * 2
+    assert rollout_stats(path, lambda: None) == {"answers_by_turn": [1, 3], "answers": 4}  # no tokenizer: not counted
+
+
 def read_events(logdir: str) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
     """Scalars (tag -> [(step, value)]) and the other tags (text, images) from TensorBoard event
     files, read as TFRecords: length (8 bytes), its crc (4), an Event proto, its crc (4)."""

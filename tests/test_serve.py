@@ -58,8 +58,8 @@ def train_boxed_model(out_dir: str, steps: int = 80, seed: int = 0) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rise_ray.demo.tiny import build_tiny_model
     from rise_ray.envs import get_env
-    from rise_ray.models.tiny import build_tiny_model
     from rise_ray.rollout.episodes import build_conversation
 
     build_tiny_model(out_dir, hidden_size=64, num_layers=2, num_heads=1, intermediate_size=192, seed=seed)

@@ -14,28 +14,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from synthetic import arithmetic_trajectories
 
 from rise_ray.config import DataConfig, RunConfig, load_config
 from rise_ray.data.builder import build_dataset, build_examples, read_rows
-from rise_ray.data.synthetic import arithmetic_trajectories
 from rise_ray.envs.base import Env
+from rise_ray.train.engine import deepspeed_config, make_scheduler
 from rise_ray.train.loop import (
     collate,
-    deepspeed_config,
-    lr_multiplier,
-    micro_batches_in_step,
-    plan_steps,
-    read_log,
     split_by_length,
     weighted_loss_sum,
 )
+from rise_ray.train.progress import StepPlan, micro_batches_in_step, plan_steps, read_log
 
 ENV = Env(feedback="Wrong. Try again.")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    from rise_ray.models.tiny import build_tiny_model
+    from rise_ray.demo.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny")), hidden_size=64, num_layers=2, intermediate_size=128)
 
@@ -94,7 +91,7 @@ def fresh_model(path: str | None = None, vocab: int | None = None):
 
 
 def bpe_drift_tokenizer():
-    from rise_ray.data.synthetic import bpe_chat_tokenizer
+    from synthetic import bpe_chat_tokenizer
 
     return bpe_chat_tokenizer("assistant: ")
 
@@ -249,15 +246,29 @@ def test_prefix_layout_is_the_papers_loss(tiny):
 # --- schedule, plan, DeepSpeed config -------------------------------------------------------------
 
 
+def lrs_of(schedule: str, total: int, warmup: int) -> list[float]:
+    """The learning rate of each step under the loop's scheduler (base lr 1)."""
+    t = load_config(None, ["train.lr=1.0", f"train.lr_schedule={schedule}"]).train
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, t, StepPlan(total, total, total, total, warmup))
+    out = []
+    for _ in range(total):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_warmup_then_cosine():
     total, warmup = 100, 10
-    lrs = [lr_multiplier(s, total, warmup, "cosine") for s in range(total)]
-    assert lrs[0] > 0 and all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1], strict=True))
+    lrs = lrs_of("cosine", total, warmup)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1], strict=True))
     assert lrs[warmup] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :], strict=False))
     assert lrs[-1] > 0 and lrs[-1] < 0.01
-    assert lr_multiplier(55, total, warmup, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert lr_multiplier(80, total, warmup, "constant") == 1.0
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lrs_of("constant", total, warmup)[80] == 1.0
+    assert lrs_of("cosine", total, 0)[0] == 1.0  # no warm-up: the first step at the full rate
 
 
 def test_plan_counts_steps_per_equal_shard():
@@ -277,11 +288,11 @@ def test_deepspeed_config_follows_the_train_section():
     t = load_config(
         None,
         ["train.zero_stage=3", "train.max_grad_norm=0.5", "train.deepspeed={zero_optimization: {overlap_comm: false}}"],
-    ).train.model_dump()
+    ).train
     ds = deepspeed_config(t, world=2, bf16=False)
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": False}
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
-    assert ds["train_batch_size"] == t["micro_batch_size"] * t["grad_accum"] * 2
+    assert ds["train_batch_size"] == t.micro_batch_size * t.grad_accum * 2
 
 
 # --- real runs: Ray Train + DeepSpeed on CPU ------------------------------------------------------
@@ -529,9 +540,9 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, ti
             ckpts = registered_checkpoints(out)
             recs = read_log(log)
             if ckpts and recs and recs[-1]["step"] >= ckpts[-1] + 2:
-                info = read_json(os.path.join(out, "workers", "rank1.json"))
-                os.kill(info["pid"], signal.SIGKILL)
-                killed.update(info, at_step=recs[-1]["step"], checkpoint=ckpts[-1])
+                pid = recs[-1]["pid"]  # rank 0, the worker that logs
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, time=time.time(), at_step=recs[-1]["step"], checkpoint=ckpts[-1])
                 return
             time.sleep(0.02)
 
@@ -541,10 +552,10 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, ti
     t.join(timeout=5)
     assert killed, "the run ended before the worker could be killed"
     assert killed["checkpoint"] < killed["at_step"] < expected
-    after = read_json(os.path.join(out, "workers", "rank1.json"))
-    assert after["pid"] != killed["pid"]  # a new worker...
-    assert after["resumed_from"] >= killed["checkpoint"]  # ...that resumed from a checkpoint, not from scratch
     summary = read_json(os.path.join(out, "train_summary.json"))
     assert summary["steps"] == summary["total_steps"] == expected
-    assert_steps(out, expected)  # every step once: the redone ones replaced, none missing
+    recs = assert_steps(out, expected)  # every step once: the redone ones replaced, none missing
+    # a new worker, resumed from the checkpoint (not from scratch): the steps up to it are the first attempt's
+    assert all(r["time"] < killed["time"] and r["pid"] == killed["pid"] for r in recs[: killed["checkpoint"]])
+    assert all(r["time"] > killed["time"] and r["pid"] != killed["pid"] for r in recs[killed["at_step"] :])
     generates(path)

@@ -12,16 +12,18 @@ import math
 import os
 import socket
 
+import gathered_source as gs
 import pytest
 import torch
 from conftest import perturbed_copy
+from gathered_source import gathered_named_params
 
 from rise_ray.config import ModelConfig, RolloutConfig, load_config
 from rise_ray.rollout import weight_transfer as wt
-from rise_ray.rollout.weight_transfer import gathered_named_params, iter_buckets, resolve_method
+from rise_ray.rollout.weight_transfer import iter_buckets, resolve_method
 from rise_ray.session import engine_kwargs
 
-# Tiny-model sizes (rise_ray.models.tiny, hidden 128): attention projections 64 KiB, MLP 192 KiB.
+# Tiny-model sizes (rise_ray.demo.tiny, hidden 128): attention projections 64 KiB, MLP 192 KiB.
 BUCKET = 150_000  # three projections per bucket; an MLP weight is larger and travels alone
 
 
@@ -92,19 +94,19 @@ def test_engines_are_built_for_their_sync_method():
 
 
 def test_offload_reaches_the_deepspeed_config():
-    from rise_ray.train.loop import deepspeed_config
+    from rise_ray.train.engine import deepspeed_config
 
-    t3 = load_config(None, ["train.zero_stage=3", "train.offload=true"]).train.model_dump()
+    t3 = load_config(None, ["train.zero_stage=3", "train.offload=true"]).train
     zero = deepspeed_config(t3, world=2, bf16=False)["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
-    t2 = load_config(None, ["train.zero_stage=2", "train.offload=true"]).train.model_dump()
+    t2 = load_config(None, ["train.zero_stage=2", "train.offload=true"]).train
     ds2 = deepspeed_config(t2, world=1, bf16=False)
     assert "offload_param" not in ds2["zero_optimization"] and ds2["zero_force_ds_cpu_optimizer"] is False
     assert (
-        "offload_optimizer" not in deepspeed_config({**t2, "offload": False}, 1, False)["zero_optimization"]
+        "offload_optimizer" not in deepspeed_config(t2.model_copy(update={"offload": False}), 1, False)["zero_optimization"]
     )
     with pytest.raises(ValueError, match="zero_stage"):
-        deepspeed_config(load_config(None, ["train.offload=true"]).train.model_dump(), 1, False)
+        deepspeed_config(load_config(None, ["train.offload=true"]).train, 1, False)
 
 
 # --- sources --------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def test_checkpoint_source_metadata_matches_its_tensors(tiny_model_dir):
 
 def test_gathered_source_metadata_matches_iteration(tiny_model_dir):
     pytest.importorskip("vllm")
-    src = wt.GatheredSource(_lora_model(tiny_model_dir), BUCKET)
+    src = gs.GatheredSource(_lora_model(tiny_model_dir), BUCKET)
     assert [(m.name, m.dtype, tuple(m.shape)) for m in src.metadata()] == [
         (n, t.dtype, tuple(t.shape)) for n, t in src
     ]
@@ -189,7 +191,10 @@ def _zero3_worker(rank, world, port, model_dir, out_dir, lora, use_gpu):
     import deepspeed
     import torch.distributed as dist
 
+    from rise_ray.train import engine as ds_setup
     from rise_ray.train import loop
+    from rise_ray.train.checkpoint import gather_state_dict
+    from rise_ray.train.progress import StepPlan
 
     torch.set_num_threads(1)
     if use_gpu:
@@ -203,12 +208,12 @@ def _zero3_worker(rank, world, port, model_dir, out_dir, lora, use_gpu):
     ]  # fmt: skip
     if lora:
         overrides += ["train.lora.enabled=true", "train.lora.r=4", "train.lora.alpha=8"]
-    tcfg = load_config(None, overrides).train.model_dump()
-    loop.join_deepspeed(dist, world)
-    bf16 = loop.resolve_bf16(tcfg)
-    ds = loop.deepspeed_config(tcfg, world, bf16)
-    model, _, _ = loop.load_model(model_dir, tcfg, ds, bf16)
-    engine = loop.make_engine(model, tcfg, ds, loop.StepPlan(2, 1, 1, 1, 0))
+    tcfg = load_config(None, overrides).train
+    ds_setup.join_deepspeed(dist, world)
+    bf16 = ds_setup.resolve_bf16(tcfg)
+    ds = ds_setup.deepspeed_config(tcfg, world, bf16)
+    model, _, _ = ds_setup.load_model(model_dir, tcfg, ds, bf16)
+    engine = ds_setup.make_engine(model, tcfg, ds, StepPlan(2, 1, 1, 1, 0))
     g = torch.Generator().manual_seed(rank)
     rows = torch.randint(7, 60, (2, 16), generator=g).tolist()
     batch = {"input_ids": rows, "weights": [[0.0] + [1.0] * 15] * 2, "units": [1, 1]}
@@ -234,8 +239,8 @@ def _zero3_worker(rank, world, port, model_dir, out_dir, lora, use_gpu):
             pairs.append((name, t.float().cpu()))
     finally:
         deepspeed.zero.GatheredParameters = real
-    units = [(u.name, tuple(u.shape), u.params[0].dtype, u.nbytes) for u in wt._units(engine)]
-    ref = loop.gather_state_dict(engine, rank)
+    units = [(u.name, tuple(u.shape), u.params[0].dtype, u.nbytes) for u in gs._units(engine)]
+    ref = gather_state_dict(engine, rank)
     torch.save(
         {"pairs": pairs, "units": units, "gathers": gathers, "whole_at_yield": whole_at_yield, "loss": loss,
          "dtypes": {n: t.dtype for n, t in gathered_named_params(engine, BUCKET)},

@@ -1,5 +1,20 @@
 """A training example's token ids from stored ids: the chat template's texts tokenized, each
-assistant reply as the ids the engine sampled (see the assembly rule in rise_ray.data.builder)."""
+assistant reply as the ids the engine sampled, never its text re-tokenized.
+
+The assembly rule. The template renders the conversation ending with the reply; it is cut at each
+assistant message: the text up to its generation prompt, its content, the text after it. The texts
+are tokenized alone (a text never spans a reply: with the usual templates a special token ends
+each reply, so the engine's own tokenization of the rendered prompt splits there too), and each
+content is replaced by that reply's sampled ids. Turn 1's context is therefore exactly the ids
+the engine was given (`Turn.prompt_ids`); a later context equals the engine's prompt unless a
+re-tokenized earlier reply differed from its sampled ids (the engine saw the re-tokenization; the
+trained row keeps the sampled ids, so the packed row is one consistent sequence), or the data set
+rebuilds the context (dedupe, another window); `contexts_not_engine_prompt` counts those. A
+reply that ends with the stop token it sampled keeps it, and the template's copy of that token
+is not added again. Replies known only as text (a teacher's, whose vocabulary may differ, or
+turns recorded without ids) are tokenized alone and counted in `replies_from_text`. Packed rows
+only ever merge examples whose ids are prefixes of one another, so the layouts agree exactly.
+"""
 
 from __future__ import annotations
 

@@ -12,48 +12,26 @@ Steps, per trajectory (one problem, one rollout):
      first, the AWR-like variant), capped at `max_weight`;
   4. assemble each trained turn's ids from stored ids, in the conversation the rollout engine
      built (`build_conversation`: same env feedback, same context window): the chat template's
-     texts (system, question, feedback, role markers, generation prompts) tokenized, and each
-     assistant reply - earlier attempts in the context and the trained reply - as the ids the
-     engine sampled (`Turn.token_ids`), never as its text re-tokenized. So every trained reply
-     token is the sampled one, by construction. Weights: 0 on context, `weight / n` on the n
-     tokens of the reply (the template's end-of-turn tokens after it included);
+     texts tokenized, each assistant reply as the ids the engine sampled (rise_ray.data.assemble),
+     so every trained reply token is the sampled one. Weights: 0 on context, `weight / n` on the
+     n tokens of the reply (the template's end-of-turn tokens after it included);
   5. lay out rows:
        - `prefix` (the paper's code): one row per trained turn, the loss only on its last turn;
        - `packed` (ours): prefix examples that are token-prefixes of one another share one row,
          each turn weighted in place. A causal model sees the same context at every position,
          so a packed row's loss is exactly the sum of its prefix examples' losses.
 
-The loss (rise_ray.train.loop.weighted_loss_sum) is sum(weight x token CE) / sum(units), where
-`units` counts the prefix examples in a row (1 for `prefix` rows). With the whole data set as one
-batch this is (1/N) sum_e w_e mean_t CE_e,t: the paper's normalisation (each example's mean token
-CE times its weight, averaged over examples) for both layouts, to float rounding. With
-micro-batches, each optimizer step divides by the units it holds, so `prefix` is the paper's
-per-batch mean and `packed` an estimate of the same objective that groups turns differently.
-
-The assembly rule. The template renders the conversation ending with the reply; it is cut at each
-assistant message: the text up to its generation prompt, its content, the text after it. The texts
-are tokenized alone (a text never spans a reply: with the usual templates a special token ends
-each reply, so the engine's own tokenization of the rendered prompt splits there too), and each
-content is replaced by that reply's sampled ids. Turn 1's context is therefore exactly the ids
-the engine was given (`Turn.prompt_ids`); a later context equals the engine's prompt unless a
-re-tokenized earlier reply differed from its sampled ids (the engine saw the re-tokenization; the
-trained row keeps the sampled ids, so the packed row is one consistent sequence), or the data set
-rebuilds the context (dedupe, another window); `contexts_not_engine_prompt` counts those. A
-reply that ends with the stop token it sampled keeps it, and the template's copy of that token
-is not added again. Replies known only as text (a teacher's, whose vocabulary may differ, or
-turns recorded without ids) are tokenized alone and counted in `replies_from_text`. Packed rows
-only ever merge examples whose ids are prefixes of one another, so the layouts agree exactly.
+Step 4 is the one place a turn's weight becomes token weights (rise_ray.data.layout `_row`); rise_ray.train.loop's
+`weighted_loss_sum` is the one place they multiply the loss, and its docstring states the
+normalisation (by `units`, the prefix examples a row holds).
 
 Too-long examples (more than `max_length` tokens) lose context tokens from the left, or are
 dropped (`overflow`); an example whose reply alone does not fit is always dropped. Both are
 counted in the stats and logged, never silent.
-
-A data set directory holds `examples.parquet` (input_ids, weights, units, ...) and `stats.json`.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -64,22 +42,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rise_ray.config import DataConfig
+from rise_ray.config import DataConfig, RunConfig
 from rise_ray.data.assemble import TemplateError, assemble, encode_texts, example_segments, reply_ids
-from rise_ray.envs.base import DataError, Env, Problem
+from rise_ray.data.layout import TurnExample, fit_length, layout_rows
+from rise_ray.data.store import FORMAT, BuildError, read_trajectories, write_dataset
+from rise_ray.data.store import is_dataset_dir as is_dataset_dir
+from rise_ray.data.store import read_rows as read_rows
+from rise_ray.data.store import read_stats as read_stats
+from rise_ray.envs.base import Env, Problem
 from rise_ray.rollout.episodes import Trajectory, Turn, build_conversation
 
 log = logging.getLogger(__name__)
-
-FORMAT = "rise-ray-sft-v1"
-EXAMPLES_FILE = "examples.parquet"
-STATS_FILE = "stats.json"
-TRAJECTORY_FIELDS = ("problem_id", "question", "reference", "turns")
-TURN_FIELDS = ("response", "reward", "correct")
-
-
-class BuildError(ValueError):
-    """Trajectories or a tokenizer that cannot make a training set; the message says why."""
 
 
 # --- 1. prepare -----------------------------------------------------------------------------------
@@ -162,83 +135,6 @@ def prompt_baselines(prepared: list[Prepared]) -> dict[str, float]:
     for p in prepared:
         sums[p.traj.problem_id].extend(t.reward for t in p.turns)
     return {k: sum(v) / len(v) for k, v in sums.items() if v}
-
-
-# --- 4. assemble ----------------------------------------------------------------------------------
-
-
-@dataclass
-class TurnExample:
-    """One trained turn as a prefix-layout example: ids, first trained position, weight."""
-
-    traj_index: int
-    turn_index: int
-    problem_id: str
-    weight: float
-    ids: list[int]
-    start: int  # ids[start:] are the reply's tokens (trained); ids[:start] the context
-    truncated: int = 0  # context tokens cut from the left
-
-
-def fit_length(ex: TurnExample, max_length: int, overflow: str) -> TurnExample | None:
-    """The example within max_length tokens: context cut from the left, or None (dropped)."""
-    n = len(ex.ids)
-    if n <= max_length:
-        return ex
-    reply = n - ex.start
-    if overflow == "drop" or reply >= max_length:  # the reply needs >= 1 context token before it
-        return None
-    cut = n - max_length
-    return TurnExample(
-        ex.traj_index, ex.turn_index, ex.problem_id, ex.weight, ex.ids[cut:], ex.start - cut, cut
-    )
-
-
-# --- 5. layout ------------------------------------------------------------------------------------
-
-
-def _row(ids: list[int], members: list[TurnExample]) -> dict[str, Any]:
-    weights = [0.0] * len(ids)
-    trained = 0
-    for ex in members:
-        n = len(ex.ids) - ex.start
-        per_token = ex.weight / n
-        for pos in range(ex.start, len(ex.ids)):
-            weights[pos] += per_token
-        trained += n
-    return {
-        "input_ids": ids,
-        "weights": weights,
-        "units": len(members),
-        "num_tokens": len(ids),
-        "trained_tokens": trained,
-        "problem_id": members[0].problem_id,
-        "turns": sorted(ex.turn_index for ex in members),
-    }
-
-
-def layout_rows(examples: list[TurnExample], layout: str) -> list[dict[str, Any]]:
-    """Rows for `examples` (prefix-layout examples of one trajectory, already length-fitted).
-
-    prefix: one row each. packed: longest first, each example joins the first row whose ids
-    start with its ids (and whose position 0 is its position 0: never a truncated example)."""
-    if layout == "prefix":
-        return [_row(ex.ids, [ex]) for ex in examples]
-    if layout != "packed":
-        raise BuildError(f"data.layout: unknown layout {layout!r} (packed | prefix)")
-    groups: list[tuple[list[int], list[TurnExample]]] = []
-    for ex in sorted(examples, key=lambda e: (-len(e.ids), e.turn_index)):
-        home = None
-        if not ex.truncated:
-            for ids, members in groups:
-                if not members[0].truncated and ids[: len(ex.ids)] == ex.ids:
-                    home = members
-                    break
-        if home is None:
-            groups.append((ex.ids, [ex]))
-        else:
-            home.append(ex)
-    return [_row(ids, members) for ids, members in groups]
 
 
 # --- all together ---------------------------------------------------------------------------------
@@ -375,101 +271,15 @@ def build_examples(
     return rows, stats
 
 
-# --- files ----------------------------------------------------------------------------------------
 
 
-def trajectory_files(path: str) -> list[str]:
-    """Parquet files under `path` (a file, or a directory searched recursively), sorted."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise DataError(f"{path}: no such trajectories file or directory")
-    files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-    files = [f for f in files if not os.path.basename(f).startswith(".")]
-    if not files:
-        raise DataError(f"{path}: no .parquet trajectory files found")
-    return files
 
 
-def read_trajectories(path: str) -> list[Trajectory]:
-    """Trajectories from parquet files (one row per trajectory, as the collector writes them)."""
-    import pyarrow.parquet as pq
-
-    out: list[Trajectory] = []
-    for f in trajectory_files(path):
-        try:
-            table = pq.read_table(f)
-        except Exception as e:  # a corrupt or foreign file becomes a clear data error
-            raise DataError(f"{f}: not a readable parquet file ({e})") from None
-        missing = [c for c in TRAJECTORY_FIELDS if c not in table.column_names]
-        if missing:
-            raise DataError(f"{f}: not a trajectories file: missing column(s) {missing} (has {table.column_names})")
-        for k, rec in enumerate(table.to_pylist()):
-            rec.setdefault("degenerate_dropped", 0)
-            rec.setdefault("stop_reason", "turns")
-            rec.setdefault("meta", "{}")
-            for j, t in enumerate(rec["turns"] or []):
-                miss = [c for c in TURN_FIELDS if t.get(c) is None]
-                if miss:
-                    raise DataError(f"{f}: row {k} turn {j}: missing field(s) {miss}")
-            try:
-                out.append(Trajectory.from_record(rec))
-            except TypeError as e:
-                raise DataError(f"{f}: row {k}: not a trajectory record ({e})") from None
-    return out
 
 
-def write_dataset(rows: list[dict[str, Any]], stats: dict[str, Any], out_dir: str) -> str:
-    """examples.parquet + stats.json, each written to a temp file then moved into place."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from rise_ray.files import atomic_write_json
-
-    if not rows:
-        raise BuildError(f"no training examples: every turn was filtered out (stats: {stats})")
-    os.makedirs(out_dir, exist_ok=True)
-    schema = pa.schema(
-        [
-            ("input_ids", pa.list_(pa.int32())),
-            ("weights", pa.list_(pa.float32())),
-            ("units", pa.int32()),
-            ("num_tokens", pa.int32()),
-            ("trained_tokens", pa.int32()),
-            ("problem_id", pa.string()),
-            ("turns", pa.list_(pa.int32())),
-        ]
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{EXAMPLES_FILE}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, os.path.join(out_dir, EXAMPLES_FILE))
-    atomic_write_json(os.path.join(out_dir, STATS_FILE), stats)
-    return out_dir
 
 
-def is_dataset_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, EXAMPLES_FILE)) and os.path.isfile(os.path.join(path, STATS_FILE))
 
-
-def read_stats(path: str) -> dict[str, Any]:
-    f = os.path.join(path, STATS_FILE)
-    try:
-        with open(f, encoding="utf-8") as fh:
-            stats = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{f}: cannot read the data set stats ({e})") from None
-    if stats.get("format") != FORMAT:
-        raise DataError(f"{f}: not a {FORMAT} data set (format={stats.get('format')!r})")
-    return stats
-
-
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """The rows of a data set directory (for tests and the non-Ray baseline)."""
-    import pyarrow.parquet as pq
-
-    read_stats(path)
-    return pq.read_table(os.path.join(path, EXAMPLES_FILE)).to_pylist()
 
 
 def build_dataset(
@@ -505,3 +315,27 @@ def build_dataset(
         stats["trained_tokens"],
     )
     return stats
+
+
+def resolve_context_window(cfg: RunConfig) -> int | None:
+    w = cfg.data.context_window
+    return cfg.rollout.context_window if w == "rollout" else w
+
+
+def prepare_dataset(cfg: RunConfig, trajectories: str | list[str], model_path: str, out_dir: str) -> str:
+    """Build the training set from trajectory parquet files into `out_dir` (cfg.data settings,
+    the env's prompts and feedback, the model's chat template)."""
+    from rise_ray.envs import get_env
+    from rise_ray.session import env_options
+
+    env = get_env(cfg.env.name, **env_options(cfg.env, with_data=False))
+    stats = build_dataset(trajectories, env, model_path, cfg.data, out_dir, resolve_context_window(cfg))
+    print(
+        f"[rise train] data: {stats['trajectories_in']} trajectories -> {stats['rows']} {stats['layout']} rows, "
+        f"{stats['examples']} examples, {stats['input_tokens']} tokens ({stats['trained_tokens']} trained); "
+        f"truncated {stats.get('truncated', 0)}, dropped too long {stats.get('dropped_too_long', 0)}, "
+        f"replies from text {stats.get('replies_from_text', 0)}, contexts not the engine's prompt "
+        f"{stats.get('contexts_not_engine_prompt', 0)}",
+        flush=True,
+    )
+    return out_dir

@@ -9,11 +9,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from rise_ray.demo.search import SearchEnv, make_search
 from rise_ray.envs.arithmetic import ArithmeticEnv, check_line, make_arithmetic
 from rise_ray.envs.base import DataError, Env, Grade, Problem
 from rise_ray.envs.gsm8k import GSM8KEnv, make_gsm8k
 from rise_ray.envs.math import MathEnv, make_math
-from rise_ray.envs.search import SearchEnv, make_search
 
 # Env fields any builder taking **env_fields accepts (rewards, prompt and feedback text)
 ENV_FIELDS = ("system_prompt", "feedback", "repeat_question", "correct_reward", "wrong_reward", "unparsed_reward",
@@ -32,8 +32,8 @@ def register_env(name: str, builder: Callable[..., Env]) -> None:
     REGISTRY[name] = builder
 
 
-def env_options(name: str) -> list[str]:
-    """The option names `get_env(name, ...)` accepts."""
+def accepted_options(name: str) -> list[str]:
+    """The option names `get_env(name, ...)` accepts (rise_ray.session.env_options: their values from a config)."""
     params = inspect.signature(REGISTRY[name]).parameters.values()
     names = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if any(p.kind == p.VAR_KEYWORD for p in params):
@@ -48,7 +48,7 @@ def get_env(name: str, **options) -> Env:
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown env {name!r}; known envs: {sorted(REGISTRY)}")
-    allowed = env_options(name)
+    allowed = accepted_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"env {name!r} got unknown option(s) {unknown}; it accepts {sorted(allowed)}")
@@ -70,8 +70,8 @@ __all__ = [
     "MathEnv",
     "Problem",
     "SearchEnv",
+    "accepted_options",
     "check_line",
-    "env_options",
     "get_env",
     "register_env",
 ]

@@ -6,7 +6,7 @@ answer, and if it is wrong the conversation goes on with the feedback message.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,29 @@ def require_fields(row: dict[str, Any], fields: Iterable[str], where: str) -> No
         value = row.get(name)
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{where}: row has no '{name}' (fields present: {sorted(row)})")
+
+
+def load_problems(
+    path: str, split: str, limit: int | None, hub_config: str | None, name: str, fields: tuple[str, str],
+    check: Callable[[str], str | None],
+) -> list[Problem]:
+    """Problems `{name}-{split}-{i}` from a local JSONL (or a hub name): `fields` = (question, reference)
+    must be strings, `check(reference)` says what is wrong with a reference (None: nothing); the
+    row's other fields are the problem's meta."""
+    out: list[Problem] = []
+    for where, index, row in iter_rows(path, split, hub_config):
+        if limit is not None and len(out) >= limit:
+            break
+        require_fields(row, fields, where)
+        question, reference = row[fields[0]], row[fields[1]]
+        if not isinstance(question, str) or not isinstance(reference, str):
+            raise DataError(f"{where}: fields {fields[0]!r} and {fields[1]!r} must be strings")
+        problem = check(reference)
+        if problem is not None:
+            raise DataError(f"{where}: field {fields[1]!r} {problem}")
+        meta = {k: v for k, v in row.items() if k not in fields}
+        out.append(Problem(f"{name}-{split}-{index}", question, reference, meta))
+    return out
 
 
 def iter_rows(path: str, split: str, hub_config: str | None = None) -> Iterator[tuple[str, int, dict[str, Any]]]:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from rise_ray.envs.answers import last_boxed, normalize_number, parse_number
-from rise_ray.envs.base import DataError, Env, Problem, iter_rows, require_fields
+from rise_ray.envs.base import Env, Problem, load_problems
 
 BOXED_SYSTEM_PROMPT = (
     "Solve the problem step by step. Put your final answer in \\boxed{}, e.g. \\boxed{42}."
@@ -71,22 +71,14 @@ class GSM8KEnv(NumericEnv):
 
 def load_gsm8k(path: str, split: str, limit: int | None = None, hub_config: str | None = "main") -> list[Problem]:
     """Problems from a local JSONL (or a hub name); rows must have a question and a "#### N" answer."""
-    out: list[Problem] = []
-    for where, index, row in iter_rows(path, split, hub_config):
-        if limit is not None and len(out) >= limit:
-            break
-        require_fields(row, ("question", "answer"), where)
-        question, answer = row["question"], row["answer"]
-        if not isinstance(question, str) or not isinstance(answer, str):
-            raise DataError(f"{where}: fields 'question' and 'answer' must be strings")
+
+    def check(answer: str) -> str | None:
         gold = after_hashes(answer)
         if gold is None:
-            raise DataError(f"{where}: field 'answer' has no '#### N' final answer")
-        if normalize_number(gold) is None:
-            raise DataError(f"{where}: field 'answer': final answer {gold!r} is not a number")
-        meta = {k: v for k, v in row.items() if k not in ("question", "answer")}
-        out.append(Problem(f"gsm8k-{split}-{index}", question, answer, meta))
-    return out
+            return "has no '#### N' final answer"
+        return f"has a final answer {gold!r} that is not a number" if normalize_number(gold) is None else None
+
+    return load_problems(path, split, limit, hub_config, "gsm8k", ("question", "answer"), check)
 
 
 def make_gsm8k(

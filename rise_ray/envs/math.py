@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from rise_ray.envs.answers import format_number, last_boxed, parse_number
-from rise_ray.envs.base import DataError, Env, Problem, iter_rows, require_fields
+from rise_ray.envs.base import Env, Problem, load_problems
 from rise_ray.envs.gsm8k import BOXED_SYSTEM_PROMPT
 
 MAX_SYMBOLIC_CHARS = 500  # longer answers are only compared as strings (sympy cost grows fast)
@@ -182,19 +182,11 @@ class MathEnv(Env):
 
 def load_math(path: str, split: str, limit: int | None = None, hub_config: str | None = None) -> list[Problem]:
     """Problems from a local JSONL (or a hub name); rows need `problem` and a `solution` with a \\boxed{}."""
-    out: list[Problem] = []
-    for where, index, row in iter_rows(path, split, hub_config):
-        if limit is not None and len(out) >= limit:
-            break
-        require_fields(row, ("problem", "solution"), where)
-        problem, solution = row["problem"], row["solution"]
-        if not isinstance(problem, str) or not isinstance(solution, str):
-            raise DataError(f"{where}: fields 'problem' and 'solution' must be strings")
-        if not (last_boxed(solution) or "").strip():
-            raise DataError(f"{where}: field 'solution' has no \\boxed{{...}} final answer")
-        meta = {k: v for k, v in row.items() if k not in ("problem", "solution")}
-        out.append(Problem(f"math-{split}-{index}", problem, solution, meta))
-    return out
+
+    def check(solution: str) -> str | None:
+        return None if (last_boxed(solution) or "").strip() else "has no \\boxed{...} final answer"
+
+    return load_problems(path, split, limit, hub_config, "math", ("problem", "solution"), check)
 
 
 def make_math(

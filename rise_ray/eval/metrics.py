@@ -1,4 +1,4 @@
-"""RISE evaluation metrics, computed from no-oracle trajectories (DESIGN.md defines each).
+"""RISE evaluation metrics, computed from no-oracle trajectories.
 
 Each evaluation trajectory has T sequential turns (feedback always "incorrect") and k parallel
 candidates at turn 1, the first of which is the sequential turn 1 (so m1@t1 is shared):

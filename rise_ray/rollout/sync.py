@@ -16,7 +16,6 @@ tolerance, the second cannot be told from rounding: the result says `conclusive:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -34,11 +33,10 @@ def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint directory (safetensors only; never pickle)."""
     from safetensors.torch import load_file
 
-    files = sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint}: no *.safetensors files")
+    from rise_ray.rollout.hf import checkpoint_files
+
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in checkpoint_files(checkpoint):
         state.update(load_file(f))
     return state
 
@@ -106,9 +104,8 @@ def distance(a: list[tuple[int, float]], b: list[tuple[int, float]], k: int) -> 
     return max(abs(da[t] - db[t]) for t in common)
 
 
-# bf16 / fp16 engines: the error grows with the logits' magnitude. Measured (transformers in bf16 on
-# an H200 against this fp32 reference; random weights shaped like Qwen2.5-0.5B, final norm scaled):
-# max |logit| 11 -> 0.06-0.13, 28 -> 0.20-0.37, 85 -> 0.52-1.2, i.e. up to ~1.4% of max |logit|.
+# bf16 / fp16 engines: the error grows with the logits' magnitude (up to ~1.4% of the largest |logit|
+# against this fp32 reference: docs/scaling.md, "logprob check"), so the bound is 2% of it.
 HALF_PER_LOGIT = 0.02
 
 

@@ -137,7 +137,8 @@ class GradingTimeout(ApiError):
 def serve_env(cfg: RunConfig, name: str) -> Env:
     """The env `name` for grading and prompts, without problems: the training env with its own
     options (the prompts and feedback it was trained on), any other with the shared ones."""
-    from rise_ray.envs import REGISTRY, env_options, get_env
+    from rise_ray.envs import REGISTRY, get_env
+    from rise_ray.envs import accepted_options as env_options
     from rise_ray.session import env_options as cfg_env_options
 
     if name not in REGISTRY:

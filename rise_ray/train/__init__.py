@@ -1,5 +1,5 @@
 """Reward-weighted SFT on Ray Train + DeepSpeed (+ LoRA): see trainer.train and loop."""
 
-from rise_ray.train.trainer import TrainError, prepare_dataset, train, train_command
+from rise_ray.train.trainer import TrainError, train, train_command
 
-__all__ = ["TrainError", "prepare_dataset", "train", "train_command"]
+__all__ = ["TrainError", "train", "train_command"]

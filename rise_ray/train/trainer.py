@@ -12,7 +12,6 @@ Files under out_dir:
   train_log.jsonl      one record per step: loss, lr, tokens, tokens/s, grad norm, ...
   train_summary.json   steps, first/last loss, tokens, tokens/s, data stats
   ray_train/           Ray Train storage (checkpoints)
-  workers/             rank -> pid of the live training workers
 """
 
 from __future__ import annotations
@@ -25,8 +24,10 @@ import time
 from typing import Any
 
 from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
-from rise_ray.train.loop import LOG_FILE, MARKER_FILE, MODEL_DIR, plan_steps, read_log, train_loop_per_worker
+from rise_ray.train.checkpoint import MARKER_FILE, MODEL_DIR
+from rise_ray.train.loop import WorkerConfig, train_loop_per_worker
 from rise_ray.train.placement import STRATEGY, PlacementTimeout, reserve, worker_placement
+from rise_ray.train.progress import LOG_FILE, plan_steps, read_log
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def load_train_dataset(dataset_dir: str) -> Any:
     import pyarrow.parquet as pq
     import ray.data
 
-    from rise_ray.data.builder import EXAMPLES_FILE
+    from rise_ray.data.store import EXAMPLES_FILE
 
     table = pq.read_table(os.path.join(dataset_dir, EXAMPLES_FILE), columns=["input_ids", "weights", "units"])
     n = table.num_rows
@@ -123,7 +124,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from rise_ray.data.builder import read_stats
+    from rise_ray.data.store import read_stats
     from rise_ray.files import atomic_write_json
 
     out_dir = os.path.abspath(out_dir)
@@ -132,7 +133,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
         raise TrainError(f"model path {init_model_path}: no config.json (expected an HF model directory)")
     tcfg = cfg.train
     stats = read_stats(dataset_dir)
-    plan = plan_steps(stats["rows"], tcfg.model_dump())
+    plan = plan_steps(stats["rows"], tcfg)
     os.makedirs(out_dir, exist_ok=True)
     check_same_run(out_dir, stats, plan.__dict__, init_model_path, tcfg)
     if is_finished(model_dir):
@@ -150,17 +151,10 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
         raise TrainError(str(e)) from None
 
     log_path = os.path.join(out_dir, LOG_FILE)
-    loop_config = {
-        "model_path": os.path.abspath(init_model_path),
-        "train": tcfg.model_dump(mode="json"),
-        "plan": plan.__dict__,
-        "pad_id": _pad_id(init_model_path),
-        "log_path": log_path,
-        "pid_dir": os.path.join(out_dir, "workers"),
-    }
+    job = WorkerConfig(os.path.abspath(init_model_path), tcfg, plan, _pad_id(init_model_path), log_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=dict(job.__dict__),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
@@ -240,37 +234,12 @@ def summarize(
 # --- the CLI entry ----------------------------------------------------------------------------------
 
 
-def resolve_context_window(cfg: RunConfig) -> int | None:
-    w = cfg.data.context_window
-    return cfg.rollout.context_window if w == "rollout" else w
-
-
-def prepare_dataset(cfg: RunConfig, trajectories: str | list[str], model_path: str, out_dir: str) -> str:
-    """Build the training set from trajectory parquet files into `out_dir` (cfg.data settings,
-    the env's prompts and feedback, the model's chat template)."""
-    from rise_ray.data.builder import build_dataset
-    from rise_ray.envs import get_env
-    from rise_ray.session import env_options
-
-    env = get_env(cfg.env.name, **env_options(cfg.env, with_data=False))
-    stats = build_dataset(trajectories, env, model_path, cfg.data, out_dir, resolve_context_window(cfg))
-    print(
-        f"[rise train] data: {stats['trajectories_in']} trajectories -> {stats['rows']} {stats['layout']} rows, "
-        f"{stats['examples']} examples, {stats['input_tokens']} tokens ({stats['trained_tokens']} trained); "
-        f"truncated {stats.get('truncated', 0)}, dropped too long {stats.get('dropped_too_long', 0)}, "
-        f"replies from text {stats.get('replies_from_text', 0)}, contexts not the engine's prompt "
-        f"{stats.get('contexts_not_engine_prompt', 0)}",
-        flush=True,
-    )
-    return out_dir
-
-
 def train_command(cfg: RunConfig, data_path: str, out_dir: str) -> str:
     """`rise train CONFIG data=PATH model.path=PATH`: PATH is a built data set directory
     (examples.parquet + stats.json) or trajectories (a parquet file or a directory searched
     recursively), built first into out_dir/dataset. Trains from model.path (or the tiny model)
     and returns the final model directory; out_dir gets train_log.jsonl and train_summary.json."""
-    from rise_ray.data.builder import is_dataset_dir
+    from rise_ray.data.builder import is_dataset_dir, prepare_dataset
     from rise_ray.session import init_ray, resolve_model
 
     model_path = resolve_model(cfg.model, os.path.join(cfg.run_dir, cfg.name))

@@ -51,18 +51,24 @@ def demonstrations(env: Env, n: int, turns: int, p_correct: float, max_offset: i
     return trajs
 
 
+def warmup_train_config(cfg: RunConfig) -> TrainConfig:
+    """The `train` section with warmup.train's overrides."""
+    try:
+        return TrainConfig.model_validate({**cfg.train.model_dump(), **cfg.warmup.train})
+    except ValidationError as e:
+        raise ConfigError(f"warmup.train: {e}") from None
+
+
 def warmup(cfg: RunConfig, env: Env, model_path: str, out_dir: str) -> str:
     """Write demonstrations, build the weighted dataset and train; returns the warmed-up model."""
-    from rise_ray.train.trainer import prepare_dataset, train
+    from rise_ray.data.builder import prepare_dataset
+    from rise_ray.train.trainer import train
 
     w = cfg.warmup
     trajs = demonstrations(env, w.num_problems, w.turns, w.p_correct, w.max_offset, w.seed)
     traj_dir = os.path.join(out_dir, "trajectories")
     write_trajectories(trajs, os.path.join(traj_dir, "part-00000.parquet"))
-    try:
-        train_cfg = TrainConfig.model_validate({**cfg.train.model_dump(), **w.train})
-    except ValidationError as e:
-        raise ConfigError(f"warmup.train: {e}") from None
+    train_cfg = warmup_train_config(cfg)
     data_cfg = cfg.data.model_copy(
         update={"criteria": "all", "center_rewards": False, "dedupe": False, "turns_after_correct": None}
     )

@@ -5,11 +5,11 @@ except that digits pair up left to right ("47" is one token, "123" is "12" "3"),
 for each of a few phrases every answer or feedback of ours repeats (as a BPE vocabulary would
 have merged them): the model pays per token, on a CPU, and "\\boxed{" alone was 7 of an
 attempt's 17 tokens. A two-digit number as one token also makes reading a number from the
-question one lookup instead of two, which the embedded default needs (measured: its
-configs/default.yaml). Phrases are matched in message text only, and messages are
+question one lookup instead of two, which the embedded default's search task relies on
+(rise_ray/demo/default.yaml). Phrases are matched in message text only, and messages are
 separated by special tokens, so tokenizing a conversation prefix and then the whole conversation
 always agree (no drift).
-Head size is 64 because vLLM's CPU attention does not support 16.
+Head sizes (hidden_size / num_heads) must be ones vLLM's CPU attention takes: 32, 64, 80, ... (not 16).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
 # Digits pair up left to right ("1234" -> "12" "34", "123" -> "12" "3").
 DIGIT_PAIRS = [f"{i:02d}" for i in range(100)]
 VOCAB = SPECIAL_TOKENS + list(CHARS) + DIGIT_PAIRS
-# The answer format and the two feedback texts (envs.base.INCORRECT_FEEDBACK, configs/default.yaml).
+# The answer format and the two feedback texts (envs.base.INCORRECT_FEEDBACK, demo/default.yaml).
 PHRASES = ["\\boxed{", "Incorrect.", "The answer is incorrect.", " Please try again."]
 
 
@@ -98,5 +98,5 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(out_dir)
     with open(os.path.join(out_dir, "rise_tiny.json"), "w") as f:
-        json.dump({"built_by": "rise_ray.models.tiny", "seed": seed}, f)
+        json.dump({"built_by": "rise_ray.demo.tiny", "seed": seed}, f)
     return out_dir
