@@ -77,8 +77,10 @@ class AsyncVLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._vllm = vllm
-        extra.pop("weight_transfer", None)  # files only: native transfer is the offline engine's
-        extra.pop("sleep_mode", None)
+        for name in ("weight_transfer", "sleep_mode"):  # the offline engine's (VLLMEngine) only
+            if extra.pop(name, None):
+                raise ValueError(f"{name}: not supported by vLLM's async engine (rollout.schedule=async); "
+                                 "weights sync through files (sync.method=files)")
         if not torch.cuda.is_available():
             dtype = "float32" if dtype == "auto" else dtype
             enforce_eager = True if enforce_eager is None else enforce_eager

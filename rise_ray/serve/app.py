@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from rise_ray.config import RunConfig
@@ -48,7 +48,7 @@ from rise_ray.envs.base import Env, Problem
 from rise_ray.rollout.engine import Conversation, PromptTooLong, SamplingParams
 from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
 from rise_ray.serve import errors
-from rise_ray.serve.chat import ChatRun, check_chat, wave_reply
+from rise_ray.serve.chat import chat_async, check_chat, wave_reply
 from rise_ray.serve.deploy import ROUTES, read_token, token_digest  # noqa: F401  (ROUTES: importers name it here)
 from rise_ray.serve.grading import BoundedEnv, GraderPool, serve_env
 from rise_ray.serve.limits import (
@@ -258,6 +258,8 @@ class RiseServer:
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose engine died is replaced."""
+        if self.is_async and self.engine.llm.errored and self._engine_error is None:  # died between requests
+            self._engine_error = f"{type(self.engine.llm.dead_error).__name__}: {self.engine.llm.dead_error}"
         if self._engine_error is not None:
             raise RuntimeError(f"the engine is dead: {self._engine_error}")
 
@@ -314,7 +316,8 @@ class RiseServer:
             logprobs=bool(req.logprobs),
         )
         if self.is_async:
-            return await self._chat_async(req, conv, n, params, stop)
+            self.metrics.chat.inc(tags={"stream": str(bool(req.stream)).lower()})
+            return await chat_async(self.engine, self.model_name, req, conv, n, params, stop)
         try:
             (outs,) = await self.generate([conv], n, params)
         except PromptTooLong as e:
@@ -322,18 +325,6 @@ class RiseServer:
         self.metrics.chat.inc(tags={"stream": str(bool(req.stream)).lower()})
         completion_tokens = sum(self._count_tokens(o) for o in outs)
         return wave_reply(self.model_name, req, outs, prompt_tokens, completion_tokens)
-
-    async def _chat_async(self, req: ChatRequest, conv: Conversation, n: int, params: SamplingParams,
-                          stop: list[str]) -> Any:
-        run = ChatRun(self.engine, self.model_name, req, self.engine.prompt_ids(conv), n, params, stop, bool(req.stream))
-        outputs = await run.start()
-        self.metrics.chat.inc(tags={"stream": str(bool(req.stream)).lower()})
-        if req.stream:
-            return StreamingResponse(run.events(outputs), media_type="text/event-stream")
-        final = None
-        async for out in outputs:
-            final = out
-        return run.whole(final)
 
     @api.post("/v1/rise/solve")
     async def solve(self, request: Request) -> dict[str, Any]:

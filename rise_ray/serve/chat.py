@@ -140,6 +140,19 @@ class ChatRun:
         yield "data: [DONE]\n\n"
 
 
+async def chat_async(engine: Any, model: str, req: ChatRequest, conv: list[dict[str, str]], n: int,
+                     params: SamplingParams, stop: list[str]) -> Any:
+    """A chat request on the async engine: the whole response, or a StreamingResponse of SSE."""
+    run = ChatRun(engine, model, req, engine.prompt_ids(conv), n, params, stop, bool(req.stream))
+    outputs = await run.start()
+    if req.stream:
+        return StreamingResponse(run.events(outputs), media_type="text/event-stream")
+    final = None
+    async for out in outputs:
+        final = out
+    return run.whole(final)
+
+
 def wave_reply(model: str, req: ChatRequest, outs: list[str], prompt_tokens: int, completion_tokens: int) -> Any:
     """The response to a chat request the transformers engine answered whole (streamed: one content
     chunk per choice)."""
