@@ -86,3 +86,12 @@ def test_greedy_hf_engine_gives_the_same_trajectories_either_way(tiny_model_dir)
     waves = run_episodes(engine, env, env.test, spec)
     each = run_episodes(engine, env, env.test, EpisodeSpec(**{**spec.__dict__, "schedule": "async"}))
     assert _plain(each) == _plain(waves)
+
+
+def test_rollout_schedule_reaches_the_collection_spec():
+    from rise_ray.collect import collect_spec
+    from rise_ray.config import load_config
+
+    cfg = load_config(overrides=["rollout.schedule=async", "rollout.engine=vllm"])
+    assert collect_spec(cfg.rollout, 1).schedule == "async"
+    assert collect_spec(load_config().rollout, 1).schedule == "waves"
