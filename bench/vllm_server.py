@@ -9,4 +9,5 @@ import runpy
 import rise_ray  # noqa: F401  (hides the mismatched media packages in this process and its children)
 
 if __name__ == "__main__":
-    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+    # alter_sys=False: __main__ stays this file, which the spawned engine process runs first
+    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=False)
