@@ -300,7 +300,9 @@ class RiseServer:
         if n > s.max_n:
             raise ApiError(400, f"n: {n} is above this server's limit of {s.max_n}", "n")
         conv = [{"role": m.role, "content": self._text_only(m.content)} for m in req.messages]
-        prompt_tokens = self.prompt_len(conv)
+        # The async engine's own ids (templated once): they are what it generates from.
+        ids = self.engine.prompt_ids(conv) if self.is_async else None
+        prompt_tokens = len(ids) if ids is not None else self.prompt_len(conv)
         if req.max_completion_tokens is not None:
             given, param = req.max_completion_tokens, "max_completion_tokens"
         else:
@@ -317,7 +319,7 @@ class RiseServer:
         )
         if self.is_async:
             self.metrics.chat.inc(tags={"stream": str(bool(req.stream)).lower()})
-            return await chat_async(self.engine, self.model_name, req, conv, n, params, stop)
+            return await chat_async(self.engine, self.model_name, req, ids, n, params, stop)
         try:
             (outs,) = await self.generate([conv], n, params)
         except PromptTooLong as e:

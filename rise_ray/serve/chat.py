@@ -140,10 +140,10 @@ class ChatRun:
         yield "data: [DONE]\n\n"
 
 
-async def chat_async(engine: Any, model: str, req: ChatRequest, conv: list[dict[str, str]], n: int,
+async def chat_async(engine: Any, model: str, req: ChatRequest, prompt_ids: list[int], n: int,
                      params: SamplingParams, stop: list[str]) -> Any:
     """A chat request on the async engine: the whole response, or a StreamingResponse of SSE."""
-    run = ChatRun(engine, model, req, engine.prompt_ids(conv), n, params, stop, bool(req.stream))
+    run = ChatRun(engine, model, req, prompt_ids, n, params, stop, bool(req.stream))
     outputs = await run.start()
     if req.stream:
         return StreamingResponse(run.events(outputs), media_type="text/event-stream")
