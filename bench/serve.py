@@ -1,19 +1,21 @@
-"""Serving latency and throughput: the Ray Serve app over HTTP vs the engine called directly.
+"""Serving throughput side by side in one run: `rise serve`, vLLM's own OpenAI server, and the
+engine called directly, on the same model and the same chat requests.
 
 Steps:
-  1. build the tiny model; make the chat requests (search questions, unseeded, max_tokens each);
-     start the app (one replica, one CPU) and, in this process, the same engine;
-  2. "direct": the engine in this process, no HTTP: at c clients the requests go in waves of c,
-     each wave one engine.generate call (the batching a server could at best do), a request's
-     latency its wave's time;
-  3. "served": the same requests to POST /v1/chat/completions on 127.0.0.1 from c concurrent
-     clients (httpx, each sends its next request when the last one returns);
-  4. direct and served alternate for --rounds rounds per level (the CPUs are shared with other
-     jobs: interleaving spreads their noise over both), latencies pooled over the rounds;
-  5. print p50/p99 latency and requests/s at 1, 8 and 32 clients, and the overhead ratio
-     (direct requests/s / served requests/s); write bench/results/serve.json.
+  1. the model (--model tiny: built here; else a name for `rise model get`, or a model directory);
+     the requests: search questions as chat messages, temperature 1, unseeded, --max-tokens each;
+  2. start `rise serve` (serve.engine=vllm: vLLM's async engine, one replica), vLLM's own OpenAI
+     server (bench/vllm_server.py, with the same engine settings: fp32, eager, the same KV-cache
+     bytes, 32-token blocks, whole prefills) and the same async engine in this process;
+  3. at 1, 8 and 32 closed-loop clients (each sends its next request when its last one returns):
+     "rise" and "vllm" over HTTP on 127.0.0.1 (httpx), "direct" as coroutines awaiting the engine;
+     the three alternate for --rounds rounds per level (shared CPUs: interleaving spreads the
+     noise), latencies pooled over the rounds;
+  4. print p50/p99 and requests/s; write bench/results/serve.json with vs_vllm_server_c8 and
+     vs_vllm_server_c32 (rise req/s / vLLM's), p99_vs_vllm_server_c32 (rise p99 / vLLM's) and
+     overhead_vs_direct (direct req/s / rise req/s at 8 clients).
 
-    python bench/serve.py [--engine hf|vllm] [--max-tokens 16] [--requests 32 96 192] [--rounds 2] [key=value ...]
+    python bench/serve.py --model smollm2-135m-instruct [--max-tokens 32] [--requests 16 64 128] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
+import httpx
+
 from rise_ray.config import load_config
-from rise_ray.demo.tiny import build_tiny_model
 from rise_ray.envs import get_env
 from rise_ray.files import atomic_write_json
-from rise_ray.rollout import make_engine
 from rise_ray.rollout.engine import SamplingParams
 
 CLIENTS = (1, 8, 32)
+SYSTEMS = ("rise", "vllm", "direct")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -48,53 +54,48 @@ def summary(latencies_s: list[float], wall_s: float) -> dict[str, float]:
         "p50_ms": round(1000 * percentile(latencies_s, 50), 2),
         "p99_ms": round(1000 * percentile(latencies_s, 99), 2),
         "mean_ms": round(1000 * statistics.fmean(latencies_s), 2),
-        "requests_per_s": round(len(latencies_s) / wall_s, 2),
+        "requests_per_s": round(len(latencies_s) / wall_s, 3),
         "wall_s": round(wall_s, 3),
     }
 
 
-def run_direct(engine, convs: list, clients: int, params: SamplingParams) -> tuple[list[float], float]:
-    """(latencies, wall seconds)."""
-    latencies: list[float] = []
-    start = time.perf_counter()
-    for i in range(0, len(convs), clients):
-        wave = convs[i : i + clients]
-        t = time.perf_counter()
-        engine.generate(wave, 1, params)
-        latencies += [time.perf_counter() - t] * len(wave)
-    return latencies, time.perf_counter() - start
-
-
-async def run_served(
-    url: str, model: str, convs: list, clients: int, max_tokens: int, deadline_s: float
-) -> tuple[list[float], float]:
-    """(latencies, wall seconds); any status but 200 is an error."""
-    import httpx
-
+async def closed_loop(send, convs: list, clients: int) -> tuple[list[float], float]:
+    """`clients` workers, each awaiting send(conv) for its next request; (latencies, wall s)."""
     queue: asyncio.Queue = asyncio.Queue()
     for c in convs:
         queue.put_nowait(c)
     latencies: list[float] = []
-    codes: dict[int, int] = {}
+
+    async def worker() -> None:
+        while not queue.empty():
+            conv = queue.get_nowait()
+            t = time.perf_counter()
+            await send(conv)
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return latencies, time.perf_counter() - start
+
+
+async def run_http(url: str, model: str, convs: list, clients: int, max_tokens: int, deadline_s: float):
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=deadline_s, limits=limits) as client:
 
-        async def worker() -> None:
-            while not queue.empty():
-                conv = queue.get_nowait()
-                body = {"model": model, "messages": conv, "max_tokens": max_tokens, "temperature": 1.0}
-                t = time.perf_counter()
-                r = await client.post("/v1/chat/completions", json=body)
-                codes[r.status_code] = codes.get(r.status_code, 0) + 1
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - t)
+        async def send(conv: list) -> None:
+            body = {"model": model, "messages": conv, "max_tokens": max_tokens, "temperature": 1.0}
+            r = await client.post("/v1/chat/completions", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}: {r.status_code} {r.text[:300]}")
 
-        start = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), deadline_s)
-        wall = time.perf_counter() - start
-    if codes != {200: len(convs)}:
-        raise RuntimeError(f"{clients} clients: expected only 200s, got {codes}")
-    return latencies, wall
+        return await asyncio.wait_for(closed_loop(send, convs, clients), deadline_s)
+
+
+def run_direct(engine, convs: list, clients: int, params: SamplingParams):
+    async def send(conv: list) -> None:
+        await engine.agenerate([conv], 1, params)
+
+    return engine.run(closed_loop(send, convs, clients))
 
 
 def free_port() -> int:
@@ -103,103 +104,142 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_vllm_server(model_dir: str, name: str, max_model_len: int, kv_bytes: int, log: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, os.path.join(HERE, "vllm_server.py"), "--model", model_dir, "--served-model-name", name,
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+           "--kv-cache-memory-bytes", str(kv_bytes), "--block-size", "32", "--no-enable-chunked-prefill",
+           "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM's server exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    proc.kill()
+    raise RuntimeError(f"vLLM's server did not answer /health within 900 s; see {log}")
+
+
+def model_path(model: str, tiny_dims: dict) -> str:
+    if model == "tiny":
+        from rise_ray.demo.tiny import build_tiny_model
+
+        return build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"), **tiny_dims)
+    if os.path.isdir(model):
+        return model
+    from rise_ray.models.source import get_model
+
+    return get_model(model)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--requests", type=int, nargs=3, default=[32, 96, 192], help="requests at 1, 8, 32 clients")
-    ap.add_argument("--rounds", type=int, default=2, help="direct/served rounds per level, alternating")
-    ap.add_argument("--deadline-s", type=float, default=300, help="per served round")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.json"))
-    ap.add_argument("overrides", nargs="*", help="config key=value, e.g. serve.batch_wait_timeout_s=0.01")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="tiny, a model name, or a directory")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, nargs=3, default=[16, 64, 128], help="requests at 1, 8, 32 clients")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per level, the systems alternating")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--deadline-s", type=float, default=900, help="per round")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "serve.json"))
+    ap.add_argument("overrides", nargs="*", help="config key=value for rise serve")
     args = ap.parse_args()
 
-    import torch
-
-    torch.set_num_threads(1)  # the replica gets one CPU (one torch thread): so does the direct engine
-    cfg = load_config(
-        overrides=[
-            f"serve.engine={args.engine}",
-            "serve.model_name=tiny",
-            "serve.num_cpus_per_replica=1",
-            "serve.max_ongoing_requests=64",
-            "serve.max_queued_requests=-1",  # measure latency, never reject
-            "serve.max_batch_size=32",
-            f"serve.max_tokens_limit={args.max_tokens}",
-            "model.max_model_len=512",
-            *args.overrides,
-        ]
-    )
-    model_dir = build_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"), **cfg.model.tiny.model_dump())
+    cfg = load_config(overrides=[
+        "serve.engine=vllm", "serve.model_name=bench", "serve.num_cpus_per_replica=1",
+        "serve.max_ongoing_requests=64", "serve.max_queued_requests=-1",  # measure latency, never reject
+        f"serve.max_tokens_limit={args.max_tokens}", f"model.max_model_len={args.max_model_len}", *args.overrides,
+    ])
+    model_dir = model_path(args.model, cfg.model.tiny.model_dump())
     env = get_env("search", num_train=0, num_test=max(args.requests))
     convs = [env.first_prompt(p) for p in env.test]
     params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens)
-    levels = dict(zip(CLIENTS, args.requests, strict=True))
+    kv_bytes = cfg.rollout.kv_cache_memory_bytes
 
     import ray
     from ray import serve
 
+    from rise_ray.rollout.vllm_async import AsyncVLLMEngine
     from rise_ray.serve.app import serve_command
-    from rise_ray.session import engine_kwargs
 
     os.environ.pop(cfg.serve.token_env, None)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    engine = None
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(HERE)}})
+    log = os.path.join(tempfile.mkdtemp(), "vllm_server.log")
+    vllm_proc, engine = None, None
+    startup: dict[str, float] = {}
     try:
         t = time.perf_counter()
-        url = serve_command(model_dir, cfg, "127.0.0.1", free_port(), blocking=False)
-        startup_s = time.perf_counter() - t
-        rollout = cfg.rollout.model_copy(update={"engine": args.engine})
-        engine = make_engine(args.engine, model_dir, **engine_kwargs(rollout, cfg.model, cfg.seed, model_path=model_dir))
-        engine.generate(convs[:8], 1, params)  # warm up both
-        asyncio.run(run_served(url, "tiny", convs[:16], 8, args.max_tokens, args.deadline_s))
-        raw: dict[str, dict[int, list]] = {"direct": {c: [] for c in CLIENTS}, "served": {c: [] for c in CLIENTS}}
-        for c, n in levels.items():
+        rise_url = serve_command(model_dir, cfg, "127.0.0.1", free_port(), blocking=False)
+        startup["rise"] = time.perf_counter() - t
+        t = time.perf_counter()
+        vllm_proc, vllm_url = start_vllm_server(model_dir, "bench", args.max_model_len, kv_bytes, log)
+        startup["vllm"] = time.perf_counter() - t
+        t = time.perf_counter()
+        engine = AsyncVLLMEngine(model_dir, max_model_len=args.max_model_len, kv_cache_memory_bytes=kv_bytes,
+                                 seed=cfg.seed)
+        startup["direct"] = time.perf_counter() - t
+
+        def once(system: str, c: int, n: int):
+            if system == "direct":
+                return run_direct(engine, convs[:n], c, params)
+            url = rise_url if system == "rise" else vllm_url
+            return asyncio.run(run_http(url, "bench", convs[:n], c, args.max_tokens, args.deadline_s))
+
+        for system in SYSTEMS:  # warm up each
+            once(system, 4, 8)
+        raw: dict[str, dict[int, list]] = {s: {c: [] for c in CLIENTS} for s in SYSTEMS}
+        for c, n in zip(CLIENTS, args.requests, strict=True):
             for _ in range(args.rounds):
-                raw["direct"][c].append(run_direct(engine, convs[:n], c, params))
-                raw["served"][c].append(
-                    asyncio.run(run_served(url, "tiny", convs[:n], c, args.max_tokens, args.deadline_s))
-                )
+                for system in SYSTEMS:
+                    raw[system][c].append(once(system, c, n))
     finally:
-        if engine is not None and hasattr(engine, "close"):
+        if engine is not None:
             engine.close()
+        if vllm_proc is not None:
+            vllm_proc.terminate()
+            vllm_proc.wait(60)
         serve.shutdown()
         ray.shutdown()
 
-    def pooled(rounds: list[tuple[list[float], float]]) -> dict[str, float]:
+    def pooled(rounds: list) -> dict[str, float]:
         return summary([x for lat, _ in rounds for x in lat], sum(wall for _, wall in rounds))
 
-    direct = {c: pooled(raw["direct"][c]) for c in CLIENTS}
-    served = {c: pooled(raw["served"][c]) for c in CLIENTS}
-
-    print(f"engine={args.engine} max_tokens={args.max_tokens} (app start-up {startup_s:.1f} s)")
-    print(f"{'clients':>7} | {'served p50/p99 ms':>18} {'req/s':>7} | {'direct p50/p99 ms':>18} {'req/s':>7} | overhead")
-    ratios = {}
+    res = {s: {c: pooled(raw[s][c]) for c in CLIENTS} for s in SYSTEMS}
+    print(f"model={args.model} max_tokens={args.max_tokens} start-up s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in startup.items()))
+    print(f"{'clients':>7} | " + " | ".join(f"{s + ' p50/p99 ms':>20} {'req/s':>6}" for s in SYSTEMS))
     for c in CLIENTS:
-        s, d = served[c], direct[c]
-        ratios[c] = round(d["requests_per_s"] / s["requests_per_s"], 3)
-        print(
-            f"{c:>7} | {s['p50_ms']:>8.1f} /{s['p99_ms']:>8.1f} {s['requests_per_s']:>7.1f} | "
-            f"{d['p50_ms']:>8.1f} /{d['p99_ms']:>8.1f} {d['requests_per_s']:>7.1f} | {ratios[c]:.2f}x"
-        )
+        print(f"{c:>7} | " + " | ".join(
+            f"{res[s][c]['p50_ms']:>9.0f} /{res[s][c]['p99_ms']:>9.0f} {res[s][c]['requests_per_s']:>6.2f}" for s in SYSTEMS))
+
+    def rps(s: str, c: int) -> float:
+        return res[s][c]["requests_per_s"]
+
     result = {
-        "engine": args.engine,
+        "model": args.model,
         "max_tokens": args.max_tokens,
-        "overhead_vs_direct": ratios[8],  # direct req/s / served req/s at 8 clients (>1: serving costs)
-        "p99_ms_c32": served[32]["p99_ms"],
-        "overhead_by_clients": {str(c): ratios[c] for c in CLIENTS},
-        "served": {str(c): served[c] for c in CLIENTS},
-        "direct": {str(c): direct[c] for c in CLIENTS},
-        "startup_s": round(startup_s, 1),
+        "vs_vllm_server_c8": round(rps("rise", 8) / rps("vllm", 8), 3),
+        "vs_vllm_server_c32": round(rps("rise", 32) / rps("vllm", 32), 3),
+        "p99_vs_vllm_server_c32": round(res["rise"][32]["p99_ms"] / res["vllm"][32]["p99_ms"], 3),
+        "overhead_vs_direct": round(rps("direct", 8) / rps("rise", 8), 3),
+        **{s: {str(c): res[s][c] for c in CLIENTS} for s in SYSTEMS},
+        "startup_s": {k: round(v, 1) for k, v in startup.items()},
         "rounds": args.rounds,
         "overrides": args.overrides,
         "setup": {
-            "model": "rise_ray.demo.tiny (random Llama, char tokenizer), default config dims",
-            "requests": "search questions, temperature 1, unseeded, n=1",
-            "direct": "engine.generate in waves of `clients` conversations, in-process, no HTTP",
-            "served": "httpx clients -> Serve proxy -> 1 replica (1 CPU), @serve.batch up to 32",
+            "requests": "search questions as chat messages, temperature 1, unseeded, n=1, closed-loop clients",
+            "rise": "httpx -> Serve proxy -> 1 replica (1 CPU), vLLM AsyncLLM (continuous batching)",
+            "vllm": "httpx -> vllm.entrypoints.openai.api_server (same engine settings)",
+            "direct": "AsyncVLLMEngine.agenerate in this process, no HTTP",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-            "torch_threads": 1,
         },
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -28,6 +28,7 @@ def collect_spec(cfg: RolloutConfig, iteration: int) -> EpisodeSpec:
         oracle=cfg.stop_when_correct,
         context_window=cfg.context_window,
         drop_degenerate=True,
+        schedule=cfg.schedule,
     )
 
 

@@ -62,6 +62,9 @@ class ModelConfig(_Strict):
 
 class RolloutConfig(_Strict):
     engine: Literal["hf", "vllm"] = "hf"
+    # waves: every turn of a batch waits for its slowest reply; async: each episode advances on its
+    # own (with vllm: vLLM's async engine, continuous batching; see rise_ray/rollout/episodes.py)
+    schedule: Literal["waves", "async"] = "waves"
     num_engines: int = Field(1, ge=1)  # persistent engine actors
     num_cpus_per_engine: float = Field(1.0, gt=0)
     num_gpus_per_engine: float = Field(0.0, ge=0)

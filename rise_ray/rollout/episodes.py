@@ -7,11 +7,20 @@ Steps, per turn t = 1..T:
   3. grade every candidate, drop runaway repetitions, keep one (best by reward when collecting,
      the first when evaluating: choosing by reward would use the gold answer);
   4. with an oracle, a conversation ends at its first correct answer; without one it runs T turns.
+
+That is `schedule="waves"`: every turn waits for the slowest reply of the turn. With
+`schedule="async"` each episode advances on its own: its next turn goes to the engine as soon as
+its reply is graded (one engine call per episode and turn, from a thread per episode), which an
+engine with continuous batching (AsyncVLLMEngine, `concurrent = True`) runs in its running batch;
+other engines get one call at a time. Greedy decoding gives the same trajectories either way;
+seeded sampling may not (vLLM seeds a wave's i-th conversation with seed + i*n).
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -77,6 +86,7 @@ class EpisodeSpec:
     oracle: bool = False  # stop a conversation at its first correct answer
     context_window: int | None = None  # keep only the latest k attempts in the prompt
     drop_degenerate: bool = False  # collection drops runaway repetitions; evaluation keeps them
+    schedule: Literal["waves", "async"] = "waves"  # async: each episode advances on its own
 
 
 def is_degenerate(text: str, finished: bool, min_repeats: int = 4, max_period: int = 64) -> bool:
@@ -108,6 +118,9 @@ def run_episodes(
 ) -> list[Trajectory]:
     """Run the multi-turn MDP for every problem. `improver` (a teacher) answers turns >= 2."""
     trajs = [Trajectory(p.id, p.question, p.reference, meta=json.dumps(p.meta, default=str)) for p in problems]
+    if spec.schedule == "async":
+        _run_each_on_its_own(engine, env, problems, spec, improver, trajs)
+        return trajs
     live = list(range(len(problems)))
     for t in range(spec.turns):
         use_teacher = t > 0 and improver is not None
@@ -138,6 +151,56 @@ def run_episodes(
                     trajs[i].stop_reason = "correct"
             live = [i for i in live if not trajs[i].turns[-1].correct]
     return trajs
+
+
+class _OneAtATime:
+    """An engine that is not safe to call from several threads, called one call at a time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.max_model_len, self._lock = engine, engine.max_model_len, threading.Lock()
+
+    def prompt_len(self, conversation: Conversation) -> int:
+        with self._lock:
+            return self.engine.prompt_len(conversation)
+
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+        with self._lock:
+            return self.engine.generate(conversations, n, params)
+
+
+def _run_each_on_its_own(
+    engine: Engine, env: Env, problems: list[Problem], spec: EpisodeSpec, improver: Engine | None,
+    trajs: list[Trajectory], max_threads: int = 256,
+) -> None:
+    """schedule="async": one thread per episode (up to max_threads), each turn one engine call."""
+    policy = engine if getattr(engine, "concurrent", False) else _OneAtATime(engine)
+    teacher = improver if improver is None or getattr(improver, "concurrent", False) else _OneAtATime(improver)
+
+    def episode(i: int) -> None:
+        traj = trajs[i]
+        for t in range(spec.turns):
+            use_teacher = t > 0 and teacher is not None
+            producer = teacher if use_teacher else policy
+            conv = build_conversation(env, problems[i], [x.response for x in traj.turns], spec.context_window)
+            if producer.prompt_len(conv) + spec.params.max_tokens > producer.max_model_len:
+                traj.stop_reason = "prompt_too_long"
+                return
+            params = spec.params if spec.params.seed is None else spec.params.with_(seed=spec.params.seed + t)
+            outputs = producer.generate([conv], spec.first_n if t == 0 else spec.later_n, params)
+            (cands,) = outputs  # exactly one list for the one conversation (else: ValueError)
+            traj.turns.append(_choose(env, problems[i], cands, spec, "teacher" if use_teacher else "policy"))
+            traj.degenerate_dropped += sum(
+                spec.drop_degenerate and is_degenerate(c, getattr(c, "finished", True)) for c in cands
+            )
+            if spec.oracle and traj.turns[-1].correct:
+                traj.stop_reason = "correct"
+                return
+
+    if not problems:
+        return
+    with ThreadPoolExecutor(min(len(problems), max_threads), thread_name_prefix="rise-episode") as pool:
+        for fut in [pool.submit(episode, i) for i in range(len(problems))]:
+            fut.result()  # the first failure is raised (the rest still finish first)
 
 
 def _choose(env: Env, problem: Problem, cands: list[str], spec: EpisodeSpec, source: str) -> Turn:

@@ -143,8 +143,9 @@ def _tokenizer(path: str):
 class RemoteEngine:
     """The Engine protocol over an EngineActor handle (used inside Ray Data tasks)."""
 
-    def __init__(self, actor, model_path: str, max_model_len: int):
+    def __init__(self, actor, model_path: str, max_model_len: int, concurrent: bool = False):
         self.actor = actor
+        self.concurrent = concurrent  # the actor takes many calls at once (an async engine)
         self.model_path = model_path
         self.max_model_len = max_model_len
 
@@ -170,12 +171,13 @@ def _env(name: str, options_json: str):
     return get_env(name, **json.loads(options_json))
 
 
-def _episode_batch(batch, *, actors, model_path, max_model_len, teacher, env_name, env_options, spec, batch_size):
+def _episode_batch(batch, *, actors, model_path, max_model_len, teacher, env_name, env_options, spec, batch_size,
+                   concurrent=False):
     """One Ray Data batch: run its episodes on engine actor (batch number mod N)."""
     rows = batch.to_pylist()
     env = _env(env_name, env_options)
     problems = [Problem(r["id"], r["question"], r["reference"], json.loads(r["meta"])) for r in rows]
-    engine = RemoteEngine(actors[(rows[0]["idx"] // batch_size) % len(actors)], model_path, max_model_len)
+    engine = RemoteEngine(actors[(rows[0]["idx"] // batch_size) % len(actors)], model_path, max_model_len, concurrent)
     improver = None
     if teacher is not None:
         t_actors, t_path, t_len = teacher
@@ -201,8 +203,10 @@ class RolloutPool:
         self.model_path = model_path
         self.pointer_path = pointer_path
         self.engine_kwargs = dict(engine_kwargs or {})
+        # An async engine takes every episode's call at once (threads of the actor feed its batch).
+        concurrency = {"max_concurrency": 1024} if kind == "vllm_async" else {}
         self.actors = [
-            EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+            EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **concurrency).remote(
                 kind, model_path, engine_kwargs or {}, pointer_path, cpu_threads
             )
             for _ in range(num_engines)
@@ -261,6 +265,7 @@ class RolloutPool:
                 "env_options": json.dumps(env_options, sort_keys=True, default=str),
                 "spec": spec,
                 "batch_size": batch_size,
+                "concurrent": self.kind == "vllm_async",
             },
         )
         by_id = {}

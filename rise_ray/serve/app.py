@@ -7,9 +7,12 @@ protocol the rollouts use (vLLM when installed, transformers otherwise). Steps o
      request is a 4xx JSON error naming the field; any failure is JSON (rise_ray.serve.errors);
   2. limits (n, max_tokens, turns, seed) and the prompt's length against the context are
      checked; special tokens written in message content are kept text (rise_ray.serve.limits);
-  3. generation goes through one `@serve.batch` queue: concurrent requests with the same sampling
-     settings become one engine call, made on the replica's event-loop thread (one at a time:
-     engines are not thread-safe);
+  3. with vLLM (serve.engine vllm/auto), every request is its own request in the async engine's
+     running batch (continuous batching, rise_ray.serve.chat): it joins at the engine's next step,
+     streams while it is decoded, and a client that goes away aborts it; the event loop stays free
+     (/healthz answers during generation). With transformers (the fallback) generation goes
+     through one `@serve.batch` queue: concurrent requests with the same sampling settings become
+     one engine call on the event-loop thread (engines are not thread-safe);
   4. /v1/rise/solve runs `run_episodes` (on a worker thread, its engine calls fed back into the
      batch queue; grading in time-limited child processes, rise_ray.serve.grading) and returns
      every attempt, its answer, and the majority answer (m1@tT). A client that goes away
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from rise_ray.config import RunConfig
@@ -45,9 +48,18 @@ from rise_ray.envs.base import Env, Problem
 from rise_ray.rollout.engine import Conversation, PromptTooLong, SamplingParams
 from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
 from rise_ray.serve import errors
+from rise_ray.serve.chat import chat_async, check_chat, wave_reply
 from rise_ray.serve.deploy import ROUTES, read_token, token_digest  # noqa: F401  (ROUTES: importers name it here)
 from rise_ray.serve.grading import BoundedEnv, GraderPool, serve_env
-from rise_ray.serve.limits import Cancelled, CancelToken, SolveSlots, TextOnly, check_seed, read_body
+from rise_ray.serve.limits import (
+    Cancelled,
+    CancelToken,
+    LoopEngine,
+    SolveSlots,
+    TextOnly,
+    check_seed,
+    read_body,
+)
 from rise_ray.serve.results import ServeMetrics, majority_answer, solve_result, sse_events  # noqa: F401
 from rise_ray.serve.schemas import ApiError, ChatRequest, SolveRequest, parse
 
@@ -79,23 +91,6 @@ class _Job:
         return (self.n, self.params.temperature, self.params.top_p, self.params.max_tokens, self.params.seed, alone)
 
 
-class _LoopEngine:
-    """The Engine protocol for run_episodes on a worker thread: generate() goes through the
-    replica's batch queue on its event loop, so solve turns are batched with chat requests."""
-
-    def __init__(self, server: RiseServer, loop: asyncio.AbstractEventLoop, cancel: CancelToken) -> None:
-        self.server = server
-        self.loop = loop
-        self.cancel = cancel
-        self.max_model_len = server.max_model_len
-
-    def prompt_len(self, conversation: Conversation) -> int:
-        return self.server.prompt_len(conversation)
-
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
-        return self.cancel.run(self.server.generate(conversations, n, params), self.loop)
-
-
 # serve.ingress freezes the FastAPI app (and the methods' globals) here: whatever a route uses must
 # be defined above this point.
 @serve.deployment(name="RiseServer")
@@ -125,8 +120,11 @@ class RiseServer:
         rollout = self.cfg.rollout.model_copy(
             update={"engine": self.engine_kind, "num_gpus_per_engine": s.num_gpus_per_replica}
         )
-        self.engine = make_engine(self.engine_kind, checkpoint, **engine_kwargs(rollout, self.cfg.model, self.cfg.seed, model_path=checkpoint))
+        # vLLM serves through its async engine: continuous batching, streaming, aborts.
+        kind = "vllm_async" if self.engine_kind == "vllm" else self.engine_kind
+        self.engine = make_engine(kind, checkpoint, **engine_kwargs(rollout, self.cfg.model, self.cfg.seed, model_path=checkpoint))
         self.max_model_len: int = self.engine.max_model_len
+        self.is_async = hasattr(self.engine, "agenerate")
         # Our own tokenizer (under a lock: solve threads use it too) for length checks and usage,
         # separate from the engine's.
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -197,7 +195,13 @@ class RiseServer:
 
     # -- generation: one batch queue, engine calls on the event loop's thread -------------------------
     async def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
-        """The Engine protocol's generate, through the batch queue (safe to call concurrently)."""
+        """The Engine protocol's generate: on the async engine, or through the batch queue."""
+        if self.is_async:
+            try:
+                return await self.engine.agenerate(conversations, n, params)
+            except Exception as e:
+                self._probe_engine(e)
+                raise
         outs = await asyncio.gather(*(self._batched(_Job(c, n, params)) for c in conversations))
         for out in outs:
             if isinstance(out, BaseException):
@@ -243,6 +247,10 @@ class RiseServer:
         is dead: /healthz says so and check_health makes Serve replace this replica."""
         if isinstance(error, ValueError) or self._engine_error is not None:
             return
+        if self.is_async:  # AsyncLLM knows whether its engine core died
+            if self.engine.llm.errored:
+                self._engine_error = f"{type(self.engine.llm.dead_error).__name__}: {self.engine.llm.dead_error}"
+            return
         try:
             self.engine.generate([[{"role": "user", "content": "ping"}]], 1, SamplingParams(temperature=0, max_tokens=1))
         except Exception as e:
@@ -250,6 +258,8 @@ class RiseServer:
 
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose engine died is replaced."""
+        if self.is_async and self.engine.llm.errored and self._engine_error is None:  # died between requests
+            self._engine_error = f"{type(self.engine.llm.dead_error).__name__}: {self.engine.llm.dead_error}"
         if self._engine_error is not None:
             raise RuntimeError(f"the engine is dead: {self._engine_error}")
 
@@ -263,7 +273,8 @@ class RiseServer:
     async def healthz(self) -> Any:
         body = {"status": "ok", "model": self.model_name, "engine": self.engine_kind,
                 "max_model_len": self.max_model_len,
-                "solve": {"in_flight": self._slots.in_flight, "cancelled": self._slots.cancelled}}
+                "solve": {"in_flight": self._slots.in_flight, "cancelled": self._slots.cancelled},
+                "running": self.engine.num_running() if self.is_async else None}
         if self._engine_error is not None:
             return JSONResponse({**body, "status": "engine_dead", "error": self._engine_error}, status_code=503)
         return body
@@ -284,11 +295,14 @@ class RiseServer:
         if req.model is not None and req.model != self.model_name:
             raise ApiError(404, f"model: {req.model!r} is not served here; this server serves {self.model_name!r}",
                            "model", "model_not_found")
+        stop = check_chat(req, self.is_async)
         n = 1 if req.n is None else req.n
         if n > s.max_n:
             raise ApiError(400, f"n: {n} is above this server's limit of {s.max_n}", "n")
         conv = [{"role": m.role, "content": self._text_only(m.content)} for m in req.messages]
-        prompt_tokens = self.prompt_len(conv)
+        # The async engine's own ids (templated once): they are what it generates from.
+        ids = self.engine.prompt_ids(conv) if self.is_async else None
+        prompt_tokens = len(ids) if ids is not None else self.prompt_len(conv)
         if req.max_completion_tokens is not None:
             given, param = req.max_completion_tokens, "max_completion_tokens"
         else:
@@ -301,27 +315,18 @@ class RiseServer:
             top_p=1.0 if req.top_p is None else req.top_p,
             max_tokens=max_tokens,
             seed=req.seed,
+            logprobs=bool(req.logprobs),
         )
+        if self.is_async:
+            self.metrics.chat.inc(tags={"stream": str(bool(req.stream)).lower()})
+            return await chat_async(self.engine, self.model_name, req, ids, n, params, stop)
         try:
             (outs,) = await self.generate([conv], n, params)
         except PromptTooLong as e:
             raise ApiError(400, f"messages: {e}", "messages", "context_length_exceeded") from None
         self.metrics.chat.inc(tags={"stream": str(bool(req.stream)).lower()})
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        reasons = ["stop" if getattr(o, "finished", True) else "length" for o in outs]
         completion_tokens = sum(self._count_tokens(o) for o in outs)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        if req.stream:
-            with_usage = bool((req.stream_options or {}).get("include_usage"))
-            events = sse_events(self.model_name, rid, created, outs, reasons, usage if with_usage else None)
-            return StreamingResponse(events, media_type="text/event-stream")
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": str(o)}, "finish_reason": r, "logprobs": None}
-            for i, (o, r) in enumerate(zip(outs, reasons, strict=True))
-        ]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": choices, "usage": usage}
+        return wave_reply(self.model_name, req, outs, prompt_tokens, completion_tokens)
 
     @api.post("/v1/rise/solve")
     async def solve(self, request: Request) -> dict[str, Any]:
@@ -374,7 +379,7 @@ class RiseServer:
         stopped = False
         try:
             bounded: Any = BoundedEnv(env, self._grader, self.cfg.serve.grade_timeout_s, cancel.event)
-            (traj,) = run_episodes(_LoopEngine(self, loop, cancel), bounded, [problem], spec)
+            (traj,) = run_episodes(LoopEngine(self, loop, cancel), bounded, [problem], spec)
             return solve_result(traj, bounded, spec.turns, graded)
         except Cancelled:
             stopped = True

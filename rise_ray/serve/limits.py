@@ -7,11 +7,15 @@ import re
 import threading
 from collections.abc import Iterable
 from concurrent.futures import CancelledError, Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
+from rise_ray.rollout.engine import Conversation, SamplingParams
 from rise_ray.serve.schemas import SEED_MAX, ApiError
+
+if TYPE_CHECKING:
+    from rise_ray.serve.app import RiseServer
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -111,3 +115,20 @@ class CancelToken:
         finally:
             with self._lock:
                 self._current = None
+
+
+class LoopEngine:
+    """The Engine protocol for run_episodes on a worker thread: generate() goes through the
+    replica's batch queue on its event loop, so solve turns are batched with chat requests."""
+
+    def __init__(self, server: RiseServer, loop: asyncio.AbstractEventLoop, cancel: CancelToken) -> None:
+        self.server = server
+        self.loop = loop
+        self.cancel = cancel
+        self.max_model_len = server.max_model_len
+
+    def prompt_len(self, conversation: Conversation) -> int:
+        return self.server.prompt_len(conversation)
+
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+        return self.cancel.run(self.server.generate(conversations, n, params), self.loop)

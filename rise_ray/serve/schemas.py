@@ -61,9 +61,10 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """POST /v1/chat/completions. Fields OpenAI defines that we do not use are ignored."""
+    """POST /v1/chat/completions. A parameter this server does not honour is a 400 naming it
+    (`unsupported`), never silently ignored: only `user` (metadata) and nulls pass unused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -75,6 +76,17 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None  # up to 4 strings; the reply ends before the first one
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # needs logprobs: true
+    user: str | None = None  # metadata: accepted, no effect on the reply
+
+    def unsupported(self) -> str | None:
+        """The first parameter given that this server does not honour (a null counts as absent)."""
+        for name, value in (self.model_extra or {}).items():
+            if value is not None:
+                return name
+        return None
 
 
 class SolveRequest(BaseModel):

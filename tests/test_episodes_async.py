@@ -1,0 +1,97 @@
+"""Episodes that advance on their own (EpisodeSpec.schedule="async") beside turn-synchronous waves."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from test_episodes import ENV, P, ScriptedEngine, box
+
+from rise_ray.envs.base import Problem
+from rise_ray.rollout.engine import Completion, SamplingParams
+from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
+
+
+def _plain(trajs):
+    return [t.to_record() for t in trajs]
+
+
+def test_async_gives_the_waves_trajectories_with_oracle_teacher_and_too_long_prompts():
+    script = {
+        "q1": [[box(1), box(5)], [box(5)], [box(3)]],
+        "q2": [[box(2), box(2)], [box(4)], [box(7)]],
+        "q3": [["x" * 50], [box(0)], [box(0)]],
+    }
+    problems = [*P, Problem("p3", "q3", "0")]
+    teacher = {q: [c[:1] for c in cands] for q, cands in script.items()}
+    for kw in ({"oracle": True}, {"oracle": False, "choose": "best", "later_n": 1}):
+        spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=5), first_n=2, **kw)
+        prompt_len = lambda conv: sum(len(m["content"]) for m in conv)  # noqa: E731 q3's reply overflows
+        waves = run_episodes(ScriptedEngine(script, prompt_len), ENV, problems, spec,
+                             improver=ScriptedEngine(teacher, prompt_len))
+        each = run_episodes(ScriptedEngine(script, prompt_len), ENV, problems,
+                            EpisodeSpec(**{**spec.__dict__, "schedule": "async"}),
+                            improver=ScriptedEngine(teacher, prompt_len))
+        assert _plain(each) == _plain(waves)
+    assert {t.stop_reason for t in waves} >= {"turns"}
+
+
+class GatedEngine(ScriptedEngine):
+    """A concurrent engine whose reply to q2's first turn waits until q1 has asked for its third
+    turn: only episodes that advance on their own get there."""
+
+    concurrent = True
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.q1_turn3 = threading.Event()
+        self.lock = threading.Lock()
+
+    def generate(self, convs, n, params):
+        (conv,) = convs
+        turn = sum(m["role"] == "assistant" for m in conv)
+        if conv[0]["content"] == "q1" and turn == 2:
+            self.q1_turn3.set()
+        if conv[0]["content"] == "q2" and turn == 0:
+            assert self.q1_turn3.wait(timeout=20), "q1 waited for q2's turn: a barrier per turn"
+        with self.lock:
+            return super().generate(convs, n, params)
+
+
+def test_an_episode_takes_its_next_turn_without_waiting_for_the_others():
+    script = {"q1": [[box(1)], [box(2)], [box(5)]], "q2": [[box(7)], [box(7)], [box(7)]]}
+    engine = GatedEngine(script)
+    trajs = run_episodes(engine, ENV, P, EpisodeSpec(turns=3, schedule="async"))
+    assert [len(t.turns) for t in trajs] == [3, 3]
+    assert [t.turns[-1].correct for t in trajs] == [True, True]
+
+
+def test_a_failing_engine_call_fails_the_async_run():
+    class Wrong(ScriptedEngine):
+        def generate(self, convs, n, params):
+            return [[Completion("a")], [Completion("b")]]  # two lists for one conversation
+
+    with pytest.raises(ValueError):
+        run_episodes(Wrong({}), ENV, P, EpisodeSpec(turns=1, schedule="async"))
+
+
+@pytest.mark.timeout(300)
+def test_greedy_hf_engine_gives_the_same_trajectories_either_way(tiny_model_dir):
+    from rise_ray.envs import get_env
+    from rise_ray.rollout.hf import HFEngine
+
+    engine = HFEngine(tiny_model_dir, max_model_len=512)
+    env = get_env("search", num_train=0, num_test=6)
+    spec = EpisodeSpec(turns=3, params=SamplingParams(temperature=0, max_tokens=12), first_n=1)
+    waves = run_episodes(engine, env, env.test, spec)
+    each = run_episodes(engine, env, env.test, EpisodeSpec(**{**spec.__dict__, "schedule": "async"}))
+    assert _plain(each) == _plain(waves)
+
+
+def test_rollout_schedule_reaches_the_collection_spec():
+    from rise_ray.collect import collect_spec
+    from rise_ray.config import load_config
+
+    cfg = load_config(overrides=["rollout.schedule=async", "rollout.engine=vllm"])
+    assert collect_spec(cfg.rollout, 1).schedule == "async"
+    assert collect_spec(load_config().rollout, 1).schedule == "waves"
