@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,6 +93,8 @@ def run_hf_trainer(work: str, model_path: str, data: str, micro: int, epochs: in
     projects to the vocabulary only at trained positions), the same number of CPU threads as our
     worker."""
     import torch
+
+    import rise_ray  # noqa: F401  (first: in a fresh process it hides the CUDA-built torchvision from transformers)
 
     torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -232,7 +236,11 @@ def main() -> int:
         ray.init(address="local", num_cpus=max(2, cpus, ns.threads), include_dashboard=False, log_to_driver=False)
         runs: dict[str, list[dict[str, Any]]] = {"hf": [], "packed": [], "prefix": []}
         for r in range(ns.repeats):
-            runs["hf"].append(run_hf_trainer(work, model, sets["packed"], ns.micro_batch, ns.epochs, ns.threads))
+            # HF Trainer in a fresh process each repeat, as ours gets a fresh Ray Train worker: a
+            # second Trainer in this process would start with its allocator and thread pools warm.
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                args = (work, model, sets["packed"], ns.micro_batch, ns.epochs, ns.threads)
+                runs["hf"].append(pool.submit(run_hf_trainer, *args).result())
             for layout, micro in (("packed", ns.micro_batch), ("prefix", prefix_micro)):
                 runs[layout].append(
                     run_ours(work, model, sets[layout], f"{layout}-{r}", micro, ns.epochs, ns.threads)

@@ -8,22 +8,23 @@ from typing import Any
 from rise_ray.config import EnvConfig, ModelConfig, RolloutConfig
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster at RAY_ADDRESS, or start an embedded local Ray."""
+def init_ray(num_cpus: int | None = None) -> str | None:
+    """Join the cluster at RAY_ADDRESS, or start an embedded local Ray; returns the dashboard's URL
+    when it started one."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        # With the dashboard (on 127.0.0.1; the next free port if 8265 is taken): users watch runs
-        # there, and Ray Train's placement-group cleaner polls the state API it serves (without
-        # it, a warning every second of training).
-        # address="local": a new Ray of our own. Without it ray.init joins whatever cluster was
-        # started last on this machine (another user's run, a test's), which can vanish mid-run.
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        return None
+    # With the dashboard (on 127.0.0.1; the next free port if 8265 is taken): users watch runs
+    # there, and Ray Train's placement-group cleaner polls the state API it serves (without it, a
+    # warning every second of training).
+    # address="local": a new Ray of our own. Without it ray.init joins whatever cluster was started
+    # last on this machine (another user's run, a test's), which can vanish mid-run.
+    return ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True).dashboard_url
 
 
 def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:

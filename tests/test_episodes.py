@@ -5,15 +5,14 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
+from rise_ray.data.store import read_trajectories, write_trajectories
 from rise_ray.envs.base import Env, Problem
 from rise_ray.rollout.engine import Completion, SamplingParams
 from rise_ray.rollout.episodes import (
     EpisodeSpec,
     build_conversation,
     is_degenerate,
-    read_trajectories,
     run_episodes,
-    write_trajectories,
 )
 
 

@@ -21,8 +21,9 @@ import urllib.request
 import pytest
 
 from rise_ray.config import ConfigError, load_config
+from rise_ray.data.store import write_trajectories
 from rise_ray.observe import Observer, rollout_stats
-from rise_ray.rollout.episodes import Trajectory, Turn, write_trajectories
+from rise_ray.rollout.episodes import Trajectory, Turn
 
 RUN = "obs-test"
 

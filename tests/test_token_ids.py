@@ -14,9 +14,10 @@ from synthetic import bpe_chat_tokenizer
 
 from rise_ray.config import DataConfig
 from rise_ray.data.builder import build_examples, read_trajectories
+from rise_ray.data.store import write_trajectories
 from rise_ray.envs.base import Env, Grade, Problem
 from rise_ray.rollout.engine import Completion, SamplingParams, chat_prompt_ids
-from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, write_trajectories
+from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes
 from rise_ray.rollout.hf import HFEngine
 
 SMOLLM2 = os.path.expanduser("~/.cache/rise-ray/models/smollm2-135m-instruct")

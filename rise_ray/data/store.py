@@ -35,6 +35,20 @@ def trajectory_files(path: str) -> list[str]:
     return files
 
 
+def write_trajectories(trajs: list[Trajectory], path: str) -> None:
+    """Trajectories to one parquet file, written atomically (the collector's and evaluation's output)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from rise_ray.files import atomic_write_bytes
+    from rise_ray.rollout.episodes import to_table
+
+    buf = io.BytesIO()
+    pq.write_table(to_table(trajs), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def read_trajectories(path: str) -> list[Trajectory]:
     """Trajectories from parquet files (one row per trajectory, as the collector writes them)."""
     import pyarrow.parquet as pq

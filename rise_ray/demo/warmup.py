@@ -15,8 +15,9 @@ import random
 from pydantic import ValidationError
 
 from rise_ray.config import ConfigError, RunConfig, TrainConfig
+from rise_ray.data.store import write_trajectories
 from rise_ray.envs.base import Env, Problem
-from rise_ray.rollout.episodes import Trajectory, Turn, write_trajectories
+from rise_ray.rollout.episodes import Trajectory, Turn
 
 
 def demonstration(env: Env, problem: Problem, rng: random.Random, turns: int, p_correct: float, max_offset: int) -> Trajectory:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 
 from rise_ray.config import EvalConfig
+from rise_ray.data.store import write_trajectories
 from rise_ray.envs.base import Env, Problem
 from rise_ray.eval.metrics import compute_metrics
 from rise_ray.eval.report import format_table, plot_turns
 from rise_ray.files import atomic_write_json
 from rise_ray.rollout.engine import SamplingParams
-from rise_ray.rollout.episodes import EpisodeSpec, write_trajectories
+from rise_ray.rollout.episodes import EpisodeSpec
 from rise_ray.rollout.pool import RolloutPool
 
 

@@ -267,30 +267,3 @@ def to_table(trajs: list[Trajectory]):
     import pyarrow as pa
 
     return pa.Table.from_pylist([t.to_record() for t in trajs], schema=trajectory_schema())
-
-
-def write_trajectories(trajs: list[Trajectory], path: str) -> None:
-    """Write records to one parquet file atomically."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from rise_ray.files import atomic_write_bytes
-
-    buf = io.BytesIO()
-    pq.write_table(to_table(trajs), buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def read_trajectories(path: str) -> list[Trajectory]:
-    """Records from a parquet file or a directory of them (sorted by file name)."""
-    import os
-
-    import pyarrow.parquet as pq
-
-    files = (
-        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
-        if os.path.isdir(path)
-        else [path]
-    )
-    return [Trajectory.from_record(r) for f in files for r in pq.read_table(f).to_pylist()]

@@ -117,11 +117,11 @@ class EngineActor:
     def send_ipc(self, checkpoint: str, bucket_bytes: int, version: str) -> None:
         """Be the engine's own IPC sender: the checkpoint onto this actor's GPU (the one its vLLM
         worker uses), one bucket at a time, shared with the worker by CUDA IPC handles."""
-        from rise_ray.rollout.weight_transfer import CheckpointSource, LocalClient, send_ipc
+        from rise_ray.rollout.weight_transfer import CheckpointSource, local_client, send_ipc
 
         if getattr(self.engine, "tensor_parallel_size", 1) != 1:
             raise RuntimeError("sync.method ipc needs tensor_parallel_size 1 (one GPU per engine); use nccl")
-        send_ipc(CheckpointSource(checkpoint, "cuda"), LocalClient(self.engine), bucket_bytes)
+        send_ipc(CheckpointSource(checkpoint, "cuda"), local_client(self.engine), bucket_bytes)
         self.weights_version = version
 
     def sleep(self, level: int) -> None:
@@ -280,9 +280,9 @@ class RolloutPool:
         """Load new weights into every live engine in place; returns seconds taken.
 
         `weights` is a checkpoint directory or a state dict. From a directory, engines on this node
-        read its safetensors files themselves (from the page cache, no copy; measured for 113M
-        parameters: 0.4 s, against 1.9-3.2 s through the object store) and engines on other nodes
-        get the state dict once through the object store. The pointer file names the checkpoint
+        read its safetensors files themselves (from the page cache, no copy: several times faster
+        than the object store, docs/scaling.md) and engines on other nodes get the state dict once
+        through the object store. The pointer file names the checkpoint
         (`weights` or `checkpoint_dir`) so an engine restarted later loads the same weights.
         """
         from rise_ray.rollout.sync import load_state_dict

@@ -72,23 +72,57 @@ def _in_process_llm(vllm: Any, kw: dict[str, Any]) -> Any:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old_env
 
 
+def engine_kwargs(
+    model_path: str,
+    max_model_len: int = 1024,
+    dtype: str = "auto",
+    seed: int = 0,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.85,
+    kv_cache_memory_bytes: int | None = None,
+    enforce_eager: bool | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """vLLM's engine arguments for both engines (offline and async); `extra` goes to vLLM as is. On
+    CPU: fp32, eager, and a fixed KV-cache size (there gpu_memory_utilization would mean a share of
+    the NUMA node's RAM)."""
+    if not torch.cuda.is_available():
+        dtype = "float32" if dtype == "auto" else dtype
+        enforce_eager = True if enforce_eager is None else enforce_eager
+        kv_cache_memory_bytes = kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+        # vLLM 0.32 rewinds a seeded request's generator when its prefill is split into chunks
+        # (`set_offset`), which CPU generators do not support: the engine dies. Whole prefills
+        # avoid that path.
+        extra.setdefault("enable_chunked_prefill", False)
+        # Prefix caching reuses whole blocks only. A turn's prompt is the previous turn's prompt
+        # and reply plus feedback: with vLLM's CPU default of 128-token blocks up to 127 of those
+        # tokens are prefilled again each turn; 32 is the smallest block its CPU attention takes.
+        # (Figures: docs/scaling.md, "Measurements behind the defaults".)
+        extra.setdefault("block_size", 32)
+    kw: dict[str, Any] = dict(
+        model=model_path,
+        max_model_len=max_model_len,
+        dtype=dtype,
+        seed=seed,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=bool(enforce_eager),
+        worker_extension_cls=WORKER_EXTENSION,
+    )
+    if kv_cache_memory_bytes is not None:
+        kw["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+    return kw | extra
+
+
 class VLLMEngine:
-    """vllm.LLM with in-place weight sync. On CPU: fp32, eager, and a fixed KV-cache size (there
-    gpu_memory_utilization would mean a share of the NUMA node's RAM)."""
+    """vllm.LLM with in-place weight sync (engine arguments: `engine_kwargs`)."""
 
     def __init__(
         self,
         model_path: str,
-        max_model_len: int = 1024,
-        dtype: str = "auto",
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        kv_cache_memory_bytes: int | None = None,
-        enforce_eager: bool | None = None,
         weight_transfer: str | None = None,
         sleep_mode: bool = False,
-        **extra_llm_kwargs: Any,
+        **engine_args: Any,
     ) -> None:
         if weight_transfer == "ipc":
             # IPC handles reach the workers through collective_rpc, which pickles what msgspec cannot
@@ -98,51 +132,26 @@ class VLLMEngine:
         vllm = _import_vllm()
         self._vllm = vllm
         on_cpu = not torch.cuda.is_available()
-        if on_cpu:
-            dtype = "float32" if dtype == "auto" else dtype
-            enforce_eager = True if enforce_eager is None else enforce_eager
-            kv_cache_memory_bytes = kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
-            # vLLM 0.32 rewinds a seeded request's generator when its prefill is split into chunks
-            # (`set_offset`), which CPU generators do not support: the engine dies. Whole prefills
-            # avoid that path.
-            extra_llm_kwargs.setdefault("enable_chunked_prefill", False)
-            # Prefix caching reuses whole blocks only. A turn's prompt is the previous turn's prompt
-            # and reply plus feedback: with vLLM's CPU default of 128-token blocks up to 127 of those
-            # tokens are prefilled again each turn; 32 is the smallest block its CPU attention takes.
-            # (Figures: docs/scaling.md, "Measurements behind the defaults".)
-            extra_llm_kwargs.setdefault("block_size", 32)
-            if tensor_parallel_size == 1:
-                # The engine core and the model in this process: with vLLM's default worker
-                # process, the core busy-waits on it (spinning on shared memory) and takes a core
-                # from the model's threads.
-                extra_llm_kwargs.setdefault("distributed_executor_backend", "uni")
-        kw: dict[str, Any] = dict(
-            model=model_path,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=bool(enforce_eager),
-            worker_extension_cls=WORKER_EXTENSION,
-        )
-        if kv_cache_memory_bytes is not None:
-            kw["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if on_cpu and engine_args.get("tensor_parallel_size", 1) == 1:
+            # The engine core and the model in this process: with vLLM's default worker process,
+            # the core busy-waits on it (spinning on shared memory) and takes a core from the
+            # model's threads.
+            engine_args.setdefault("distributed_executor_backend", "uni")
+        kw = engine_kwargs(model_path, **engine_args)
         if weight_transfer is not None:
             from vllm.config import WeightTransferConfig
 
             kw["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
         if sleep_mode:
             kw["enable_sleep_mode"] = True
-        kw.update(extra_llm_kwargs)
         if on_cpu and kw.get("distributed_executor_backend") == "uni":
             self.llm = _in_process_llm(vllm, kw)
         else:
             self.llm = vllm.LLM(**kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
-        self.max_model_len = max_model_len
-        self.tensor_parallel_size = tensor_parallel_size
+        self.max_model_len = kw["max_model_len"]
+        self.tensor_parallel_size = kw["tensor_parallel_size"]
         self.weight_transfer = weight_transfer
         self.sleep_mode = sleep_mode
         self.asleep = False

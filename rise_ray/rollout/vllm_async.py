@@ -28,11 +28,10 @@ import torch
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.hf import check_fits, checkpoint_files
 from rise_ray.rollout.vllm import (
-    CPU_KV_CACHE_BYTES,
-    WORKER_EXTENSION,
     _completion,
     _import_vllm,
     _unaliased_cpu,
+    engine_kwargs,
     shm_dir,
 )
 
@@ -60,47 +59,24 @@ class AsyncVLLMEngine:
 
     concurrent = True  # generate() may be called from many threads at once (async episodes)
 
-    def __init__(
-        self,
-        model_path: str,
-        max_model_len: int = 1024,
-        dtype: str = "auto",
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        kv_cache_memory_bytes: int | None = None,
-        enforce_eager: bool | None = None,
-        **extra: Any,
-    ) -> None:
+    def __init__(self, model_path: str, **engine_args: Any) -> None:
         vllm = _import_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._vllm = vllm
         for name in ("weight_transfer", "sleep_mode"):  # the offline engine's (VLLMEngine) only
-            if extra.pop(name, None):
+            if engine_args.pop(name, None):
                 raise ValueError(f"{name}: not supported by vLLM's async engine (rollout.schedule=async); "
                                  "weights sync through files (sync.method=files)")
-        if not torch.cuda.is_available():
-            dtype = "float32" if dtype == "auto" else dtype
-            enforce_eager = True if enforce_eager is None else enforce_eager
-            kv_cache_memory_bytes = kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
-            extra.setdefault("enable_chunked_prefill", False)  # see VLLMEngine: seeded CPU requests
-            extra.setdefault("block_size", 32)
-        kw: dict[str, Any] = dict(
-            model=model_path, max_model_len=max_model_len, dtype=dtype, seed=seed,
-            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=bool(enforce_eager), worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True,
-        )
-        if kv_cache_memory_bytes is not None:
-            kw["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        kw.update(extra)
+        kw = engine_kwargs(model_path, **engine_args)
+        kw.setdefault("disable_log_stats", True)
         with _children_import_rise_ray():
             self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
         self.tokenizer = self.llm.get_tokenizer()
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
         self.dtype = str(self.llm.model_config.dtype).removeprefix("torch.")
-        self.max_model_len = max_model_len
+        self.max_model_len = kw["max_model_len"]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
 

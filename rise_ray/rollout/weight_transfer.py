@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -170,26 +171,15 @@ class EnginesClient:
         ray.get([a.shutdown_weight_transfer.remote() for a in self.actors])
 
 
-class LocalClient:
-    """The same calls on an engine in this process (the IPC sender lives in the engine's actor)."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self.engine.init_weight_transfer(init_info)
-
-    def start_weight_update(self) -> None:
-        self.engine.start_weight_update()
-
-    def update_weights(self, update_info: Any) -> None:
-        self.engine.receive_weights(update_info)
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self.engine.finish_weight_update()
-
-    def shutdown_weight_transfer_engine(self) -> None:
-        self.engine.shutdown_weight_transfer()
+def local_client(engine: Any) -> Any:
+    """The client calls on an engine in this process (the IPC sender lives in the engine's actor)."""
+    return SimpleNamespace(
+        init_weight_transfer_engine=engine.init_weight_transfer,
+        start_weight_update=engine.start_weight_update,
+        update_weights=engine.receive_weights,
+        finish_weight_update=lambda weight_version=None: engine.finish_weight_update(),
+        shutdown_weight_transfer_engine=engine.shutdown_weight_transfer,
+    )
 
 
 # --- senders --------------------------------------------------------------------------------------

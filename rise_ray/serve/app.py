@@ -210,9 +210,9 @@ class RiseServer:
 
     def _run_engine(self, jobs: Sequence[_Job]) -> list[list[str]]:
         # On the event loop's own thread, blocking it for the batch: requests that arrive meanwhile
-        # wait in Serve's (separate) main loop and form the next batch. Measured against an engine
-        # thread (bench/serve.py, HF engine, 2 CPUs): 2x the requests/s at 8 and 32 clients, since
-        # an engine thread holding the GIL starves the loop that feeds it and batches stay ~1.5.
+        # wait in Serve's (separate) main loop and form the next batch. Not an engine thread: one
+        # holding the GIL starves the loop that feeds it, and batches stay near one request
+        # (docs/scaling.md, "Measurements behind the defaults").
         return self.engine.generate([j.conversation for j in jobs], jobs[0].n, jobs[0].params)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both reset from the config in __init__

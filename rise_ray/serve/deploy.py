@@ -105,18 +105,13 @@ def serve_command(
     """`rise serve`: join Ray (RAY_ADDRESS, else a local Ray with its dashboard), start Serve on
     host:port (default cfg.serve.host/port: 127.0.0.1:8000) and the app at "/". Blocking: until
     Ctrl-C or SIGTERM (`ray job stop`), then the app is deleted. Returns the base URL."""
-    import ray
+    from rise_ray.session import init_ray
 
     check_checkpoint(checkpoint)
     s = cfg.serve
     host = s.host if host is None else host
     port = s.port if port is None else port
-    dashboard = None
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            dashboard = ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=True).dashboard_url
+    dashboard = init_ray()
     token = read_token(cfg)
     url = f"http://{host}:{port}"
     if not blocking:
