@@ -9,7 +9,8 @@ One run, the same 5-turn trajectories and the tiny model, on this machine's CPUs
      compare tokens/s with our loop's on the same data.
 Tokens are input tokens through forward + backward (padding excluded); wall is the training loop
 (steps, data fetching included; start-up excluded, reported separately). Both loops use the same
-CPU threads (--threads). The machine may be shared, so the three runs are repeated back to back
+CPU threads (--threads), the same CPU priority, and a fresh process per repeat (ours: a new Ray
+Train worker; HF: a spawned process). The machine may be shared, so the three runs are repeated back to back
 (--repeats) and each ratio is the median of the per-repeat ratios; throughput is the median
 per-step tokens/s (steady state), with the whole-loop ratio reported beside it.
 
