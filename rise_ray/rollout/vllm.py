@@ -72,7 +72,7 @@ def _in_process_llm(vllm: Any, kw: dict[str, Any]) -> Any:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old_env
 
 
-def engine_kwargs(
+def vllm_engine_args(
     model_path: str,
     max_model_len: int = 1024,
     dtype: str = "auto",
@@ -115,7 +115,7 @@ def engine_kwargs(
 
 
 class VLLMEngine:
-    """vllm.LLM with in-place weight sync (engine arguments: `engine_kwargs`)."""
+    """vllm.LLM with in-place weight sync (engine arguments: `vllm_engine_args`)."""
 
     def __init__(
         self,
@@ -137,7 +137,7 @@ class VLLMEngine:
             # the core busy-waits on it (spinning on shared memory) and takes a core from the
             # model's threads.
             engine_args.setdefault("distributed_executor_backend", "uni")
-        kw = engine_kwargs(model_path, **engine_args)
+        kw = vllm_engine_args(model_path, **engine_args)
         if weight_transfer is not None:
             from vllm.config import WeightTransferConfig
 

@@ -31,8 +31,8 @@ from rise_ray.rollout.vllm import (
     _completion,
     _import_vllm,
     _unaliased_cpu,
-    engine_kwargs,
     shm_dir,
+    vllm_engine_args,
 )
 
 
@@ -69,7 +69,7 @@ class AsyncVLLMEngine:
             if engine_args.pop(name, None):
                 raise ValueError(f"{name}: not supported by vLLM's async engine (rollout.schedule=async); "
                                  "weights sync through files (sync.method=files)")
-        kw = engine_kwargs(model_path, **engine_args)
+        kw = vllm_engine_args(model_path, **engine_args)
         kw.setdefault("disable_log_stats", True)
         with _children_import_rise_ray():
             self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
