@@ -8,9 +8,9 @@ Steps:
      "sequential" (one request at a time, the way the paper's code calls its FastChat worker; on a
      subset, since only the rate matters); the best time of each counts, since the machine's noise
      only ever adds time;
-     With --engine vllm, also "async": the same episodes on vLLM's async engine in this process,
-     each episode advancing on its own (EpisodeSpec.schedule="async", continuous batching)
-     against "direct"'s turn-synchronous waves (async_vs_waves);
+     With --engine vllm, also "async": the same episodes on the same in-process engine, each
+     advancing on its own (EpisodeSpec.schedule="async": its next turn joins the running batch as
+     soon as its reply is graded) against "direct"'s turn-synchronous waves (async_vs_waves);
   3. print generated tokens/s and the ratios; write bench/results/rollout.json.
 
     python bench/rollout.py [--engine vllm|hf] [--problems 256] [--turns 3] [--n 4] [--repeats 2]
@@ -107,15 +107,7 @@ def main() -> None:
     pool.run(env.name, env_opts, problems[:8], spec, batch_size=8)  # warm up the actor and Ray Data
     engine = make_engine(args.engine, model_dir, **kw)  # idle while the actor runs, and vice versa
     run_episodes(engine, env, problems[:8], spec)  # warm up
-    async_engine = None
-    if args.engine == "vllm":
-        from rise_ray.rollout.vllm_async import AsyncVLLMEngine
-
-        # Its model runs in a worker process that vLLM pins to cores: the same cores as the others.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
-        async_engine = AsyncVLLMEngine(model_dir, **kw)
-        async_spec = EpisodeSpec(**{**spec.__dict__, "schedule": "async"})
-        run_episodes(async_engine, env, problems[:8], async_spec)  # warm up
+    async_spec = EpisodeSpec(**{**spec.__dict__, "schedule": "async"}) if args.engine == "vllm" else None
 
     seq_problems = problems[: args.sequential_problems]
     best = {"direct": float("inf"), "pipeline": float("inf"), "sequential": float("inf")}
@@ -126,20 +118,18 @@ def main() -> None:
         best["pipeline"] = min(best["pipeline"], t)
         sequential, t = timed(lambda: run_episodes(OneRequestAtATime(engine), env, seq_problems, spec))
         best["sequential"] = min(best["sequential"], t)
-        if async_engine is not None:
-            each, t = timed(lambda: run_episodes(async_engine, env, problems, async_spec))
+        if async_spec is not None:
+            each, t = timed(lambda: run_episodes(engine, env, problems, async_spec))
             best["async"] = min(best.get("async", float("inf")), t)
         print(f"repeat {r + 1}/{args.repeats}, best so far: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items()), flush=True)
     ray.shutdown()
-    if async_engine is not None:
-        async_engine.close()
 
     rate = {
         "direct": generated_tokens(direct, tok) / best["direct"],
         "pipeline": generated_tokens(piped, tok) / best["pipeline"],
         "sequential": generated_tokens(sequential, tok) / best["sequential"],
     }
-    if async_engine is not None:
+    if async_spec is not None:
         rate["async"] = generated_tokens(each, tok) / best["async"]
     result = {
         "engine": args.engine,

@@ -63,7 +63,8 @@ class ModelConfig(_Strict):
 class RolloutConfig(_Strict):
     engine: Literal["hf", "vllm"] = "hf"
     # waves: every turn of a batch waits for its slowest reply; async: each episode advances on its
-    # own (with vllm: vLLM's async engine, continuous batching; see rise_ray/rollout/episodes.py)
+    # own, inside the engine actor (with vllm: its next turn joins the running batch; see
+    # rise_ray/rollout/episodes.py)
     schedule: Literal["waves", "async"] = "waves"
     num_engines: int = Field(1, ge=1)  # persistent engine actors
     num_cpus_per_engine: float = Field(1.0, gt=0)
@@ -133,6 +134,9 @@ class DataConfig(_Strict):
     # turn after a right answer teaches "keep it"; many of them outweigh the turns that teach
     # changing a wrong one, and the model then keeps wrong answers too.
     turns_after_correct: int | None = Field(None, ge=0)
+    # Times the weight of every kept turn after the first correct one: below 1 teaches "keep it"
+    # at every turn without letting those turns outweigh the ones that change a wrong answer.
+    after_correct_weight: float = Field(1.0, ge=0)
     layout: Literal["packed", "prefix"] = "packed"  # packed: one row per trajectory; prefix: per turn
     max_length: int = Field(2048, ge=8)  # tokens per example
     overflow: Literal["truncate_left", "drop"] = "truncate_left"  # too-long examples

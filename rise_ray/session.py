@@ -124,7 +124,7 @@ def make_pool(
     from rise_ray.rollout.pool import RolloutPool
 
     return RolloutPool(
-        "vllm_async" if rollout.engine == "vllm" and rollout.schedule == "async" else rollout.engine,
+        rollout.engine,
         model_path,
         num_engines=rollout.num_engines,
         num_cpus=rollout.num_cpus_per_engine,

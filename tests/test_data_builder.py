@@ -127,6 +127,22 @@ def test_weights_exp_center_and_cap(env, tok):
     assert stats["weight_max"] == 2.0
 
 
+def test_after_correct_weight_scales_only_the_turns_past_the_first_right_one(env, tok):
+    # wrong, right (first correct), right kept, wrong after it: only the last two are scaled
+    traj = make_trajectory("p", "Q?", [("a", 0.0), ("b", 1.0), ("b", 1.0), ("c", 0.0)])
+    kw = dict(layout="prefix", stop_at_correct=False, dedupe=False)
+    rows, _ = build_examples([traj], env, tok, cfg(after_correct_weight=0.25, **kw))
+    got = {t: sum(r["weights"]) for (_, t), r in by_turn(rows).items()}
+    e = math.exp(1 / 0.4)
+    assert got == pytest.approx({0: 1.0, 1: e, 2: 0.25 * e, 3: 0.25}, rel=1e-6)
+    # a trajectory never right is untouched
+    wrong = make_trajectory("w", "Q?", [("a", 0.0), ("c", 0.0)])
+    rows, _ = build_examples([wrong], env, tok, cfg(after_correct_weight=0.25, **kw))
+    assert sorted(sum(r["weights"]) for r in rows) == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="after_correct_weight"):
+        DataConfig(after_correct_weight=-1)
+
+
 # --- token weights --------------------------------------------------------------------------------
 
 

@@ -263,6 +263,51 @@ def test_vllm_seeded_large_batch_survives(vllm_engine):
 
 
 @needs_vllm
+def test_vllm_continuous_episodes_give_the_waves_trajectories(vllm_engine):
+    from rise_ray.envs import get_env
+    from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
+
+    env = get_env("search", num_train=0, num_test=8)
+    spec = EpisodeSpec(turns=3, params=SamplingParams(temperature=0.0, max_tokens=12, logprobs=True), first_n=2)
+    waves = run_episodes(vllm_engine, env, env.test, spec)
+    each = run_episodes(vllm_engine, env, env.test, EpisodeSpec(**{**spec.__dict__, "schedule": "async"}))
+    strip = lambda rec: {**rec, "turns": [{**t, "logprobs": None} for t in rec["turns"]]}  # noqa: E731 float noise
+    assert [strip(t.to_record()) for t in each] == [strip(t.to_record()) for t in waves]
+    assert all(len(t.turns) == 3 and len(t.turns[0].candidates) == 2 for t in each)
+
+
+@needs_vllm
+def test_vllm_continuous_next_request_joins_the_running_batch(vllm_engine):
+    """Conversation 0 takes three one-token turns while conversation 1's one long reply is still
+    decoding: each follow-up entered the batch at the next step, not after a barrier."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    (reply,) = vllm_engine.generate([CONVS[1]], 1, greedy)[0]
+    assert len(reply.token_ids) >= 8, "the long reply ends too soon to show anything"
+    short = (CONVS[0], 1, SamplingParams(temperature=0.0, max_tokens=1))
+    done: list[tuple[int, int]] = []
+
+    def follow_up(k, cands):
+        done.append((k, len(cands[0].token_ids)))
+        return short if k == 0 and len(done) < 3 else None
+
+    vllm_engine.generate_continuous([short, (CONVS[1], 1, greedy)], follow_up)
+    assert done == [(0, 1), (0, 1), (0, 1), (1, len(reply.token_ids))]
+
+
+@needs_vllm
+def test_vllm_continuous_failure_leaves_no_request_behind(vllm_engine):
+    def grading_fails(k, cands):
+        raise RuntimeError("grading failed")
+
+    long = (CONVS[1], 1, SamplingParams(temperature=1.0, max_tokens=200, seed=0))
+    short = (CONVS[0], 1, SamplingParams(temperature=0.0, max_tokens=1))
+    with pytest.raises(RuntimeError, match="grading failed"):
+        vllm_engine.generate_continuous([short, long], grading_fails)
+    assert not vllm_engine.llm.llm_engine.has_unfinished_requests()
+    assert len(vllm_engine.generate([CONVS[0]], 1, short[2])[0]) == 1  # and the engine still serves
+
+
+@needs_vllm
 def test_vllm_prompt_too_long(vllm_engine, hf):
     long = [{"role": "user", "content": "x" * 1000}]
     n = vllm_engine.prompt_len(long)

@@ -36,6 +36,39 @@ def test_async_gives_the_waves_trajectories_with_oracle_teacher_and_too_long_pro
     assert {t.stop_reason for t in waves} >= {"turns"}
 
 
+class SteppingEngine(ScriptedEngine):
+    """generate_continuous as a FIFO of single requests: a follow-up goes to the back of the queue,
+    so episodes interleave (q1 turn 1, q2 turn 1, q3 turn 1, q1 turn 2, ...)."""
+
+    def generate_continuous(self, first, follow_up):
+        queue = list(enumerate(first))
+        self.order = []
+        while queue:
+            k, (conv, n, params) = queue.pop(0)
+            self.order.append((conv[0]["content"], sum(m["role"] == "assistant" for m in conv)))
+            (cands,) = self.generate([conv], n, params)
+            nxt = follow_up(k, cands)
+            if nxt is not None:
+                queue.append((k, nxt))
+
+
+def test_continuous_engine_gives_the_waves_trajectories_interleaved():
+    script = {
+        "q1": [[box(1), box(5)], [box(5)], [box(3)]],
+        "q2": [[box(2), box(2)], [box(4)], [box(7)]],
+        "q3": [["x" * 50], [box(0)], [box(0)]],
+    }
+    problems = [*P, Problem("p3", "q3", "0")]
+    prompt_len = lambda conv: sum(len(m["content"]) for m in conv)  # noqa: E731 q3's reply overflows
+    for kw in ({"oracle": True}, {"oracle": False, "choose": "best", "later_n": 1}):
+        spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=5), first_n=2, **kw)
+        waves = run_episodes(ScriptedEngine(script, prompt_len), ENV, problems, spec)
+        engine = SteppingEngine(script, prompt_len)
+        each = run_episodes(engine, ENV, problems, EpisodeSpec(**{**spec.__dict__, "schedule": "async"}))
+        assert _plain(each) == _plain(waves)
+        assert engine.order[:4] == [("q1", 0), ("q2", 0), ("q3", 0), ("q1", 1)]  # no barrier per turn
+
+
 class GatedEngine(ScriptedEngine):
     """A concurrent engine whose reply to q2's first turn waits until q1 has asked for its third
     turn: only episodes that advance on their own get there."""

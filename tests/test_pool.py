@@ -46,11 +46,12 @@ def test_sync_in_place_and_logprob_check(ray_local, tiny_model_dir, perturbed_ck
 
 
 @pytest.mark.timeout(400)
-def test_dead_actor_is_replaced_and_no_problem_lost(ray_local, tiny_model_dir, perturbed_ckpt, tmp_path):
+@pytest.mark.parametrize("schedule", ["waves", "async"])  # async: the episodes run inside the actor
+def test_dead_actor_is_replaced_and_no_problem_lost(ray_local, tiny_model_dir, perturbed_ckpt, tmp_path, schedule):
     pool = RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, pointer_path=str(tmp_path / "w.json"))
     pool.update_weights(perturbed_ckpt, "v1", checkpoint_dir=perturbed_ckpt)
     env = get_env("search", num_train=0, num_test=192)
-    spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=24, seed=0), first_n=2)
+    spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=24, seed=0), first_n=2, schedule=schedule)
     pid = ray_local.get(pool.actors[0].info.remote())["pid"]
     killed = threading.Event()
 
@@ -68,6 +69,18 @@ def test_dead_actor_is_replaced_and_no_problem_lost(ray_local, tiny_model_dir, p
     assert info["pid"] != pid  # replaced by Ray
     assert info["weights_version"] == "v1"  # and it came back with the synced weights
     assert check_engines(pool, perturbed_ckpt, tolerance=1e-4)["max_logprob_error"] < 1e-4
+    pool.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_async_schedule_in_the_actor_gives_the_waves_trajectories(ray_local, tiny_model_dir):
+    pool = RolloutPool("hf", tiny_model_dir, num_engines=2, num_cpus=0.5)
+    env = get_env("search", num_train=0, num_test=12)
+    spec = EpisodeSpec(turns=3, params=SamplingParams(temperature=0.0, max_tokens=12), first_n=1)
+    waves = pool.run(env.name, {}, env.test, spec, batch_size=4)
+    each = pool.run(env.name, {}, env.test, EpisodeSpec(**{**spec.__dict__, "schedule": "async"}), batch_size=4)
+    assert [t.to_record() for t in each] == [t.to_record() for t in waves]
+    assert all(len(t.turns) == 3 for t in each)
     pool.shutdown()
 
 

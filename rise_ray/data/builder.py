@@ -9,7 +9,8 @@ Steps, per trajectory (one problem, one rollout):
      paper's code the first turn is always kept except under `success`. Degenerate turns (runaway
      repetitions) stay in the context but are never trained;
   3. weight each trained turn `exp(r / tau)` (optionally with the prompt's mean reward subtracted
-     first, the AWR-like variant), capped at `max_weight`;
+     first, the AWR-like variant), capped at `max_weight`; a turn after the first correct one
+     also times `after_correct_weight`;
   4. assemble each trained turn's ids from stored ids, in the conversation the rollout engine
      built (`build_conversation`: same env feedback, same context window): the chat template's
      texts tokenized, each assistant reply as the ids the engine sampled (rise_ray.data.assemble),
@@ -65,6 +66,7 @@ class Prepared:
     traj: Trajectory
     turns: list[Turn]
     counts: dict[str, int] = field(default_factory=dict)
+    first_correct: int | None = None  # index in `turns` of the first correct one
 
 
 def prepare(
@@ -94,7 +96,7 @@ def prepare(
         if after is not None and first_correct is not None and len(kept) - 1 - first_correct >= after:
             counts["dropped_after_correct"] = len(traj.turns) - k - 1
             break
-    return Prepared(traj, kept, counts)
+    return Prepared(traj, kept, counts, first_correct)
 
 
 # --- 2. select ------------------------------------------------------------------------------------
@@ -194,6 +196,8 @@ def build_examples(
                 continue
             stats["turns_selected"] += 1
             w = turn_weight(rewards[i], cfg.tau, baselines.get(p.traj.problem_id, 0.0), cfg.max_weight)
+            if p.first_correct is not None and i > p.first_correct:
+                w *= cfg.after_correct_weight
             shown = p.turns[:i][-context_window:] if context_window else p.turns[:i]  # as build_conversation
             conv = build_conversation(env, problem, attempts[:i], context_window)
             try:

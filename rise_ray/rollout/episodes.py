@@ -10,16 +10,20 @@ Steps, per turn t = 1..T:
 
 That is `schedule="waves"`: every turn waits for the slowest reply of the turn. With
 `schedule="async"` each episode advances on its own: its next turn goes to the engine as soon as
-its reply is graded (one engine call per episode and turn, from a thread per episode), which an
-engine with continuous batching (AsyncVLLMEngine, `concurrent = True`) runs in its running batch;
-other engines get one call at a time. Greedy decoding gives the same trajectories either way;
-seeded sampling may not (vLLM seeds a wave's i-th conversation with seed + i*n).
+its reply is graded. VLLMEngine takes it into its running batch in this process
+(`generate_continuous`, stepping vLLM's engine); otherwise each episode runs on a thread of its
+own, one engine call per turn, which an engine with continuous batching behind its calls
+(AsyncVLLMEngine, `concurrent = True`) batches and other engines take one at a time. An episode
+is one generator (`_episode`) whichever the schedule. Greedy decoding gives the same trajectories
+either way; seeded sampling may not (a wave's i-th conversation is seeded seed + i*n, and which
+conversations share a wave changes as episodes end).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -118,39 +122,79 @@ def run_episodes(
 ) -> list[Trajectory]:
     """Run the multi-turn MDP for every problem. `improver` (a teacher) answers turns >= 2."""
     trajs = [Trajectory(p.id, p.question, p.reference, meta=json.dumps(p.meta, default=str)) for p in problems]
-    if spec.schedule == "async":
-        _run_each_on_its_own(engine, env, problems, spec, improver, trajs)
-        return trajs
-    live = list(range(len(problems)))
-    for t in range(spec.turns):
-        use_teacher = t > 0 and improver is not None
-        producer = improver if use_teacher else engine
-        n = spec.first_n if t == 0 else spec.later_n
-        convs, keep = [], []
-        for i in live:
-            conv = build_conversation(env, problems[i], [x.response for x in trajs[i].turns], spec.context_window)
-            if producer.prompt_len(conv) + spec.params.max_tokens > producer.max_model_len:
-                trajs[i].stop_reason = "prompt_too_long"
-                continue
-            convs.append(conv)
-            keep.append(i)
-        live = keep
-        if not live:
-            break
-        params = spec.params if spec.params.seed is None else spec.params.with_(seed=spec.params.seed + t)
-        outputs = producer.generate(convs, n, params)
-        for i, cands in zip(live, outputs, strict=True):
-            turn = _choose(env, problems[i], cands, spec, "teacher" if use_teacher else "policy")
-            trajs[i].degenerate_dropped += sum(
-                spec.drop_degenerate and is_degenerate(c, getattr(c, "finished", True)) for c in cands
-            )
-            trajs[i].turns.append(turn)
-        if spec.oracle:
-            for i in live:
-                if trajs[i].turns[-1].correct:
-                    trajs[i].stop_reason = "correct"
-            live = [i for i in live if not trajs[i].turns[-1].correct]
+    continuous = improver is None and hasattr(engine, "generate_continuous")
+    on_threads = spec.schedule == "async" and not continuous
+    if on_threads:  # engines that are not thread-safe take one call at a time (one lock per engine)
+        locked = {id(e): e if getattr(e, "concurrent", False) else _OneAtATime(e) for e in (engine, improver) if e}
+        engine, improver = locked[id(engine)], improver and locked[id(improver)]
+    episodes = [_episode(env, p, t, spec, engine, improver) for p, t in zip(problems, trajs, strict=True)]
+    if spec.schedule == "waves":
+        _run_in_waves(episodes)
+    elif on_threads:
+        _run_on_threads(episodes)
+    else:
+        _run_continuously(engine, episodes)
     return trajs
+
+
+# A turn's request: the engine that answers it, the conversation, its samples, their settings.
+Request = tuple[Engine, Conversation, int, SamplingParams]
+
+
+def _episode(
+    env: Env, problem: Problem, traj: Trajectory, spec: EpisodeSpec, policy: Engine, teacher: Engine | None
+) -> Generator[Request, list, None]:
+    """One episode: yields each turn's request, is sent that turn's candidates, and fills `traj`.
+    The schedules below differ only in how they batch these requests."""
+    for t in range(spec.turns):
+        use_teacher = t > 0 and teacher is not None
+        producer = teacher if use_teacher else policy
+        conv = build_conversation(env, problem, [x.response for x in traj.turns], spec.context_window)
+        if producer.prompt_len(conv) + spec.params.max_tokens > producer.max_model_len:
+            traj.stop_reason = "prompt_too_long"
+            return
+        params = spec.params if spec.params.seed is None else spec.params.with_(seed=spec.params.seed + t)
+        cands = yield producer, conv, spec.first_n if t == 0 else spec.later_n, params
+        traj.turns.append(_choose(env, problem, cands, spec, "teacher" if use_teacher else "policy"))
+        traj.degenerate_dropped += sum(
+            spec.drop_degenerate and is_degenerate(c, getattr(c, "finished", True)) for c in cands
+        )
+        if spec.oracle and traj.turns[-1].correct:
+            traj.stop_reason = "correct"
+            return
+
+
+def _advance(episode: Generator[Request, list, None], cands: list | None) -> Request | None:
+    """The episode's next request (None: it is over); `cands` answer its last one."""
+    try:
+        return next(episode) if cands is None else episode.send(cands)
+    except StopIteration:
+        return None
+
+
+def _run_in_waves(episodes: list) -> None:
+    """schedule="waves": every live episode's turn in one engine call; the next turn starts when
+    the whole wave is back. Conversation i of a wave is seeded seed + i*n (the engine's rule)."""
+    pending = {i: r for i, e in enumerate(episodes) if (r := _advance(e, None)) is not None}
+    while pending:
+        producer, _, n, params = next(iter(pending.values()))  # one turn: the same for all
+        live = list(pending)
+        outputs = producer.generate([pending[i][1] for i in live], n, params)
+        pending = {i: r for i, cands in zip(live, outputs, strict=True)
+                   if (r := _advance(episodes[i], cands)) is not None}
+
+
+def _run_continuously(engine: Engine, episodes: list) -> None:
+    """schedule="async" on an engine that batches continuously in this process (VLLMEngine): an
+    episode's next turn joins the running batch as soon as its reply is graded."""
+    first = [(k, r) for k, e in enumerate(episodes) if (r := _advance(e, None)) is not None]
+    index = [k for k, _ in first]  # the engine numbers the requests it was given first 0..m-1
+
+    def follow_up(j: int, cands: list) -> tuple | None:
+        r = _advance(episodes[index[j]], cands)
+        return None if r is None else r[1:]
+
+    engine.generate_continuous([r[1:] for _, r in first], follow_up)
 
 
 class _OneAtATime:
@@ -168,38 +212,24 @@ class _OneAtATime:
             return self.engine.generate(conversations, n, params)
 
 
-def _run_each_on_its_own(
-    engine: Engine, env: Env, problems: list[Problem], spec: EpisodeSpec, improver: Engine | None,
-    trajs: list[Trajectory], max_threads: int = 256,
-) -> None:
-    """schedule="async": one thread per episode (up to max_threads), each turn one engine call."""
-    policy = engine if getattr(engine, "concurrent", False) else _OneAtATime(engine)
-    teacher = improver if improver is None or getattr(improver, "concurrent", False) else _OneAtATime(improver)
+def _run_on_threads(episodes: list, max_threads: int = 256) -> None:
+    """schedule="async" otherwise: one thread per episode (up to max_threads), each turn one engine
+    call, which an engine with continuous batching behind its calls (AsyncVLLMEngine) runs in its
+    running batch."""
 
-    def episode(i: int) -> None:
-        traj = trajs[i]
-        for t in range(spec.turns):
-            use_teacher = t > 0 and teacher is not None
-            producer = teacher if use_teacher else policy
-            conv = build_conversation(env, problems[i], [x.response for x in traj.turns], spec.context_window)
-            if producer.prompt_len(conv) + spec.params.max_tokens > producer.max_model_len:
-                traj.stop_reason = "prompt_too_long"
-                return
-            params = spec.params if spec.params.seed is None else spec.params.with_(seed=spec.params.seed + t)
-            outputs = producer.generate([conv], spec.first_n if t == 0 else spec.later_n, params)
-            (cands,) = outputs  # exactly one list for the one conversation (else: ValueError)
-            traj.turns.append(_choose(env, problems[i], cands, spec, "teacher" if use_teacher else "policy"))
-            traj.degenerate_dropped += sum(
-                spec.drop_degenerate and is_degenerate(c, getattr(c, "finished", True)) for c in cands
-            )
-            if spec.oracle and traj.turns[-1].correct:
-                traj.stop_reason = "correct"
-                return
+    def run(k: int, episode) -> None:
+        r = _advance(episode, None)
+        while r is not None:
+            producer, conv, n, params = r
+            if params.seed is not None:  # as a wave seeds its k-th conversation: distinct per episode
+                params = params.with_(seed=params.seed + k * n)
+            (cands,) = producer.generate([conv], n, params)  # one list for one conversation
+            r = _advance(episode, cands)
 
-    if not problems:
+    if not episodes:
         return
-    with ThreadPoolExecutor(min(len(problems), max_threads), thread_name_prefix="rise-episode") as pool:
-        for fut in [pool.submit(episode, i) for i in range(len(problems))]:
+    with ThreadPoolExecutor(min(len(episodes), max_threads), thread_name_prefix="rise-episode") as pool:
+        for fut in [pool.submit(run, k, e) for k, e in enumerate(episodes)]:
             fut.result()  # the first failure is raised (the rest still finish first)
 
 

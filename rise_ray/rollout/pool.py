@@ -4,7 +4,9 @@ Steps of `RolloutPool.run`:
   1. the problems become a Ray Dataset (one row each, with its index);
   2. `map_batches` streams batches through light tasks; batch k drives engine actor k mod N;
   3. each task runs the multi-turn episodes (rise_ray.rollout.episodes) with the actor as its
-     engine, so every turn of the batch is one generate call on a warm engine;
+     engine, so every turn of the batch is one generate call on a warm engine; with
+     rollout.schedule=async (and no teacher) it hands the batch to the actor, whose engine runs
+     each episode's next turn as soon as its reply is graded (no round trip per turn);
   4. the trajectory records come back as Arrow rows with a fixed schema.
 
 The actors live across RISE iterations (engines are never rebuilt per round): new weights are
@@ -89,6 +91,11 @@ class EngineActor:
     def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
         return self.engine.generate(conversations, n, params)
 
+    def run_episodes(self, env_name: str, env_options: str, problems: list[Problem], spec: EpisodeSpec) -> list:
+        """A batch's episodes here, on this actor's engine (rollout.schedule=async): VLLMEngine
+        batches their turns continuously, with no round trip per turn."""
+        return run_episodes(self.engine, _env(env_name, env_options), problems, spec)
+
     def update_weights(self, weights: Any, version: str) -> None:
         self.engine.update_weights(weights)
         self.weights_version = version
@@ -143,9 +150,8 @@ def _tokenizer(path: str):
 class RemoteEngine:
     """The Engine protocol over an EngineActor handle (used inside Ray Data tasks)."""
 
-    def __init__(self, actor, model_path: str, max_model_len: int, concurrent: bool = False):
+    def __init__(self, actor, model_path: str, max_model_len: int):
         self.actor = actor
-        self.concurrent = concurrent  # the actor takes many calls at once (an async engine)
         self.model_path = model_path
         self.max_model_len = max_model_len
 
@@ -171,13 +177,18 @@ def _env(name: str, options_json: str):
     return get_env(name, **json.loads(options_json))
 
 
-def _episode_batch(batch, *, actors, model_path, max_model_len, teacher, env_name, env_options, spec, batch_size,
-                   concurrent=False):
-    """One Ray Data batch: run its episodes on engine actor (batch number mod N)."""
+def _episode_batch(batch, *, actors, model_path, max_model_len, teacher, env_name, env_options, spec, batch_size):
+    """One Ray Data batch: run its episodes on engine actor (batch number mod N): here, one engine
+    call per turn, or (rollout.schedule=async, no teacher) inside the actor."""
     rows = batch.to_pylist()
-    env = _env(env_name, env_options)
     problems = [Problem(r["id"], r["question"], r["reference"], json.loads(r["meta"])) for r in rows]
-    engine = RemoteEngine(actors[(rows[0]["idx"] // batch_size) % len(actors)], model_path, max_model_len, concurrent)
+    actor = actors[(rows[0]["idx"] // batch_size) % len(actors)]
+    if spec.schedule == "async" and teacher is None:
+        ref = actor.run_episodes.remote(env_name, env_options, problems, spec)
+        return to_table(wait(ref, f"engine episodes ({len(problems)} problems x {spec.turns} turns)",
+                             CALL_TIMEOUT_S * spec.turns))
+    env = _env(env_name, env_options)
+    engine = RemoteEngine(actor, model_path, max_model_len)
     improver = None
     if teacher is not None:
         t_actors, t_path, t_len = teacher
@@ -203,10 +214,8 @@ class RolloutPool:
         self.model_path = model_path
         self.pointer_path = pointer_path
         self.engine_kwargs = dict(engine_kwargs or {})
-        # An async engine takes every episode's call at once (threads of the actor feed its batch).
-        concurrency = {"max_concurrency": 1024} if kind == "vllm_async" else {}
         self.actors = [
-            EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **concurrency).remote(
+            EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
                 kind, model_path, engine_kwargs or {}, pointer_path, cpu_threads
             )
             for _ in range(num_engines)
@@ -265,7 +274,6 @@ class RolloutPool:
                 "env_options": json.dumps(env_options, sort_keys=True, default=str),
                 "spec": spec,
                 "batch_size": batch_size,
-                "concurrent": self.kind == "vllm_async",
             },
         )
         by_id = {}

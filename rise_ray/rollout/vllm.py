@@ -14,15 +14,18 @@ Weights reach vLLM's worker process(es) in one of two ways:
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.hf import check_fits, checkpoint_files
+
+Request = tuple[Conversation, int, SamplingParams]  # a conversation, its samples, their settings
 
 WORKER_EXTENSION = "rise_ray.rollout.vllm_worker.WeightSyncExtension"
 # On CPU vLLM takes a fixed KV cache. 1 GiB holds ~260k tokens of the tiny model: 512 five-turn
@@ -171,28 +174,59 @@ class VLLMEngine:
         check_fits([len(p) for p in prompts], params.max_tokens, self.max_model_len)
         if not prompts or n < 1:
             return [[] for _ in prompts]
-        # vLLM gives the j-th of a request's n samples the seed `seed + j`; one seed for every
-        # request would give two copies of a conversation identical samples. seed + i*n makes each
-        # (conversation, sample) seed distinct and keeps a repeated call reproducible.
-        greedy = params.temperature <= 0  # vLLM refuses n > 1 when greedy: run once, repeat
-        sampling = [
-            self._vllm.SamplingParams(
-                n=1 if greedy else n,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                max_tokens=params.max_tokens,
-                seed=None if params.seed is None else params.seed + i * n,
-                logprobs=0 if params.logprobs else None,  # 0: the sampled token's only
-            )
-            for i in range(len(prompts))
-        ]
+        sampling = [self._sampling(params, n, i) for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
-        result = []
-        for prompt, o in zip(prompts, outs, strict=True):
-            given = prompt if o.prompt_token_ids is None else list(o.prompt_token_ids)
-            done = [_completion(c, given) for c in sorted(o.outputs, key=lambda c: c.index)]
-            result.append(done * n if greedy else done)
-        return result
+        return [_completions(o, prompt, n, params) for prompt, o in zip(prompts, outs, strict=True)]
+
+    def _sampling(self, params: SamplingParams, n: int, i: int) -> Any:
+        """vLLM's SamplingParams for the i-th conversation of a call. vLLM gives the j-th of a
+        request's n samples the seed `seed + j`; one seed for every request would give two copies of
+        a conversation identical samples. seed + i*n makes each (conversation, sample) seed distinct
+        and keeps a repeated call reproducible. vLLM refuses n > 1 when greedy: run once, repeat."""
+        return self._vllm.SamplingParams(
+            n=1 if params.temperature <= 0 else n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            seed=None if params.seed is None else params.seed + i * n,
+            logprobs=0 if params.logprobs else None,  # 0: the sampled token's only
+        )
+
+    def generate_continuous(
+        self, first: list[Request], follow_up: Callable[[int, list[Completion]], Request | None]
+    ) -> None:
+        """Continuous batching in this process (rollout.schedule=async): conversation k starts as
+        first[k]; when all its samples are done, follow_up(k, completions) gives k's next request
+        (or None: k is done), which joins the running batch at the engine's next step, so nobody
+        waits for the slowest reply of a turn. Seeds as generate's, with k for i."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine, live, ids_made = self.llm.llm_engine, {}, itertools.count()
+
+        def add(k: int, request: Request) -> None:
+            conversation, n, params = request
+            ids = self._ids(conversation)
+            check_fits([len(ids)], params.max_tokens, self.max_model_len)
+            sampling = self._sampling(params, n, k)
+            sampling.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, at its end
+            rid = f"rise-{k}-{next(ids_made)}"
+            engine.add_request(rid, {"prompt_token_ids": ids}, sampling)
+            live[rid] = (k, ids, n, params)
+
+        for k, request in enumerate(first):
+            add(k, request)
+        try:
+            while live:
+                for out in engine.step():
+                    if not out.finished:
+                        continue
+                    k, ids, n, params = live.pop(out.request_id)
+                    nxt = follow_up(k, _completions(out, ids, n, params))
+                    if nxt is not None:
+                        add(k, nxt)
+        finally:  # a follow-up that raised leaves requests behind: they must not run into the next call
+            if live:
+                engine.abort_request(list(live))
 
     def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[tuple[int, float]]:
         # logprobs_mode defaults to "raw_logprobs": log_softmax of the model's logits, untouched by
@@ -277,6 +311,13 @@ class VLLMEngine:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+
+
+def _completions(out: Any, prompt: list[int], n: int, params: SamplingParams) -> list[Completion]:
+    """A finished RequestOutput's samples in order (a greedy request's one sample n times)."""
+    given = prompt if out.prompt_token_ids is None else list(out.prompt_token_ids)
+    done = [_completion(c, given) for c in sorted(out.outputs, key=lambda c: c.index)]
+    return done * n if params.temperature <= 0 else done
 
 
 def _completion(c: Any, prompt: list[int]) -> Completion:

@@ -28,7 +28,7 @@ import torch
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.hf import check_fits, checkpoint_files
 from rise_ray.rollout.vllm import (
-    _completion,
+    _completions,
     _import_vllm,
     _unaliased_cpu,
     shm_dir,
@@ -67,7 +67,7 @@ class AsyncVLLMEngine:
         self._vllm = vllm
         for name in ("weight_transfer", "sleep_mode"):  # the offline engine's (VLLMEngine) only
             if engine_args.pop(name, None):
-                raise ValueError(f"{name}: not supported by vLLM's async engine (rollout.schedule=async); "
+                raise ValueError(f"{name}: not supported by vLLM's async engine (the server's); "
                                  "weights sync through files (sync.method=files)")
         kw = vllm_engine_args(model_path, **engine_args)
         kw.setdefault("disable_log_stats", True)
@@ -154,9 +154,7 @@ class AsyncVLLMEngine:
             async for out in self.stream(prompt, self.sampling(params, 1 if greedy else n, i * n)):
                 final = out
             assert final is not None
-            given = prompt if final.prompt_token_ids is None else list(final.prompt_token_ids)
-            done = [_completion(c, given) for c in sorted(final.outputs, key=lambda c: c.index)]
-            return done * n if greedy else done
+            return _completions(final, prompt, n, params)
 
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
