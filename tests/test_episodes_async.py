@@ -16,24 +16,35 @@ def _plain(trajs):
     return [t.to_record() for t in trajs]
 
 
+# q3's first reply makes its next prompt too long (prompt length: characters; the limit: LIMIT).
+SCRIPT = {
+    "q1": [[box(1), box(5)], [box(5)], [box(3)]],
+    "q2": [[box(2), box(2)], [box(4)], [box(7)]],
+    "q3": [["x" * 200], [box(0)], [box(0)]],
+}
+PROBLEMS = [*P, Problem("p3", "q3", "0")]
+LIMIT = 150
+SPECS = [EpisodeSpec(turns=3, params=SamplingParams(max_tokens=5), first_n=2, **kw)
+         for kw in ({"oracle": True}, {"oracle": False, "choose": "best", "later_n": 1})]
+
+
+def scripted(script, cls=ScriptedEngine):
+    engine = cls(script, lambda conv: sum(len(m["content"]) for m in conv))
+    engine.max_model_len = LIMIT
+    return engine
+
+
+def asynchronous(spec: EpisodeSpec) -> EpisodeSpec:
+    return EpisodeSpec(**{**spec.__dict__, "schedule": "async"})
+
+
 def test_async_gives_the_waves_trajectories_with_oracle_teacher_and_too_long_prompts():
-    script = {
-        "q1": [[box(1), box(5)], [box(5)], [box(3)]],
-        "q2": [[box(2), box(2)], [box(4)], [box(7)]],
-        "q3": [["x" * 50], [box(0)], [box(0)]],
-    }
-    problems = [*P, Problem("p3", "q3", "0")]
-    teacher = {q: [c[:1] for c in cands] for q, cands in script.items()}
-    for kw in ({"oracle": True}, {"oracle": False, "choose": "best", "later_n": 1}):
-        spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=5), first_n=2, **kw)
-        prompt_len = lambda conv: sum(len(m["content"]) for m in conv)  # noqa: E731 q3's reply overflows
-        waves = run_episodes(ScriptedEngine(script, prompt_len), ENV, problems, spec,
-                             improver=ScriptedEngine(teacher, prompt_len))
-        each = run_episodes(ScriptedEngine(script, prompt_len), ENV, problems,
-                            EpisodeSpec(**{**spec.__dict__, "schedule": "async"}),
-                            improver=ScriptedEngine(teacher, prompt_len))
+    teacher = {q: [c[:1] for c in cands] for q, cands in SCRIPT.items()}
+    for spec in SPECS:
+        waves = run_episodes(scripted(SCRIPT), ENV, PROBLEMS, spec, improver=scripted(teacher))
+        each = run_episodes(scripted(SCRIPT), ENV, PROBLEMS, asynchronous(spec), improver=scripted(teacher))
         assert _plain(each) == _plain(waves)
-    assert {t.stop_reason for t in waves} >= {"turns"}
+        assert waves[2].stop_reason == "prompt_too_long" and len(waves[2].turns) == 1
 
 
 class SteppingEngine(ScriptedEngine):
@@ -53,20 +64,13 @@ class SteppingEngine(ScriptedEngine):
 
 
 def test_continuous_engine_gives_the_waves_trajectories_interleaved():
-    script = {
-        "q1": [[box(1), box(5)], [box(5)], [box(3)]],
-        "q2": [[box(2), box(2)], [box(4)], [box(7)]],
-        "q3": [["x" * 50], [box(0)], [box(0)]],
-    }
-    problems = [*P, Problem("p3", "q3", "0")]
-    prompt_len = lambda conv: sum(len(m["content"]) for m in conv)  # noqa: E731 q3's reply overflows
-    for kw in ({"oracle": True}, {"oracle": False, "choose": "best", "later_n": 1}):
-        spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=5), first_n=2, **kw)
-        waves = run_episodes(ScriptedEngine(script, prompt_len), ENV, problems, spec)
-        engine = SteppingEngine(script, prompt_len)
-        each = run_episodes(engine, ENV, problems, EpisodeSpec(**{**spec.__dict__, "schedule": "async"}))
+    for spec in SPECS:
+        waves = run_episodes(scripted(SCRIPT), ENV, PROBLEMS, spec)
+        engine = scripted(SCRIPT, SteppingEngine)
+        each = run_episodes(engine, ENV, PROBLEMS, asynchronous(spec))
         assert _plain(each) == _plain(waves)
         assert engine.order[:4] == [("q1", 0), ("q2", 0), ("q3", 0), ("q1", 1)]  # no barrier per turn
+        assert each[2].stop_reason == "prompt_too_long"
 
 
 class GatedEngine(ScriptedEngine):
