@@ -304,6 +304,10 @@ def test_vllm_continuous_failure_leaves_no_request_behind(vllm_engine):
     with pytest.raises(RuntimeError, match="grading failed"):
         vllm_engine.generate_continuous([short, long], grading_fails)
     assert not vllm_engine.llm.llm_engine.has_unfinished_requests()
+    too_long = ([{"role": "user", "content": "x" * 1000}], 1, SamplingParams(max_tokens=1000))
+    with pytest.raises(PromptTooLong):  # refused after `short` was added: that one goes too
+        vllm_engine.generate_continuous([short, too_long], lambda k, cands: None)
+    assert not vllm_engine.llm.llm_engine.has_unfinished_requests()
     assert len(vllm_engine.generate([CONVS[0]], 1, short[2])[0]) == 1  # and the engine still serves
 
 

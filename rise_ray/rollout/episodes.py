@@ -138,12 +138,12 @@ def run_episodes(
 
 
 # A turn's request: the engine that answers it, the conversation, its samples, their settings.
-Request = tuple[Engine, Conversation, int, SamplingParams]
+TurnRequest = tuple[Engine, Conversation, int, SamplingParams]
 
 
 def _episode(
     env: Env, problem: Problem, traj: Trajectory, spec: EpisodeSpec, policy: Engine, teacher: Engine | None
-) -> Generator[Request, list, None]:
+) -> Generator[TurnRequest, list, None]:
     """One episode: yields each turn's request, is sent that turn's candidates, and fills `traj`.
     The schedules below differ only in how they batch these requests."""
     for t in range(spec.turns):
@@ -164,7 +164,7 @@ def _episode(
             return
 
 
-def _advance(episode: Generator[Request, list, None], cands: list | None) -> Request | None:
+def _advance(episode: Generator[TurnRequest, list, None], cands: list | None) -> TurnRequest | None:
     """The episode's next request (None: it is over); `cands` answer its last one."""
     try:
         return next(episode) if cands is None else episode.send(cands)

@@ -213,9 +213,9 @@ class VLLMEngine:
             engine.add_request(rid, {"prompt_token_ids": ids}, sampling)
             live[rid] = (k, ids, n, params)
 
-        for k, request in enumerate(first):
-            add(k, request)
         try:
+            for k, request in enumerate(first):
+                add(k, request)
             while live:
                 for out in engine.step():
                     if not out.finished:
@@ -224,7 +224,7 @@ class VLLMEngine:
                     nxt = follow_up(k, _completions(out, ids, n, params))
                     if nxt is not None:
                         add(k, nxt)
-        finally:  # a follow-up that raised leaves requests behind: they must not run into the next call
+        finally:  # a request refused or a follow-up that raised leaves requests behind: not into the next call
             if live:
                 engine.abort_request(list(live))
 
