@@ -91,7 +91,7 @@ class EngineActor:
     def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
         return self.engine.generate(conversations, n, params)
 
-    def run_episodes(self, env_name: str, env_options: str, problems: list[Problem], spec: EpisodeSpec) -> list:
+    def run_episodes(self, env_name: str, env_options: str, problems: list[Problem], spec: EpisodeSpec) -> list[Trajectory]:
         """A batch's episodes here, on this actor's engine (rollout.schedule=async): VLLMEngine
         batches their turns continuously, with no round trip per turn."""
         return run_episodes(self.engine, _env(env_name, env_options), problems, spec)
