@@ -294,6 +294,19 @@ def test_vllm_continuous_next_request_joins_the_running_batch(vllm_engine):
     assert done == [(0, 1), (0, 1), (0, 1), (1, len(reply.token_ids))]
 
 
+
+@needs_vllm
+def test_vllm_continuous_hands_the_engine_rendered_prompts(vllm_engine, monkeypatch):
+    """vLLM 0.32 warns that raw prompt dicts given to add_request will be refused: ours are the
+    engine inputs its renderer makes ("type": "token"), with our ids unchanged."""
+    engine, given = vllm_engine.llm.llm_engine, []
+    add = engine.add_request
+    monkeypatch.setattr(engine, "add_request", lambda rid, prompt, params: given.append(prompt) or add(rid, prompt, params))
+    short = (CONVS[0], 1, SamplingParams(temperature=0.0, max_tokens=2))
+    vllm_engine.generate_continuous([short, short], lambda k, cands: None)
+    ids = vllm_engine._ids(CONVS[0])
+    assert [(p["type"], list(p["prompt_token_ids"])) for p in given] == [("token", ids)] * 2
+
 @needs_vllm
 def test_vllm_continuous_failure_leaves_no_request_behind(vllm_engine):
     def grading_fails(k, cands):

@@ -210,7 +210,7 @@ class VLLMEngine:
             sampling = self._sampling(params, n, k)
             sampling.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, at its end
             rid = f"rise-{k}-{next(ids_made)}"
-            engine.add_request(rid, {"prompt_token_ids": ids}, sampling)
+            engine.add_request(rid, rendered_prompt(engine, ids), sampling)
             live[rid] = (k, ids, n, params)
 
         try:
@@ -311,6 +311,16 @@ class VLLMEngine:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+
+
+def rendered_prompt(engine: Any, prompt_ids: list[int]) -> Any:
+    """Token ids as the engine input vLLM's own LLM.generate makes of them (LLMEngine or AsyncLLM):
+    in vLLM 0.32 add_request still takes a raw prompt dict but warns that it will stop."""
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    parsed = parse_model_prompt(engine.model_config, {"prompt_token_ids": prompt_ids})
+    (rendered,) = engine.renderer.render_cmpl([parsed])
+    return rendered
 
 
 def _completions(out: Any, prompt: list[int], n: int, params: SamplingParams) -> list[Completion]:

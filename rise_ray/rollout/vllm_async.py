@@ -31,6 +31,7 @@ from rise_ray.rollout.vllm import (
     _completions,
     _import_vllm,
     _unaliased_cpu,
+    rendered_prompt,
     shm_dir,
     vllm_engine_args,
 )
@@ -133,7 +134,7 @@ class AsyncVLLMEngine:
         the request in the engine (its KV blocks and batch slot are freed at the next step)."""
         self._bind()
         rid = request_id or uuid.uuid4().hex
-        gen = self.llm.generate({"prompt_token_ids": prompt_ids}, sampling, rid)
+        gen = self.llm.generate(rendered_prompt(self.llm, prompt_ids), sampling, rid)
         try:
             async for out in gen:
                 yield out
