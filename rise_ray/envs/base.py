@@ -192,6 +192,18 @@ def load_problems(
     return out
 
 
+def load_splits(
+    load: Callable[..., list[Problem]], train_path: str | None, test_path: str | None,
+    num_train: int | None, num_test: int | None, hub_config: str | None,
+) -> dict[str, list[Problem]]:
+    """A dataset env's train and test problems, `load(path, split, limit, hub_config)` for each; a
+    split whose path is None stays empty (the caller names the data)."""
+    return {
+        "train": load(train_path, "train", num_train, hub_config) if train_path else [],
+        "test": load(test_path, "test", num_test, hub_config) if test_path else [],
+    }
+
+
 def iter_rows(path: str, split: str, hub_config: str | None = None) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(where, line or row number, row) from a local JSONL file, else from a `datasets` hub name.
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from rise_ray.envs.answers import last_boxed, normalize_number, parse_number
-from rise_ray.envs.base import Env, Problem, load_problems
+from rise_ray.envs.base import Env, Problem, load_problems, load_splits
 
 BOXED_SYSTEM_PROMPT = (
     "Solve the problem step by step. Put your final answer in \\boxed{}, e.g. \\boxed{42}."
@@ -81,15 +81,8 @@ def load_gsm8k(path: str, split: str, limit: int | None = None, hub_config: str 
     return load_problems(path, split, limit, hub_config, "gsm8k", ("question", "answer"), check)
 
 
-def make_gsm8k(
-    train_path: str | None = None,
-    test_path: str | None = None,
-    num_train: int | None = None,
-    num_test: int | None = None,
-    hub_config: str | None = "main",
-    **env_fields,
-) -> GSM8KEnv:
+def make_gsm8k(train_path: str | None = None, test_path: str | None = None, num_train: int | None = None,
+               num_test: int | None = None, hub_config: str | None = "main", **env_fields) -> GSM8KEnv:
     """The GSM8K env; a split whose path is None stays empty (the caller names the data)."""
-    train = load_gsm8k(train_path, "train", num_train, hub_config) if train_path else []
-    test = load_gsm8k(test_path, "test", num_test, hub_config) if test_path else []
-    return GSM8KEnv(train=train, test=test, **env_fields)
+    splits = load_splits(load_gsm8k, train_path, test_path, num_train, num_test, hub_config)
+    return GSM8KEnv(**splits, **env_fields)

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from rise_ray.envs.answers import format_number, last_boxed, parse_number
-from rise_ray.envs.base import Env, Problem, load_problems
+from rise_ray.envs.base import Env, Problem, load_problems, load_splits
 from rise_ray.envs.gsm8k import BOXED_SYSTEM_PROMPT
 
 MAX_SYMBOLIC_CHARS = 500  # longer answers are only compared as strings (sympy cost grows fast)
@@ -189,16 +189,9 @@ def load_math(path: str, split: str, limit: int | None = None, hub_config: str |
     return load_problems(path, split, limit, hub_config, "math", ("problem", "solution"), check)
 
 
-def make_math(
-    train_path: str | None = None,
-    test_path: str | None = None,
-    num_train: int | None = None,
-    num_test: int | None = None,
-    hub_config: str | None = None,
-    timeout_seconds: float | None = 5.0,
-    **env_fields,
-) -> MathEnv:
+def make_math(train_path: str | None = None, test_path: str | None = None, num_train: int | None = None,
+              num_test: int | None = None, hub_config: str | None = None, timeout_seconds: float | None = 5.0,
+              **env_fields) -> MathEnv:
     """The MATH env; a split whose path is None stays empty (the caller names the data)."""
-    train = load_math(train_path, "train", num_train, hub_config) if train_path else []
-    test = load_math(test_path, "test", num_test, hub_config) if test_path else []
-    return MathEnv(train=train, test=test, timeout_seconds=timeout_seconds, **env_fields)
+    splits = load_splits(load_math, train_path, test_path, num_train, num_test, hub_config)
+    return MathEnv(**splits, timeout_seconds=timeout_seconds, **env_fields)
