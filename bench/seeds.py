@@ -38,19 +38,13 @@ def seed_overrides(k: int) -> list[str]:
     return [f"{key}={k}" for key in SEEDED] + [f"eval.seed={1234 + k}"]
 
 
-def run_seed(
-    k: int, label: str, run_dir: str, config: str | None, overrides: list[str], tree: str | None = None
-) -> dict[str, Any]:
-    """`rise run` for seed k; `tree`: run another checkout's code (e.g. a git worktree of an older
-    commit) instead of this one's."""
+def run_seed(k: int, label: str, run_dir: str, config: str | None, overrides: list[str]) -> dict[str, Any]:
     name = f"{label}-seed{k}"
-    run_dir = os.path.abspath(run_dir)
     cmd = [sys.executable, "-m", "rise_ray.cli", "run", *([config] if config else []),
            *overrides, *seed_overrides(k), f"name={name}", f"run_dir={run_dir}"]
-    print("$", *([f"(cd {tree} &&"] if tree else []), " ".join(cmd), *([")"] if tree else []), flush=True)
-    env = None if tree is None else {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+    print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=tree, env=env)
+    subprocess.run(cmd, check=True)
     with open(os.path.join(run_dir, name, "metrics.json"), encoding="utf-8") as f:
         out = json.load(f)
     out["process_s"] = round(time.perf_counter() - t0, 1)
