@@ -271,17 +271,6 @@ def test_warmup_then_cosine():
     assert lrs_of("cosine", total, 0)[0] == 1.0  # no warm-up: the first step at the full rate
 
 
-def test_warmup_never_trains_a_step_at_rate_zero():
-    """Step s of a W-step warm-up at (s+1)/(W+1), then cosine over the remaining steps: the schedule
-    the embedded default's base model was tuned with (transformers' own starts at 0)."""
-    total, warmup = 50, 4
-    lrs = lrs_of("cosine", total, warmup)
-    assert lrs[:warmup] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
-    cosine = [0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) for s in range(warmup, total)]
-    assert lrs[warmup:] == pytest.approx(cosine)
-    assert lrs_of("constant", total, warmup)[:warmup + 1] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
-
-
 def test_plan_counts_steps_per_equal_shard():
     t = load_config(None, ["train.num_workers=2", "train.micro_batch_size=3", "train.grad_accum=2", "train.epochs=3"])
     plan = plan_steps(25, t.train.model_dump())

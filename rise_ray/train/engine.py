@@ -87,22 +87,12 @@ def load_model(model_path: str, tcfg: TrainConfig, ds_config: dict[str, Any], bf
 
 
 def make_scheduler(optimizer: Any, tcfg: TrainConfig, plan: StepPlan) -> Any:
-    """transformers' schedules one step ahead: step s of a W-step warm-up trains at (s+1)/(W+1) of
-    the rate, then cosine from the full rate to 0 over the other steps (or constant). Started where
-    transformers starts, the first step would train at rate 0; that step is the difference that
-    moved the embedded default's base model (the warm-up has ~15 warm-up steps; docs/scaling.md)."""
-    import warnings
-
+    """transformers' schedules, as its Trainer uses them: linear warm-up from 0 over
+    plan.warmup_steps, then cosine to 0 or constant."""
     from transformers import get_scheduler
 
     name = "cosine" if tcfg.lr_schedule == "cosine" else "constant_with_warmup"
-    scheduler = get_scheduler(
-        name, optimizer, num_warmup_steps=plan.warmup_steps + 1, num_training_steps=plan.total_steps + 1
-    )
-    with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step
-        warnings.simplefilter("ignore", UserWarning)
-        scheduler.step()
-    return scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps, num_training_steps=plan.total_steps)
 
 
 def make_engine(model: Any, tcfg: TrainConfig, ds_config: dict[str, Any], plan: StepPlan) -> Any:
