@@ -163,7 +163,7 @@ def test_paper_configs_evaluate_as_the_paper_code():
         assert (ev.temperature, ev.top_p, ev.max_tokens, ev.context_window) == (1.0, 1.0, 1000, 1), path
         assert cfg.env.grading == "paper" and cfg.rollout.context_window is None, path
         if cfg.env.name == "math":
-            assert cfg.env.test_path == "../shared/data/math/test.jsonl" and cfg.env.unparsed_reward == 0.0, path
+            assert cfg.env.test_path == "DigitalLearningGmbH/MATH-lighteval" and cfg.env.unparsed_reward == 0.0, path
 
 
 def test_context_window_is_applied_in_episodes():

@@ -222,9 +222,32 @@ def iter_rows(path: str, split: str, hub_config: str | None = None) -> Iterator[
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise DataError(f"{path}: not a local file, and the `datasets` package is not installed") from None
+    local = "set env.train_path / env.test_path to local JSONL files (one JSON object per line)"
+    if (endpoint := unreachable_hub()) is not None:
+        raise DataError(f"{path}: not a local file, and the hub ({endpoint}) cannot be reached: {local}, "
+                        "or set HF_HUB_OFFLINE=1 to read a copy already in the datasets cache")
     try:
         rows = datasets.load_dataset(path, hub_config, split=split)
     except Exception as e:  # any hub failure becomes one clear data error
-        raise DataError(f"{path}: not a local file, and loading it from the hub failed: {e}") from e
+        raise DataError(f"{path}: not a local file, and loading it from the hub failed: {e}; or {local}") from e
     for i, row in enumerate(rows, start=1):
         yield f"{path}[{split}]:{i}", i, dict(row)
+
+
+def unreachable_hub(timeout_s: float = 3.0) -> str | None:
+    """The hub's address when it cannot be reached (None: reachable, or offline mode is set). Without
+    this check an offline machine spends half a minute in the hub client's retries before failing."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError:
+        return endpoint
+    return None

@@ -34,6 +34,18 @@ def after_answer_is(text: str) -> str | None:
     return found[-1] if found else None
 
 
+def read_numeric_answer(response: str) -> str | None:
+    """The last \\boxed{} answer; failing that, the last "#### N" line; failing that, the number
+    after the last "The answer is" (the ways GSM8K evaluations commonly read answers)."""
+    if not isinstance(response, str):
+        return None
+    for read in (last_boxed, after_hashes, after_answer_is):
+        ans = read(response)
+        if ans is not None and ans.strip():
+            return ans.strip()
+    return None
+
+
 @dataclass
 class NumericEnv(Env):
     """Base of the environments whose answer is one number written after "####" in the reference."""
@@ -58,15 +70,7 @@ class GSM8KEnv(NumericEnv):
     system_prompt: str | None = BOXED_SYSTEM_PROMPT
 
     def extract(self, response: str) -> str | None:
-        """The last \\boxed{} answer; failing that, the last "#### N" line; failing that, the number
-        after the last "The answer is" (the ways GSM8K evaluations commonly read answers)."""
-        if not isinstance(response, str):
-            return None
-        for read in (last_boxed, after_hashes, after_answer_is):
-            ans = read(response)
-            if ans is not None and ans.strip():
-                return ans.strip()
-        return None
+        return read_numeric_answer(response)
 
 
 def load_gsm8k(path: str, split: str, limit: int | None = None, hub_config: str | None = "main") -> list[Problem]:
