@@ -1,10 +1,11 @@
-"""The run report: metrics.json across iterations, report.md, turns.png and the terminal table."""
+"""The run report: metrics.json across iterations, report.md, turns.png, report.html and the terminal table."""
 
 from __future__ import annotations
 
 import json
 import os
 
+from rise_ray.eval.html_report import write_html_report
 from rise_ray.eval.report import format_table, percent, plot_turns, summary_columns
 from rise_ray.files import atomic_write_json, atomic_write_text
 
@@ -39,7 +40,7 @@ def protocol(run_dir: str, row: dict) -> str:
 
 
 def write_report(run_dir: str, wall_s: float | None = None) -> list[dict]:
-    """Regenerate metrics.json, report.md and turns.png from the iterations' eval outputs."""
+    """Regenerate metrics.json, report.md, turns.png and report.html from the iterations' eval outputs."""
     rows = iteration_metrics(run_dir)
     if not rows:
         raise FileNotFoundError(f"{run_dir}: no iter_*/eval/metrics.json yet")
@@ -61,7 +62,9 @@ def write_report(run_dir: str, wall_s: float | None = None) -> list[dict]:
            "random tie-break); tie_rate / tie_rate_parallel: share of problems whose sequential / parallel "
            "vote was a tie. Turns an episode could not take (prompt too long) abstain and count as wrong.", "",
            protocol(run_dir, rows[0]), "", f"Wall time: {wall_s:.0f} s" if wall_s else "", "",
-           "![accuracy per turn](turns.png)", ""]
+           "![accuracy per turn](turns.png)", "",
+           "Every evaluated and collected trajectory, turn by turn: [report.html](report.html).", ""]
     atomic_write_text(os.path.join(run_dir, "report.md"), "\n".join(md))
+    write_html_report(run_dir, rows, protocol(run_dir, rows[0]), wall_s)
     print(table)
     return rows
