@@ -51,7 +51,7 @@ def collect(
     iteration: int,
 ) -> list[Trajectory]:
     spec = collect_spec(cfg, iteration)
-    return policy.run(env_name, env_options, problems, spec, batch_size=cfg.batch_size, teacher=teacher)
+    return policy.run(env_name, env_options, problems, spec, batch_size=cfg.batch_size, teacher=teacher, progress="collect")
 
 
 def collection_stats(trajs: list[Trajectory]) -> dict:

@@ -21,6 +21,11 @@ that Prometheus). Ray prefixes every name with `ray_`; tag `run` is the run's na
   ray_rise_train_step_seconds{run}                            histogram of the logged steps' times
   ray_rise_sync_seconds{run,iteration}                        weight update of the live engines
   ray_rise_eval_accuracy{run,iteration,turn}
+While a rollout runs (collect, eval), its progress is set every second by the driver's reporter
+(rise_ray.progress), tag `stage` only:
+  ray_rise_progress_problems_finished, ray_rise_progress_fraction (0..1), ray_rise_progress_samples,
+  ray_rise_progress_tokens_per_second, ray_rise_progress_eta_seconds (-1: unknown),
+  ray_rise_progress_turn (the highest turn in progress)
 Generated tokens are the ids the engine sampled where a turn kept them (one candidate); other
 candidates, and turns recorded without ids, are tokenized with the base model's tokenizer.
 The embedded Ray ends with the run: scrape while it runs, or use tracking for a lasting record.

@@ -3,6 +3,7 @@
 Steps:
   1. one episode per problem of eval.split (test, or val for tuning): k parallel samples at turn 1 (the first continues the
      conversation), then T-1 more turns with "incorrect" feedback (no oracle);
+     (progress lines while it runs: rise_ray.progress);
   2. write records.parquet (every turn and candidate), metrics.json, turns.png;
   3. print the table.
 """
@@ -51,7 +52,7 @@ def evaluate(
     label: dict | None = None,
 ) -> dict:
     """Evaluate the pool's current weights; writes out_dir/{records.parquet,metrics.json,turns.png}."""
-    trajs = pool.run(env.name, env_options, problems, eval_spec(cfg), batch_size=cfg.batch_size)
+    trajs = pool.run(env.name, env_options, problems, eval_spec(cfg), batch_size=cfg.batch_size, progress="eval")
     metrics = {**(label or {}), **compute_metrics(trajs, env.answer_key, cfg.turns, cfg.parallel), "split": cfg.split}
     write_trajectories(trajs, os.path.join(out_dir, "records.parquet"))
     plot_turns([metrics], os.path.join(out_dir, "turns.png"))

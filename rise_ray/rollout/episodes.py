@@ -17,6 +17,9 @@ own, one engine call per turn, which an engine with continuous batching behind i
 is one generator (`_episode`) whichever the schedule. Greedy decoding gives the same trajectories
 either way; seeded sampling may not (a wave's i-th conversation is seeded seed + i*n, and which
 conversations share a wave changes as episodes end).
+
+Progress: `progress` (rise_ray.progress.EpisodeTally) is told the turn each episode waits on, the
+candidates it got and when it ends, whichever the schedule; a pool sends it to the driver.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from rise_ray.envs.base import Env, Problem
+from rise_ray.progress import EpisodeTally
 from rise_ray.rollout.engine import Conversation, Engine, SamplingParams
 
 
@@ -119,15 +123,19 @@ def run_episodes(
     problems: list[Problem],
     spec: EpisodeSpec,
     improver: Engine | None = None,
+    progress: EpisodeTally | None = None,
 ) -> list[Trajectory]:
-    """Run the multi-turn MDP for every problem. `improver` (a teacher) answers turns >= 2."""
+    """Run the multi-turn MDP for every problem. `improver` (a teacher) answers turns >= 2;
+    `progress` counts turns, samples and finished episodes as they happen."""
     trajs = [Trajectory(p.id, p.question, p.reference, meta=json.dumps(p.meta, default=str)) for p in problems]
     continuous = improver is None and hasattr(engine, "generate_continuous")
     on_threads = spec.schedule == "async" and not continuous
     if on_threads:  # engines that are not thread-safe take one call at a time (one lock per engine)
         locked = {id(e): e if getattr(e, "concurrent", False) else _OneAtATime(e) for e in (engine, improver) if e}
         engine, improver = locked[id(engine)], improver and locked[id(improver)]
-    episodes = [_episode(env, p, t, spec, engine, improver) for p, t in zip(problems, trajs, strict=True)]
+    tally = progress if progress is not None else EpisodeTally()
+    episodes = [_episode(env, p, t, spec, engine, improver, tally, k)
+                for k, (p, t) in enumerate(zip(problems, trajs, strict=True))]
     if spec.schedule == "waves":
         _run_in_waves(episodes)
     elif on_threads:
@@ -142,26 +150,43 @@ TurnRequest = tuple[Engine, Conversation, int, SamplingParams]
 
 
 def _episode(
-    env: Env, problem: Problem, traj: Trajectory, spec: EpisodeSpec, policy: Engine, teacher: Engine | None
+    env: Env,
+    problem: Problem,
+    traj: Trajectory,
+    spec: EpisodeSpec,
+    policy: Engine,
+    teacher: Engine | None,
+    tally: EpisodeTally,
+    k: int,
 ) -> Generator[TurnRequest, list, None]:
-    """One episode: yields each turn's request, is sent that turn's candidates, and fills `traj`.
-    The schedules below differ only in how they batch these requests."""
-    for t in range(spec.turns):
-        use_teacher = t > 0 and teacher is not None
-        producer = teacher if use_teacher else policy
-        conv = build_conversation(env, problem, [x.response for x in traj.turns], spec.context_window)
-        if producer.prompt_len(conv) + spec.params.max_tokens > producer.max_model_len:
-            traj.stop_reason = "prompt_too_long"
-            return
-        params = spec.params if spec.params.seed is None else spec.params.with_(seed=spec.params.seed + t)
-        cands = yield producer, conv, spec.first_n if t == 0 else spec.later_n, params
-        traj.turns.append(_choose(env, problem, cands, spec, "teacher" if use_teacher else "policy"))
-        traj.degenerate_dropped += sum(
-            spec.drop_degenerate and is_degenerate(c, getattr(c, "finished", True)) for c in cands
-        )
-        if spec.oracle and traj.turns[-1].correct:
-            traj.stop_reason = "correct"
-            return
+    """One episode: yields each turn's request, is sent that turn's candidates, and fills `traj`
+    (and the tally, as episode k). The schedules below differ only in how they batch these requests."""
+    try:
+        for t in range(spec.turns):
+            use_teacher = t > 0 and teacher is not None
+            producer = teacher if use_teacher else policy
+            conv = build_conversation(env, problem, [x.response for x in traj.turns], spec.context_window)
+            if producer.prompt_len(conv) + spec.params.max_tokens > producer.max_model_len:
+                traj.stop_reason = "prompt_too_long"
+                return
+            params = spec.params if spec.params.seed is None else spec.params.with_(seed=spec.params.seed + t)
+            tally.asks(k, t + 1)
+            cands = yield producer, conv, spec.first_n if t == 0 else spec.later_n, params
+            tally.answered(k, cands)
+            traj.turns.append(_choose(env, problem, cands, spec, "teacher" if use_teacher else "policy"))
+            traj.degenerate_dropped += sum(
+                spec.drop_degenerate and is_degenerate(c, getattr(c, "finished", True)) for c in cands
+            )
+            if spec.oracle and traj.turns[-1].correct:
+                traj.stop_reason = "correct"
+                return
+    finally:  # the samples of the turns it will not take count as done (for the ETA)
+        tally.ended(k, sum(spec.first_n if t == 0 else spec.later_n for t in range(len(traj.turns), spec.turns)))
+
+
+def samples_per_episode(spec: EpisodeSpec) -> int:
+    """Samples of an episode that takes every turn."""
+    return spec.first_n + (spec.turns - 1) * spec.later_n
 
 
 def _advance(episode: Generator[TurnRequest, list, None], cands: list | None) -> TurnRequest | None:

@@ -8,6 +8,9 @@ Steps of `RolloutPool.run`:
      rollout.schedule=async (and no teacher) it hands the batch to the actor, whose engine runs
      each episode's next turn as soon as its reply is graded (no round trip per turn);
   4. the trajectory records come back as Arrow rows with a fixed schema.
+While it runs, each batch's episodes report to a ProgressBoard actor (rise_ray.progress) and a
+driver thread prints their progress: turn, problems finished, samples, tokens/s, ETA. Ray Data's
+own progress block (which shows only batches, and a batch ends with its last turn) is turned off.
 
 The actors live across RISE iterations (engines are never rebuilt per round): new weights are
 loaded in place with `update_weights` (files), or on GPU streamed by vLLM's native weight transfer
@@ -20,18 +23,22 @@ Every wait on the actors has a deadline, and its error names what was waited for
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import sys
 import time
+import uuid
 from typing import Any
 
 import ray
 import torch
 
 from rise_ray.envs.base import Problem
+from rise_ray.progress import POLL_TIMEOUT_S, Reporter, remote_tally, start_board
 from rise_ray.rollout.engine import Conversation, SamplingParams, chat_prompt_ids
-from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, to_table
+from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, samples_per_episode, to_table
 
 # Deadlines (seconds; environment variables override them). Start-up covers loading and compiling;
 # a model given by hub id (not a local directory) may first be downloaded: that gets DOWNLOAD more.
@@ -91,10 +98,14 @@ class EngineActor:
     def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
         return self.engine.generate(conversations, n, params)
 
-    def run_episodes(self, env_name: str, env_options: str, problems: list[Problem], spec: EpisodeSpec) -> list[Trajectory]:
+    def run_episodes(
+        self, env_name: str, env_options: str, problems: list[Problem], spec: EpisodeSpec, progress: tuple | None = None
+    ) -> list[Trajectory]:
         """A batch's episodes here, on this actor's engine (rollout.schedule=async): VLLMEngine
-        batches their turns continuously, with no round trip per turn."""
-        return run_episodes(self.engine, _env(env_name, env_options), problems, spec)
+        batches their turns continuously, with no round trip per turn. progress: (board, run,
+        source) to report to (rise_ray.progress)."""
+        with remote_tally(progress) as tally:
+            return run_episodes(self.engine, _env(env_name, env_options), problems, spec, progress=tally)
 
     def update_weights(self, weights: Any, version: str) -> None:
         self.engine.update_weights(weights)
@@ -177,14 +188,19 @@ def _env(name: str, options_json: str):
     return get_env(name, **json.loads(options_json))
 
 
-def _episode_batch(batch, *, actors, model_path, max_model_len, teacher, env_name, env_options, spec, batch_size):
+def _episode_batch(
+    batch, *, actors, model_path, max_model_len, teacher, env_name, env_options, spec, batch_size, progress=None
+):
     """One Ray Data batch: run its episodes on engine actor (batch number mod N): here, one engine
-    call per turn, or (rollout.schedule=async, no teacher) inside the actor."""
+    call per turn, or (rollout.schedule=async, no teacher) inside the actor. progress: (board, run)
+    that the batch reports to, as source `batch number`."""
     rows = batch.to_pylist()
     problems = [Problem(r["id"], r["question"], r["reference"], json.loads(r["meta"])) for r in rows]
-    actor = actors[(rows[0]["idx"] // batch_size) % len(actors)]
+    number = rows[0]["idx"] // batch_size
+    actor = actors[number % len(actors)]
+    report_to = None if progress is None else (*progress, number)
     if spec.schedule == "async" and teacher is None:
-        ref = actor.run_episodes.remote(env_name, env_options, problems, spec)
+        ref = actor.run_episodes.remote(env_name, env_options, problems, spec, report_to)
         return to_table(wait(ref, f"engine episodes ({len(problems)} problems x {spec.turns} turns)",
                              CALL_TIMEOUT_S * spec.turns))
     env = _env(env_name, env_options)
@@ -192,8 +208,10 @@ def _episode_batch(batch, *, actors, model_path, max_model_len, teacher, env_nam
     improver = None
     if teacher is not None:
         t_actors, t_path, t_len = teacher
-        improver = RemoteEngine(t_actors[(rows[0]["idx"] // batch_size) % len(t_actors)], t_path, t_len)
-    return to_table(run_episodes(engine, env, problems, spec, improver=improver))
+        improver = RemoteEngine(t_actors[number % len(t_actors)], t_path, t_len)
+    with remote_tally(report_to) as tally:
+        trajs = run_episodes(engine, env, problems, spec, improver=improver, progress=tally)
+    return to_table(trajs)
 
 
 class RolloutPool:
@@ -235,6 +253,7 @@ class RolloutPool:
             )
         infos = ray.get(refs)  # an engine that failed to start raises its error here
         self.max_model_len = infos[0]["max_model_len"]
+        self._board = None  # the ProgressBoard actor, made at the first run that reports
 
     def run(
         self,
@@ -244,19 +263,25 @@ class RolloutPool:
         spec: EpisodeSpec,
         batch_size: int = 64,
         teacher: RolloutPool | None = None,
+        progress: str | None = "rollout",
     ) -> list[Trajectory]:
-        """Stream the problems through the engines; trajectories come back in problem order."""
+        """Stream the problems through the engines; trajectories come back in problem order.
+        progress: the label of the progress lines and gauges (e.g. "eval"); None: no progress."""
         if not problems:
             return []
         rows = [
             {"idx": i, "id": p.id, "question": p.question, "reference": p.reference, "meta": json.dumps(p.meta, default=str)}
             for i, p in enumerate(problems)
         ]
-        # A batch answers only when the last turn of its episodes is done: on CPUs that can take
-        # longer than Ray Data's no-progress guard (30 min) with nothing to show, and the guard then
-        # kills a healthy run. Every engine call inside has its own deadline (CALL_TIMEOUT_S).
-        ray.data.DataContext.get_current().execution_no_progress_timeout_s = -1
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+        blocks = max(1, -(-len(rows) // batch_size))
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
+        report_to = None
+        if progress is not None:
+            try:
+                self._board = self._board or start_board()
+                report_to = (self._board, uuid.uuid4().hex)
+            except Exception as e:  # progress never fails a run
+                print(f"[rise {progress}] no progress reports: {type(e).__name__}: {e}", file=sys.stderr)
         ds = ds.map_batches(
             _episode_batch,
             batch_size=batch_size,
@@ -264,7 +289,7 @@ class RolloutPool:
             # Tasks only route work to the engine actors: a sliver of CPU each, or on a small machine
             # the pipeline would wait for CPUs the engines hold (deadlock on 2 cores).
             num_cpus=0.05,
-            compute=ray.data.TaskPoolStrategy(size=2 * len(self.actors)),
+            compute=ray.data.TaskPoolStrategy(size=min(2 * len(self.actors), blocks)),
             fn_kwargs={
                 "actors": self.actors,
                 "model_path": self.model_path,
@@ -274,11 +299,14 @@ class RolloutPool:
                 "env_options": json.dumps(env_options, sort_keys=True, default=str),
                 "spec": spec,
                 "batch_size": batch_size,
+                "progress": report_to,
             },
         )
+        quiet_ray_data(ds.context, report_to is not None)
         by_id = {}
-        for rec in ds.iter_rows():
-            by_id[rec["problem_id"]] = Trajectory.from_record(rec)
+        with _reporter(progress, report_to, len(problems), spec):
+            for rec in ds.iter_rows():
+                by_id[rec["problem_id"]] = Trajectory.from_record(rec)
         missing = [p.id for p in problems if p.id not in by_id]
         if missing or len(by_id) != len(problems):
             raise RuntimeError(f"rollout lost {len(missing)} problems (e.g. {missing[:3]}); ids must be unique")
@@ -395,6 +423,42 @@ class RolloutPool:
         return wait([a.top_logprobs.remote(conversation, k) for a in self.actors], "engine top_logprobs", CALL_TIMEOUT_S)
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in [*self.actors, *([self._board] if getattr(self, "_board", None) else [])]:
             ray.kill(a)
-        self.actors = []
+        self.actors, self._board = [], None
+
+
+def quiet_ray_data(ctx: Any, no_progress_bars: bool) -> None:
+    """This pipeline's DataContext. A batch answers only when the last turn of its episodes is done:
+    on CPUs that can take longer than Ray Data's no-progress guard (30 min) with nothing to show,
+    and the guard then kills a healthy run (every engine call inside has its own deadline,
+    CALL_TIMEOUT_S). Ray Data's progress block and start-up lines show only batches ("0/1" for the
+    whole run, logged every 10 s off a TTY): off where our own progress reports."""
+    ctx.execution_no_progress_timeout_s = -1
+    if no_progress_bars:
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        # Ray Data warns once per process that its bars are off ("To enable, set ..."): ours replace them.
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")
+
+
+@contextlib.contextmanager
+def _reporter(label: str | None, report_to: tuple | None, problems: int, spec: EpisodeSpec):
+    """The driver's progress lines while the pipeline runs (nothing where there is no board)."""
+    if label is None or report_to is None:
+        yield None
+        return
+    board, run = report_to
+    poll = functools.partial(_poll, board, run)
+    try:
+        with Reporter(label, problems, spec.turns, samples_per_episode(spec), poll) as reporter:
+            yield reporter
+    finally:
+        with contextlib.suppress(Exception):
+            board.end.remote(run)  # the board forgets the run
+
+
+def _poll(board: Any, run: str) -> dict:
+    return ray.get(board.totals.remote(run), timeout=POLL_TIMEOUT_S)

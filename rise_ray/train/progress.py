@@ -1,6 +1,9 @@
 """How many steps a run takes, and the per-step metrics log (train_log.jsonl) that the trainer's
 summary, `rise report` and the benches read.
 
+Rank 0 prints a line per logged step: step, loss, lr, tokens/s, the training time so far and an ETA
+(the mean step time so far times the steps left).
+
 The log stays a file written by rank 0 rather than a stream of `ray.train.report` calls: every
 report is a barrier across the workers (Ray Train syncs a checkpoint name on each), and a file
 can be trimmed to the checkpoint a restarted run resumes from, so each step is recorded once.
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rise_ray.config import TrainConfig
+from rise_ray.progress import fmt_duration
 
 LOG_FILE = "train_log.jsonl"
 
@@ -53,12 +57,22 @@ def log_step(log_path: str | None, rec: dict[str, Any], plan: StepPlan) -> None:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
     tps = rec.get("tokens_per_s") or 0.0
+    step, total = rec["step"], plan.total_steps
     print(
-        f"[rise train] step {rec['step']}/{plan.total_steps} epoch {rec['epoch']} loss {rec['loss']:.4f} "
-        f"lr {rec['lr']:.2e} {tps:,.0f} tok/s",
+        f"[rise train] step {step}/{total} ({step / max(total, 1):.0%}) epoch {rec['epoch']} loss {rec['loss']:.4f} "
+        f"lr {rec['lr']:.2e} {tps:,.0f} tok/s | {fmt_duration(rec.get('train_time_s'))} "
+        f"ETA {fmt_duration(step_eta(rec, total))}",
         file=sys.stderr,  # Ray Train prints a worker's stdout twice
         flush=True,
     )
+
+
+def step_eta(rec: dict[str, Any], total_steps: int) -> float | None:
+    """Seconds left at the mean step time so far (train_time_s: the steps' time, resumed ones included)."""
+    step, spent = rec.get("step") or 0, rec.get("train_time_s")
+    if not step or spent is None:
+        return None
+    return spent / step * max(total_steps - step, 0)
 
 
 def read_log(log_path: str) -> list[dict[str, Any]]:
