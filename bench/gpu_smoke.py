@@ -11,10 +11,15 @@ HF_HUB_OFFLINE=1 is set. Within ~8 minutes on one GPU it runs:
      to tell a no-op sync from rounding is recorded as `conclusive`);
   2. with two or more GPUs: an NCCL sync (a sender on its own GPU broadcasting to an engine on
      another) of the trained checkpoint, checked the same way.
-It writes what each step took and the check's figures as JSON (bench/results/gpu_smoke.json) and
-exits non-zero on the first failure, naming the step.
+It writes what each step took and the check's figures as JSON (bench/results/gpu_smoke.json): for
+each bf16 sync check, the measured logprob error beside its bound (`bf16_checks`). It exits non-zero
+on the first failure, naming the step.
 
-    python bench/gpu_smoke.py [--out bench/results/gpu_smoke.json] [--work /tmp/rise-gpu-smoke]
+Every run starts clean: the work directory is emptied first (a finished run left there would
+otherwise be resumed, its stages skipped, and nothing tested), unless --keep. Only a directory this
+script made (it holds a marker file) or an empty one is emptied.
+
+    python bench/gpu_smoke.py [--out bench/results/gpu_smoke.json] [--work /tmp/rise-gpu-smoke] [--keep]
 """
 
 from __future__ import annotations
@@ -23,12 +28,37 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
 
 QWEN_0_5B = dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936)  # fmt: skip
+
+
+MARKER = ".rise-gpu-smoke"  # in a work directory this script made: it may empty it
+
+
+def prepare_work(work: str, keep: bool) -> str:
+    """The work directory, fresh unless `keep`. A non-empty directory without the marker is not
+    ours: refused rather than deleted."""
+    if os.path.isdir(work) and not keep and os.listdir(work):
+        if not os.path.exists(os.path.join(work, MARKER)):
+            raise RuntimeError(f"{work} is not empty and was not made by this script: "
+                             "pass another --work (or --keep to run in it as it is)")
+        shutil.rmtree(work)
+    os.makedirs(work, exist_ok=True)
+    open(os.path.join(work, MARKER), "a").close()
+    return work
+
+
+def check_figures(check: dict) -> dict:
+    """A sync check's measured logprob error beside its bound (rise_ray.rollout.sync.check_engines)."""
+    err, tol = check.get("max_logprob_error"), check.get("tolerance")
+    return {"max_logprob_error": err, "tolerance": tol, "within": None if err is None or tol is None else err <= tol,
+            "engine_dtypes": check.get("engine_dtypes"), "max_logit": check.get("max_logit"),
+            "conclusive": check.get("conclusive")}  # fmt: skip
 
 
 def build_model(out: str) -> str:
@@ -120,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_smoke.json"))
     ap.add_argument("--work", default="/tmp/rise-gpu-smoke")
+    ap.add_argument("--keep", action="store_true", help="reuse the work directory as it is (its model, its run)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import torch
 
-    report: dict = {"python": platform.python_version(), "torch": torch.__version__, "steps": {}}
+    report: dict = {"python": platform.python_version(), "torch": torch.__version__, "steps": {}, "bf16_checks": {}}
     if not torch.cuda.is_available():
         print("[gpu_smoke] no CUDA device: this smoke test is for a GPU machine", file=sys.stderr)
         return 2
@@ -138,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         import vllm
 
         report.update(ray=ray.__version__, vllm=vllm.__version__)
-        os.makedirs(args.work, exist_ok=True)
+        report.update(work=prepare_work(args.work, args.keep), kept=args.keep)
         model = step(report, "build_model", lambda: {"path": build_model(os.path.join(args.work, "qwen0.5b-shaped"))})
         run = step(report, "colocated_run", lambda: colocated_run(model["path"], args.work))
+        if run["sync"].get("check"):
+            report["bf16_checks"]["colocated_ipc"] = check_figures(run["sync"]["check"])
         if gpus >= 2:
-            step(report, "nccl_sync", lambda: nccl_sync(model["path"], run["checkpoint"], args.work))
+            nccl = step(report, "nccl_sync", lambda: nccl_sync(model["path"], run["checkpoint"], args.work))
+            report["bf16_checks"]["nccl"] = check_figures(nccl["check"])
         else:
             report["steps"]["nccl_sync"] = {"ok": None, "skipped": "one GPU: NCCL needs the sender on a second"}
     except Exception as e:

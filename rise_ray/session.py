@@ -40,6 +40,12 @@ def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
         opts["grading"] = cfg.grading
     if with_data:
         opts.update(train_path=cfg.train_path, test_path=cfg.test_path, num_train=cfg.num_train, num_test=cfg.num_test)
+    else:
+        from rise_ray.envs import accepted_options
+
+        # Generated envs would otherwise draw their default split sizes in every worker, more than
+        # a small problem space (e.g. arithmetic ranges chosen for a 400-problem run) holds.
+        opts.update({k: 0 for k in ("num_train", "num_test") if k in accepted_options(cfg.name)})
     return opts
 
 
@@ -58,11 +64,28 @@ def make_env(cfg: EnvConfig):
 
 def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
     """The model directory: cfg.path (any source `rise model get` takes), or the tiny model built
-    (once) under work_dir; with a chat template either way (model.chat_template)."""
-    from rise_ray.models.source import get_model, with_chat_template
+    (once) under work_dir; with a chat template either way (model.chat_template).
+
+    Every node reads the same directory: a model that was fetched or converted (the hub's cache,
+    ~/.cache/rise-ray: download caches on this node) is placed under work_dir's models/ (or
+    $RISE_MODELS_DIR), on the run's storage; a local HF directory the user named stays as it is.
+    With Ray up, every node that may host an engine or trainer is then checked to read it."""
+    from rise_ray.models.source import (
+        check_model_on_nodes,
+        get_model,
+        model_slug,
+        models_dir,
+        place_model,
+        with_chat_template,
+    )
 
     if cfg.path:
-        return with_chat_template(get_model(cfg.path), cfg.chat_template)
+        path = with_chat_template(get_model(cfg.path), cfg.chat_template)
+        own = os.path.isdir(cfg.path) and os.path.abspath(path) == os.path.abspath(cfg.path)
+        if work_dir and not own:
+            path = place_model(path, os.path.join(models_dir(work_dir), model_slug(cfg.path, path)))
+        check_model_on_nodes(path)
+        return path
     from rise_ray.demo.tiny import build_tiny_model
 
     out = os.path.join(work_dir, "base_model")
@@ -70,6 +93,7 @@ def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
         tmp = out + ".tmp"
         build_tiny_model(tmp, **cfg.tiny.model_dump())
         os.replace(tmp, out)
+    check_model_on_nodes(out)
     return out
 
 

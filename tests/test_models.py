@@ -120,6 +120,8 @@ def test_a_base_model_without_chat_template(tiny_model_dir, tmp_path, cache):
         resolve_model(ModelConfig(path=base), str(tmp_path))
     templated = resolve_model(ModelConfig(path=base, chat_template="plain"), str(tmp_path))
     assert templated != base and AutoTokenizer.from_pretrained(base).chat_template is None  # the model is untouched
+    # The overlay is built in the cache but read from the run directory (every node reads that).
+    assert os.path.dirname(templated) == str(tmp_path / "models") and not templated.startswith(str(cache))
     tok = AutoTokenizer.from_pretrained(templated)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "User: hi\n\nAssistant:"

@@ -33,20 +33,21 @@ def load_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint directory (safetensors only; never pickle)."""
     from safetensors.torch import load_file
 
-    from rise_ray.rollout.hf import checkpoint_files
+    from rise_ray.models.source import checkpoint_weight_files
 
     state: dict[str, torch.Tensor] = {}
-    for f in checkpoint_files(checkpoint):
+    for f in checkpoint_weight_files(checkpoint):
         state.update(load_file(f))
     return state
 
 
 def checkpoint_params(checkpoint: str) -> int:
-    """Parameters in a checkpoint, from its safetensors headers (nothing is loaded)."""
-    from rise_ray.rollout.hf import checkpoint_files
+    """Parameters in a checkpoint, from the headers of the safetensors files that are loaded (a
+    `consolidated*` copy of the weights beside HF-format shards is not; nothing is read)."""
+    from rise_ray.models.source import checkpoint_weight_files
 
     total = 0
-    for f in checkpoint_files(checkpoint):
+    for f in checkpoint_weight_files(checkpoint):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
         header.pop("__metadata__", None)

@@ -62,6 +62,41 @@ class WeightSyncExtension:
         model = worker.model_runner.get_model()
         return float(sum(p.detach().double().sum().item() for p in model.parameters() if p.numel()))
 
+    # ---------------------------------------------------------------------------------------------
+    # Sleep mode (colocated with the trainer): is there room on this worker's GPU to wake?
+    # ---------------------------------------------------------------------------------------------
+    def rise_wake_room(self, tags: list[str] | None = None) -> dict[str, int]:
+        """This worker's GPU: its free bytes and the bytes a wake-up with `tags` would map again."""
+        import torch
+
+        torch.cuda.empty_cache()  # as vLLM's wake-up does first: this process's cached blocks are free too
+        return wake_room(tags, torch.cuda.mem_get_info, _sleep_allocator())
+
+
+def _sleep_allocator() -> Any:
+    from vllm.device_allocator import get_mem_allocator_instance
+
+    return get_mem_allocator_instance()
+
+
+def sleeping_bytes(allocator: Any, tags: list[str] | None) -> int:
+    """Bytes of the allocator's sleeping allocations that `wake_up(tags)` maps again: those with a
+    tag in `tags` (all of them for None), and always those vLLM does not defer (its DEFERRABLE_TAGS,
+    weights and kv_cache; the same rule as CuMemAllocator.wake_up)."""
+    from vllm.device_allocator import DEFERRABLE_TAGS
+
+    return sum(
+        int(d.handle[1])
+        for d in getattr(allocator, "pointer_to_data", {}).values()
+        if d.is_asleep and (tags is None or d.tag in tags or d.tag not in DEFERRABLE_TAGS)
+    )
+
+
+def wake_room(tags: list[str] | None, mem_get_info: Any, allocator: Any) -> dict[str, int]:
+    """{"free": free bytes on the GPU (mem_get_info()[0]), "need": what waking with `tags` maps}."""
+    free, total = mem_get_info()
+    return {"free": int(free), "total": int(total), "need": sleeping_bytes(allocator, tags)}
+
 
 def _refresh_embedding_kernels(model: Any) -> None:
     """Rebuild every unquantized embedding / LM head's derived kernel state from its current weight.

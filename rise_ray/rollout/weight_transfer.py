@@ -108,9 +108,9 @@ class CheckpointSource:
     to `device`; metadata from the files' headers."""
 
     def __init__(self, checkpoint: str, device: str | torch.device = "cuda") -> None:
-        from rise_ray.rollout.hf import checkpoint_files
+        from rise_ray.models.source import checkpoint_weight_files
 
-        self.files = checkpoint_files(checkpoint)
+        self.files = checkpoint_weight_files(checkpoint)
         self.device = torch.device(device)
 
     def _entries(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -185,16 +185,24 @@ def local_client(engine: Any) -> Any:
 # --- senders --------------------------------------------------------------------------------------
 
 
+def sender_address() -> str:
+    """The address the engines' workers reach the sender at: the one Ray itself uses for this node
+    (`ray.util.get_node_ip_address()`, what `ray start --node-ip-address` set), not vLLM's get_ip(),
+    which picks the interface of the default route (on a multi-homed node possibly one the other
+    nodes cannot reach, or a different one than Ray's)."""
+    return ray.util.get_node_ip_address()
+
+
 def send_nccl(source: Any, client: Any, world_size: int, bucket_bytes: int, rank: int = 0) -> None:
     """One full sync over a fresh NCCL group: rank 0 (this process's current GPU) + `world_size - 1`
     engine workers. A multi-rank trainer calls this on every rank with its rank: the others only
     iterate the source (its ZeRO-3 gathers are collectives); rank 0 opens the group and broadcasts."""
     from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-    from vllm.utils.network_utils import get_ip, get_open_port
+    from vllm.utils.network_utils import get_open_port
 
     info = NCCLTrainerInitInfo(
-        master_address=get_ip(),
+        master_address=sender_address(),
         master_port=get_open_port(),
         world_size=world_size,
         rank=rank,
