@@ -599,3 +599,19 @@ def test_eval_split_chooses_the_problems():
         eval_problems(get_env("gsm8k"), EvalConfig(split="val"))
     with pytest.raises(ValueError, match="split"):
         EvalConfig(split="train")  # training problems are never an evaluation split
+
+
+def test_smollm2_arithmetic_replies_are_read_as_written():
+    """Replies SmolLM2-135M-Instruct really wrote (tests/fixtures/smollm2_arithmetic_replies.jsonl,
+    from `rise eval` and single-turn samples on the arithmetic env's validation split): each is read
+    as a person reads its final number, or not at all."""
+    import json
+    from pathlib import Path
+
+    env = get_env("arithmetic", task="mul", num_train=0, num_test=0)
+    rows = [json.loads(line) for line in (Path(__file__).parent / "fixtures" / "smollm2_arithmetic_replies.jsonl").open()]
+    assert len(rows) >= 20 and any(r["correct"] for r in rows) and any(r["answer"] is None for r in rows)
+    for r in rows:
+        g = env.grade(r["reply"], r["reference"])
+        assert (g.answer, g.correct) == (r["answer"], r["correct"]), r
+        assert g.reward == (1.0 if r["correct"] else -1.0 if r["answer"] is None else 0.0)
