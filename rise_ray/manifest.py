@@ -231,8 +231,9 @@ class Manifest:
         self.path = os.path.join(self.run_dir, "manifest.json")
         self.cfg = cfg  # when set, each record holds the fingerprint of the fields its stage depends on
         self.data: dict[str, Any] = {"stages": {}}
-        # called as on_stage(stage, output, seconds) after a stage ran (not when skipped as done)
-        self.on_stage: Callable[[str, Any, float], None] | None = None
+        # called as on_stage(stage, output, seconds) after a stage ran, and with seconds None when it
+        # was skipped as done (its recorded output, for what the stages after it read)
+        self.on_stage: Callable[[str, Any, float | None], None] | None = None
         if os.path.exists(self.path):
             try:
                 with open(self.path, encoding="utf-8") as f:
@@ -284,7 +285,10 @@ class Manifest:
         """Run `fn(*args)` unless the stage already finished; either way return its recorded output."""
         if self.done(stage):
             print(f"[rise] {stage}: done earlier, skipped")
-            return self.output(stage)
+            out = self.output(stage)
+            if self.on_stage is not None:
+                self.on_stage(stage, out, None)
+            return out
         print(f"[rise] {stage}: start", flush=True)
         start = time.perf_counter()
         out = fn(*args)

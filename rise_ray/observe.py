@@ -5,7 +5,8 @@ The driver hands every stage that runs to `Observer.stage(stage, output, seconds
 `on_stage` hook) and calls `Observer.finish(wall_s)` after the report. Stages skipped on resume are
 not recorded again: their measurements belong to the process that ran them and are already in the
 tracking run, which a resumed run continues; exporting them again would add their tokens to the
-counters twice and show work that did not happen now.
+counters twice and show work that did not happen now. The hook still hands them over, with seconds
+None, for what later stages read (the base model's path: its tokenizer counts rollout tokens).
 
 Ray metrics (`observe.ray_metrics`) are recorded in the driver with `ray.util.metrics` and served by
 the node's metrics agent at http://<node>:<metrics_export_port>/metrics in Prometheus format (the
@@ -48,6 +49,11 @@ from rise_ray.tracking import open_tracker
 log = logging.getLogger(__name__)
 
 REPORT_FILES = ("report.md", "metrics.json", "turns.png", "config.yaml")
+# The train stage's metrics files, in the directory above its model: rise_ray.train.trainer writes
+# them under these names (rank 0's per-step log, and the summary at the end) and reads the log back
+# with read_train_log (re-exported as rise_ray.train.progress.read_log); train_stats reads both here.
+TRAIN_LOG_FILE = "train_log.jsonl"
+TRAIN_SUMMARY_FILE = "train_summary.json"
 STEP_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
 
 
@@ -114,15 +120,28 @@ def rollout_stats(path: str, tokenizer: Any = None) -> dict[str, Any]:
     return out
 
 
+def read_train_log(log_path: str) -> list[dict[str, Any]]:
+    """The train log's step records; a line cut short by a killed worker is skipped."""
+    out = []
+    if not os.path.exists(log_path):
+        return out
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                out.append(rec)
+    return out
+
+
 def train_stats(model_dir: str) -> dict[str, Any]:
     """Loss and throughput of a train stage from its metrics log (train_log.jsonl) and summary."""
-    from rise_ray.train.progress import LOG_FILE, read_log
-    from rise_ray.train.trainer import SUMMARY_FILE
-
     out_dir = os.path.dirname(os.path.abspath(model_dir))
-    records = read_log(os.path.join(out_dir, LOG_FILE))
+    records = read_train_log(os.path.join(out_dir, TRAIN_LOG_FILE))
     summary: dict[str, Any] = {}
-    if os.path.exists(p := os.path.join(out_dir, SUMMARY_FILE)):
+    if os.path.exists(p := os.path.join(out_dir, TRAIN_SUMMARY_FILE)):
         with open(p, encoding="utf-8") as f:
             summary = json.load(f)
     tps = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
@@ -149,11 +168,17 @@ class Observer:
     def enabled(self) -> bool:
         return self.ray_metrics or self.tracker is not None
 
-    def stage(self, stage: str, output: Any, seconds: float) -> None:
-        """Record a stage that just finished; a failure here is a warning, never the run's end."""
+    def stage(self, stage: str, output: Any, seconds: float | None) -> None:
+        """Record a stage that just finished; a failure here is a warning, never the run's end.
+        seconds None: a stage done earlier, skipped on resume: nothing is recorded, only its output
+        is noted for the stages after it."""
         if not self.enabled:
             return
         try:
+            if seconds is None:
+                if split_stage(stage)[0] == "base_model":
+                    self._base = output
+                return
             self._stage(stage, output, seconds)
         except Exception as e:
             log.warning("observe: could not record stage %s: %s: %s", stage, type(e).__name__, e)
@@ -256,12 +281,7 @@ class Observer:
         """The base model's tokenizer (the policy's never changes); None where it cannot load."""
         if self._tokenizer is None:
             self._tokenizer = False
-            path = self._base
-            if path is None:  # a resumed run skipped the stage: its path is in the manifest
-                from rise_ray.manifest import Manifest
-
-                manifest = Manifest(self.run_dir)
-                path = manifest.output("base_model") if manifest.done("base_model") else None
+            path = self._base  # the base_model stage's output, whether it ran or was skipped on resume
             if isinstance(path, str):
                 try:
                     from transformers import AutoTokenizer

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from rise_ray.config import EnvConfig, ModelConfig, RolloutConfig
+from rise_ray.envs import env_options as env_options  # it lives with the envs (rise_ray.data reads it too)
 
 
 def init_ray(num_cpus: int | None = None) -> str | None:
@@ -25,28 +26,6 @@ def init_ray(num_cpus: int | None = None) -> str | None:
     # address="local": a new Ray of our own. Without it ray.init joins whatever cluster was started
     # last on this machine (another user's run, a test's), which can vanish mid-run.
     return ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True).dashboard_url
-
-
-def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
-    """Options for `get_env`. Without data: only what grading and prompting need (cheap to build
-    in every worker)."""
-    opts: dict[str, Any] = {
-        "unparsed_reward": cfg.unparsed_reward,
-        "feedback": cfg.feedback,
-        "repeat_question": cfg.repeat_question,
-        **cfg.options,
-    }
-    if cfg.grading != "default":  # only then: envs registered without a `grading` option keep working
-        opts["grading"] = cfg.grading
-    if with_data:
-        opts.update(train_path=cfg.train_path, test_path=cfg.test_path, num_train=cfg.num_train, num_test=cfg.num_test)
-    else:
-        from rise_ray.envs import accepted_options
-
-        # Generated envs would otherwise draw their default split sizes in every worker, more than
-        # a small problem space (e.g. arithmetic ranges chosen for a 400-problem run) holds.
-        opts.update({k: 0 for k in ("num_train", "num_test") if k in accepted_options(cfg.name)})
-    return opts
 
 
 def make_env(cfg: EnvConfig):

@@ -168,8 +168,8 @@ def test_token_weights_cover_exactly_the_assistant_reply(env, tok):
 def test_tiny_tokenizer_phrases_are_one_token_and_prefixes_agree(tok):
     """The tiny tokenizer's phrase tokens ("\\boxed{", the feedback texts) and digit pairs shorten
     conversations and keep every turn's prompt a token-prefix of the whole conversation (no drift)."""
-    from rise_ray.demo.search import make_search
     from rise_ray.envs.base import INCORRECT_FEEDBACK
+    from rise_ray.envs.search import make_search
 
     for phrase in ("\\boxed{", "Incorrect."):
         assert len(tok(phrase, add_special_tokens=False)["input_ids"]) == 1

@@ -449,7 +449,7 @@ def test_chat_arithmetic_tasks_and_val_split(task, op):
 def test_grading_only_env_builds_no_problems():
     """Workers build the env for grading only: a small problem space must not be asked for 2,000."""
     from rise_ray.config import EnvConfig
-    from rise_ray.session import env_options
+    from rise_ray.envs import env_options
 
     cfg = EnvConfig(name="arithmetic", options={"task": "add", "a_range": [10, 19], "b_range": [1, 9], "num_val": 10})
     env = get_env("arithmetic", **env_options(cfg, with_data=False))

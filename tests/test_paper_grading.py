@@ -9,9 +9,9 @@ import pytest
 from test_envs import GARBAGE, GSM8K_TEST, MATH_TEST, need, write_jsonl
 
 from rise_ray.config import EnvConfig
-from rise_ray.envs import Grade, get_env
+from rise_ray.envs import Grade, env_options, get_env
 from rise_ray.envs.paper_grading import math_boxed, math_equal, math_normalize
-from rise_ray.session import env_options, make_env
+from rise_ray.session import make_env
 
 GSM8K_REF = "She pays 3 * 5 = <<3*5=15>>15.\n#### 15"
 

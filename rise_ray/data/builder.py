@@ -329,8 +329,7 @@ def resolve_context_window(cfg: RunConfig) -> int | None:
 def prepare_dataset(cfg: RunConfig, trajectories: str | list[str], model_path: str, out_dir: str) -> str:
     """Build the training set from trajectory parquet files into `out_dir` (cfg.data settings,
     the env's prompts and feedback, the model's chat template)."""
-    from rise_ray.envs import get_env
-    from rise_ray.session import env_options
+    from rise_ray.envs import env_options, get_env
 
     env = get_env(cfg.env.name, **env_options(cfg.env, with_data=False))
     stats = build_dataset(trajectories, env, model_path, cfg.data, out_dir, resolve_context_window(cfg))

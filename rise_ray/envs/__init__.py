@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from rise_ray.demo.search import SearchEnv, make_search
 from rise_ray.envs.arithmetic import ArithmeticEnv, check_line, make_arithmetic
 from rise_ray.envs.base import DataError, Env, Grade, Problem
 from rise_ray.envs.gsm8k import GSM8KEnv, make_gsm8k
 from rise_ray.envs.math import MathEnv, make_math
+from rise_ray.envs.search import SearchEnv, make_search
+
+if TYPE_CHECKING:
+    from rise_ray.config import EnvConfig
 
 # Env fields any builder taking **env_fields accepts (rewards, prompt and feedback text)
 ENV_FIELDS = ("system_prompt", "feedback", "repeat_question", "correct_reward", "wrong_reward", "unparsed_reward",
@@ -33,7 +37,7 @@ def register_env(name: str, builder: Callable[..., Env]) -> None:
 
 
 def accepted_options(name: str) -> list[str]:
-    """The option names `get_env(name, ...)` accepts (rise_ray.session.env_options: their values from a config)."""
+    """The option names `get_env(name, ...)` accepts (env_options: their values from a config)."""
     params = inspect.signature(REGISTRY[name]).parameters.values()
     names = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if any(p.kind == p.VAR_KEYWORD for p in params):
@@ -59,6 +63,26 @@ def get_env(name: str, **options) -> Env:
     return REGISTRY[name](**options)
 
 
+def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
+    """Options for `get_env` from the config's env section. Without data: only what grading and
+    prompting need (cheap to build in every worker)."""
+    opts: dict[str, Any] = {
+        "unparsed_reward": cfg.unparsed_reward,
+        "feedback": cfg.feedback,
+        "repeat_question": cfg.repeat_question,
+        **cfg.options,
+    }
+    if cfg.grading != "default":  # only then: envs registered without a `grading` option keep working
+        opts["grading"] = cfg.grading
+    if with_data:
+        opts.update(train_path=cfg.train_path, test_path=cfg.test_path, num_train=cfg.num_train, num_test=cfg.num_test)
+    else:
+        # Generated envs would otherwise draw their default split sizes in every worker, more than
+        # a small problem space (e.g. arithmetic ranges chosen for a 400-problem run) holds.
+        opts.update({k: 0 for k in ("num_train", "num_test") if k in accepted_options(cfg.name)})
+    return opts
+
+
 __all__ = [
     "ENV_FIELDS",
     "REGISTRY",
@@ -72,6 +96,7 @@ __all__ = [
     "SearchEnv",
     "accepted_options",
     "check_line",
+    "env_options",
     "get_env",
     "register_env",
 ]

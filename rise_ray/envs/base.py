@@ -47,14 +47,12 @@ class Env:
     correct_reward: float = 1.0
     wrong_reward: float = 0.0
     unparsed_reward: float = -1.0  # the paper's GSM8K code gives -1 when no answer can be read
-    # "paper": the paper's code's answer reading and check, for the envs it has one for (gsm8k, math;
-    # rise_ray.envs.paper_grading), so numbers compare with the paper's tables.
+    # "paper": the paper's code's answer reading and check, for the envs it has one for (gsm8k, math:
+    # they override `paper_grade`; rise_ray.envs.paper_grading), so numbers compare with the paper's tables.
     grading: str = "default"
 
     def __post_init__(self) -> None:
-        from rise_ray.envs.paper_grading import GRADERS
-
-        allowed = ["default", "paper"] if self.name in GRADERS else ["default"]
+        allowed = ["default", "paper"] if self.has_paper_grading() else ["default"]
         if self.grading not in allowed:
             raise ValueError(f"env {self.name!r}: grading must be one of {allowed}, got {self.grading!r}")
 
@@ -86,12 +84,19 @@ class Env:
     def is_equivalent(self, answer: str, gold: str) -> bool:
         raise NotImplementedError
 
+    def paper_grade(self, response: str, reference: str) -> Grade:
+        """The grade the paper's code gives (`grading: paper`); only envs the paper has code for
+        override it, and only they accept grading "paper"."""
+        raise NotImplementedError(f"env {self.name!r} has no paper grading")
+
+    @classmethod
+    def has_paper_grading(cls) -> bool:
+        return cls.paper_grade is not Env.paper_grade
+
     # --- shared -------------------------------------------------------------------------------
     def grade(self, response: str, reference: str) -> Grade:
         if self.grading == "paper":
-            from rise_ray.envs.paper_grading import GRADERS
-
-            return GRADERS[self.name](self, response, reference)
+            return self.paper_grade(response, reference)
         answer = self.extract(response)
         if answer is None:
             return Grade(False, None, self.unparsed_reward)

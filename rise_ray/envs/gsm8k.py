@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 
 from rise_ray.envs.answers import last_boxed, normalize_number, parse_number
-from rise_ray.envs.base import Env, Problem, load_problems, load_splits
+from rise_ray.envs.base import Env, Grade, Problem, load_problems, load_splits
+from rise_ray.envs.paper_grading import grade_gsm8k
 
 BOXED_SYSTEM_PROMPT = (
     "Solve the problem step by step. Put your final answer in \\boxed{}, e.g. \\boxed{42}."
@@ -71,6 +72,9 @@ class GSM8KEnv(NumericEnv):
 
     def extract(self, response: str) -> str | None:
         return read_numeric_answer(response)
+
+    def paper_grade(self, response: str, reference: str) -> Grade:
+        return grade_gsm8k(self, response, reference)
 
 
 def load_gsm8k(path: str, split: str, limit: int | None = None, hub_config: str | None = "main") -> list[Problem]:

@@ -18,8 +18,9 @@ from functools import lru_cache
 from typing import Any
 
 from rise_ray.envs.answers import format_number, last_boxed, parse_number
-from rise_ray.envs.base import Env, Problem, load_problems, load_splits
+from rise_ray.envs.base import Env, Grade, Problem, load_problems, load_splits
 from rise_ray.envs.gsm8k import BOXED_SYSTEM_PROMPT
+from rise_ray.envs.paper_grading import grade_math
 
 MAX_SYMBOLIC_CHARS = 500  # longer answers are only compared as strings (sympy cost grows fast)
 
@@ -178,6 +179,9 @@ class MathEnv(Env):
 
     def answer_key(self, answer: str | None) -> str | None:
         return None if answer is None else normalize_latex(answer)
+
+    def paper_grade(self, response: str, reference: str) -> Grade:
+        return grade_math(self, response, reference)
 
 
 def load_math(path: str, split: str, limit: int | None = None, hub_config: str | None = None) -> list[Problem]:

@@ -13,11 +13,8 @@ no spaces, units, `\\left`/`\\right`, degree marks or dollar signs; `\\dfrac` ->
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from rise_ray.envs.base import Env, Grade
+from rise_ray.envs.base import Env, Grade
 
 _GSM8K_BOX = re.compile(r"boxed\{([^}]+)\}")
 _GSM8K_GOLD = re.compile(r"####\s*([-+]?\d+(?:\.\d+)?)")
@@ -126,8 +123,6 @@ def math_equal(answer: str | None, gold: str | None) -> bool:
 
 
 def _grade(env: Env, answer: str | None, ok: bool) -> Grade:
-    from rise_ray.envs.base import Grade
-
     if answer is None:
         return Grade(False, None, env.unparsed_reward)
     return Grade(ok, answer, env.correct_reward if ok else env.wrong_reward)
@@ -142,7 +137,3 @@ def grade_math(env: Env, response: str, reference: str) -> Grade:
     """The paper's MATH code rewards 0 for an unreadable answer: env.unparsed_reward says what we give."""
     answer = math_boxed(response)
     return _grade(env, answer, answer is not None and math_equal(answer, math_boxed(reference)))
-
-
-# env name -> its paper grader (Env.grade calls it when env.grading is "paper")
-GRADERS: dict[str, Callable[[Env, str, str], Grade]] = {"gsm8k": grade_gsm8k, "math": grade_math}

@@ -7,21 +7,21 @@ Rank 0 prints a line per logged step: step, loss, lr, tokens/s, the training tim
 The log stays a file written by rank 0 rather than a stream of `ray.train.report` calls: every
 report is a barrier across the workers (Ray Train syncs a checkpoint name on each), and a file
 can be trimmed to the checkpoint a restarted run resumes from, so each step is recorded once.
+The log's name and reader live in rise_ray.observe (TRAIN_LOG_FILE, read_train_log), which reads
+it for the run's metrics and sits below the trainer.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from rise_ray.config import TrainConfig
+from rise_ray.observe import read_train_log as read_log
 from rise_ray.progress import fmt_duration
-
-LOG_FILE = "train_log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -73,22 +73,6 @@ def step_eta(rec: dict[str, Any], total_steps: int) -> float | None:
     if not step or spent is None:
         return None
     return spent / step * max(total_steps - step, 0)
-
-
-def read_log(log_path: str) -> list[dict[str, Any]]:
-    """Step records; a line cut short by a killed worker is skipped."""
-    out = []
-    if not os.path.exists(log_path):
-        return out
-    with open(log_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "step" in rec:
-                out.append(rec)
-    return out
 
 
 def trim_log(log_path: str, step: int) -> None:

@@ -24,15 +24,15 @@ import time
 from typing import Any
 
 from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
+from rise_ray.observe import TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE
 from rise_ray.train.checkpoint import MARKER_FILE, MODEL_DIR
 from rise_ray.train.loop import WorkerConfig, train_loop_per_worker
 from rise_ray.train.placement import STRATEGY, PlacementTimeout, reserve, worker_placement
-from rise_ray.train.progress import LOG_FILE, plan_steps, read_log
+from rise_ray.train.progress import plan_steps, read_log
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "sft"
-SUMMARY_FILE = "train_summary.json"
 RUN_FILE = "train_run.json"  # what this out_dir trains: resuming anything else is refused
 DATASET_NAME = "train"
 
@@ -150,7 +150,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
     except PlacementTimeout as e:
         raise TrainError(str(e)) from None
 
-    log_path = os.path.join(out_dir, LOG_FILE)
+    log_path = os.path.join(out_dir, TRAIN_LOG_FILE)
     job = WorkerConfig(os.path.abspath(init_model_path), tcfg, plan, _pad_id(init_model_path), log_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -196,7 +196,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
     summary = summarize(read_log(log_path), result.metrics or {}, plan.total_steps, stats, tcfg, wall, model_dir)
-    atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
+    atomic_write_json(os.path.join(out_dir, TRAIN_SUMMARY_FILE), summary)
     return model_dir
 
 
@@ -249,12 +249,12 @@ def train_command(cfg: RunConfig, data_path: str, out_dir: str) -> str:
         dataset_dir = prepare_dataset(cfg, data_path, model_path, os.path.join(out_dir, "dataset"))
     init_ray()
     path = train(cfg, dataset_dir, model_path, out_dir)
-    with open(os.path.join(out_dir, SUMMARY_FILE), encoding="utf-8") as f:
+    with open(os.path.join(out_dir, TRAIN_SUMMARY_FILE), encoding="utf-8") as f:
         s = json.load(f)
     tps = s["tokens_per_s"] or 0.0
     print(
         f"[rise train] done: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}, "
-        f"{tps:,.0f} tok/s; model: {path}; log: {os.path.join(out_dir, LOG_FILE)}",
+        f"{tps:,.0f} tok/s; model: {path}; log: {os.path.join(out_dir, TRAIN_LOG_FILE)}",
         flush=True,
     )
     return path
