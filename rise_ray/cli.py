@@ -1,4 +1,4 @@
-"""`rise` command line: run | eval | train | serve | report | model get.
+"""`rise` command line: run | eval | train | serve | report | model get | config show.
 
 Every command takes an optional CONFIG (YAML) and `key=value` dotted overrides, torchtune style:
     rise eval configs/gsm8k.yaml model.path=/models/my-ckpt eval.turns=3
@@ -124,6 +124,25 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(ns: argparse.Namespace) -> int:
+    """`rise config show [CONFIG] [k=v ...]`: every resolved setting, its value and where it came from."""
+    from rise_ray.config import config_sources, describe_departures, format_value
+
+    path, overrides = _split(ns.args)
+    path = path or DEFAULT_CONFIG  # as every command: no CONFIG is the embedded default
+    rows = config_sources(path, overrides)
+    print(f"# resolved config: schema defaults < file {path}" + (" < overrides" if overrides else ""))
+    print("# source of each value: default (the schema's: the paper's protocol), file, override")
+    width = max(len(k) for k, _, _ in rows)
+    values = [format_value(v) for _, v, _ in rows]
+    vwidth = min(max(len(v) for v in values), 40)
+    for (key, _, source), value in zip(rows, values, strict=True):
+        print(f"{key:<{width}}  {value:<{vwidth}}  # {source}")
+    print()
+    print(describe_departures(_config(ns.args)))
+    return 0
+
+
 def cmd_model(ns: argparse.Namespace) -> int:
     """`rise model get SOURCE`: print the path of a plain HF model directory for SOURCE."""
     from rise_ray.models.source import get_model
@@ -168,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", help="a local HF directory, a .gguf file, a packaged model (smollm2-135m-instruct) or a hub id")
     p.add_argument("--out", help="write the model here (default: the cache, ~/.cache/rise-ray/models or $RISE_CACHE)")
     p.set_defaults(fn=cmd_model)
+    p = sub.add_parser("config", help="`rise config show [CONFIG] [k=v ...]`: the resolved config, each value's source")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...] (no CONFIG: the embedded default)")
+    p.set_defaults(fn=cmd_config)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in sub.choices:
         # Options and key=value overrides in any order (`rise serve CKPT --port 1 a.b=2`): argparse

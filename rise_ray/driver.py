@@ -23,7 +23,7 @@ import os
 import time
 
 from rise_ray.collect import collect, collection_stats, problems_for_iteration
-from rise_ray.config import ConfigError, RunConfig, load_config
+from rise_ray.config import ConfigError, RunConfig, describe_departures, load_config
 from rise_ray.data.store import write_trajectories
 from rise_ray.eval.evaluate import eval_problems, evaluate
 from rise_ray.manifest import STAGE_KINDS, Manifest, RunLock, open_run_dir, warmup_enabled
@@ -35,6 +35,7 @@ from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve
 def run(cfg: RunConfig, run_dir: str | None = None, redo_changed: bool = False, redo_missing: bool = False) -> list[dict]:
     """Run (or continue) RISE in run_dir, holding its lock. Finished stages that the config would
     not reproduce, or whose outputs are gone, are an error unless redo_changed / redo_missing."""
+    print(describe_departures(cfg, prefix="[rise] "), flush=True)  # where this run is not the paper's method
     run_dir = os.path.abspath(run_dir or os.path.join(cfg.run_dir, cfg.name))  # paths valid from any cwd
     with RunLock(run_dir):
         manifest = open_run_dir(cfg, run_dir, redo_changed=redo_changed, redo_missing=redo_missing)

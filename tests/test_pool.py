@@ -1,21 +1,65 @@
-"""The persistent rollout pool: in-place weight sync with the logprob check, and a dead actor."""
+"""The persistent rollout pool: in-place weight sync with the logprob check, and a dead actor.
+
+Where a test needs an engine call in flight (to kill its actor, or to keep a batch busy), the
+engine is the real transformers engine behind a gate: each generate call reports to a Gate actor
+and waits there until the test opens it. The test acts on that event, not on a guess of how long
+the work takes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
 import pytest
+import ray
 from conftest import perturbed_copy
 
 from rise_ray.envs import get_env
 from rise_ray.rollout.engine import SamplingParams
 from rise_ray.rollout.episodes import EpisodeSpec
+from rise_ray.rollout.hf import HFEngine
 from rise_ray.rollout.pool import RolloutPool
 from rise_ray.rollout.sync import check_engines, load_state_dict
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the engine class below travels by value
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    """Engine calls wait here until `open`; `wait_entered` returns once one has arrived."""
+
+    def __init__(self):
+        self.opened, self.entered = asyncio.Event(), asyncio.Event()
+        self.calls = 0
+
+    async def enter(self) -> None:
+        self.calls += 1
+        self.entered.set()
+        await self.opened.wait()
+
+    async def wait_entered(self) -> int:
+        await self.entered.wait()
+        return self.calls
+
+    async def open(self) -> None:
+        self.opened.set()
+
+
+class GatedEngine(HFEngine):
+    """The transformers engine; every generate call first passes the gate."""
+
+    def __init__(self, model_path, gate=None, **kw):
+        super().__init__(model_path, **kw)
+        self.gate = gate
+
+    def generate(self, conversations, n, params):
+        ray.get(self.gate.enter.remote())
+        return super().generate(conversations, n, params)
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +90,29 @@ def test_sync_in_place_and_logprob_check(ray_local, tiny_model_dir, perturbed_ck
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("schedule", ["waves", "async"])  # async: the episodes run inside the actor
+# async: the episodes run inside the actor (slow: a second engine start and restart; CI runs it)
+@pytest.mark.parametrize("schedule", ["waves", pytest.param("async", marks=pytest.mark.slow)])
 def test_dead_actor_is_replaced_and_no_problem_lost(ray_local, tiny_model_dir, perturbed_ckpt, tmp_path, schedule):
-    pool = RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, pointer_path=str(tmp_path / "w.json"))
+    gate = Gate.remote()
+    pool = RolloutPool(GatedEngine, tiny_model_dir, num_engines=1, num_cpus=0.5, pointer_path=str(tmp_path / "w.json"),
+                       engine_kwargs={"gate": gate})  # fmt: skip
     pool.update_weights(perturbed_ckpt, "v1", checkpoint_dir=perturbed_ckpt)
-    env = get_env("search", num_train=0, num_test=192)
-    spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=24, seed=0), first_n=2, schedule=schedule)
+    env = get_env("search", num_train=0, num_test=16)
+    spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=12, seed=0), first_n=2, schedule=schedule)
     pid = ray_local.get(pool.actors[0].info.remote())["pid"]
     killed = threading.Event()
 
-    def kill_soon():
-        time.sleep(3.0)  # the run is under way: engine calls are in flight
-        os.kill(pid, signal.SIGKILL)
-        killed.set()
+    def kill_in_flight():
+        try:
+            ray_local.get(gate.wait_entered.remote())  # an engine call of the run is in the actor
+            os.kill(pid, signal.SIGKILL)
+            killed.set()
+        finally:
+            gate.open.remote()  # the call retried on the restarted actor goes through
 
-    threading.Thread(target=kill_soon, daemon=True).start()
-    trajs = pool.run(env.name, {}, env.test, spec, batch_size=16)
-    assert killed.is_set(), "the run ended before the kill: make the workload longer"
+    threading.Thread(target=kill_in_flight, daemon=True).start()
+    trajs = pool.run(env.name, {}, env.test, spec, batch_size=8)
+    assert killed.is_set()
     assert [t.problem_id for t in trajs] == [p.id for p in env.test]  # every problem, once, in order
     assert all(len(t.turns) == 3 for t in trajs)
     info = ray_local.get(pool.actors[0].info.remote())
@@ -88,14 +138,29 @@ def test_async_schedule_in_the_actor_gives_the_waves_trajectories(ray_local, tin
 def test_a_batch_slower_than_ray_datas_no_progress_guard_still_finishes(ray_local, tiny_model_dir):
     """Ray Data stops an execution that shows no progress for execution_no_progress_timeout_s
     (30 min by default); a batch of long CPU episodes shows none until it is done. Here the guard
-    is 1 s and the batch takes longer: the pool's own engine-call deadlines are what bound it."""
-    import ray
-
-    ray.data.DataContext.get_current().execution_no_progress_timeout_s = 1
-    pool = RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5)
+    is 1 s and the batch is held at its first engine call for five times that: the pool's own
+    engine-call deadlines are what bound it, so the batch finishes with every trajectory."""
+    guard_s, ctx = 1, ray.data.DataContext.get_current()
+    default, ctx.execution_no_progress_timeout_s = ctx.execution_no_progress_timeout_s, guard_s
+    gate = Gate.remote()
+    pool = RolloutPool(GatedEngine, tiny_model_dir, num_engines=1, num_cpus=0.5, engine_kwargs={"gate": gate})
     env = get_env("search", num_train=0, num_test=24)
-    spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=48, seed=0), first_n=2)
-    start = time.monotonic()
-    trajs = pool.run(env.name, {}, env.test, spec, batch_size=24)
-    assert time.monotonic() - start > 1 and len(trajs) == 24
+    spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=8, seed=0), first_n=2)
+    held = threading.Event()
+
+    def hold():
+        try:
+            ray.get(gate.wait_entered.remote())  # the batch is inside its first engine call
+            time.sleep(5 * guard_s)  # no progress to show meanwhile
+            held.set()
+        finally:
+            gate.open.remote()
+
+    threading.Thread(target=hold, daemon=True).start()
+    try:
+        trajs = pool.run(env.name, {}, env.test, spec, batch_size=24)  # one batch
+    finally:
+        ctx.execution_no_progress_timeout_s = default
+    assert held.is_set()
+    assert [t.problem_id for t in trajs] == [p.id for p in env.test] and all(len(t.turns) == 3 for t in trajs)
     pool.shutdown()

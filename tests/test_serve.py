@@ -4,7 +4,8 @@ One Ray + Serve per module, started with `serve_command(..., blocking=False)` (w
 runs). The checkpoint is the tiny Llama trained here for a few seconds to answer any prompt with
 "\\boxed{x}", x drawn from a-f: its answers are readable and vary from turn to turn, so the solve
 tests can check the majority vote and the oracle's stop for real. The transformers engine serves
-the fast tests; one slow test serves the same checkpoint with vLLM (CPU build) when installed.
+the app's tests; one more serves the same checkpoint with vLLM (CPU build) when installed. Every test
+that needs the app is marked slow (a checkpoint trained, Ray and Serve started): CI runs them.
 """
 
 from __future__ import annotations
@@ -127,10 +128,12 @@ def server(boxed_model):
 
     if ray.is_initialized():
         ray.shutdown()
-    metrics_port, port = free_port(), free_port()
     os.environ[TOKEN_ENV] = TOKEN
-    # address="local": a Ray of our own even when another is running on this machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    # address="local": a Ray of our own even when another is running on this machine. Ray binds the
+    # metrics export port itself (read back below); Serve's HTTP port cannot be read back that way.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    (metrics_port,) = [n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]
+    port = free_port()
     try:
         url = serve_command(boxed_model, load_config(overrides=OVERRIDES), "127.0.0.1", port, blocking=False)
         yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", "tiny-rise", boxed_model)
@@ -160,6 +163,7 @@ def test_majority_answer_ties_go_to_the_latest():
 
 
 # -- routes -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_health_and_models(server):
     r = httpx.get(server.url + "/healthz", timeout=30)  # no token needed
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["engine"] == "hf"
@@ -168,6 +172,7 @@ def test_health_and_models(server):
     assert [m["id"] for m in models["data"]] == ["tiny-rise"]
 
 
+@pytest.mark.slow
 def test_openai_client_chat_completion(server, n_tokens):
     from openai import OpenAI
 
@@ -198,6 +203,7 @@ def test_openai_client_chat_completion(server, n_tokens):
     assert streamed == [c.message.content for c in sampled.choices]
 
 
+@pytest.mark.slow
 def test_solve_without_oracle_votes_over_all_turns(server):
     with server.client() as c:
         out = solve(c, turns=5, seed=3)
@@ -213,6 +219,7 @@ def test_solve_without_oracle_votes_over_all_turns(server):
     assert out["answer_changes"] == sum(a != b for a, b in zip(answers, answers[1:], strict=False))
 
 
+@pytest.mark.slow
 def test_solve_with_oracle_stops_at_the_first_correct_attempt(server):
     with server.client() as c:
         # Seeded attempts replay exactly: find a seed whose episode reaches a new answer after turn 1.
@@ -267,6 +274,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("route", "body", "status", "field"), BAD, ids=[f"{r.rsplit('/', 1)[-1]}-{f}-{i}" for i, (r, _, _, f) in enumerate(BAD)])
 def test_bad_input_is_a_4xx_naming_the_field_and_the_server_keeps_serving(server, route, body, status, field):
     with server.client() as c:
@@ -279,6 +287,7 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_server_keeps_serving(server
         assert good.status_code == 200 and len(good.json()["choices"]) == 1
 
 
+@pytest.mark.slow
 def test_prompt_too_long_says_so(server):
     with server.client() as c:
         r = c.post("/v1/chat/completions", json=chat_body("y" * 490, max_tokens=30))
@@ -286,6 +295,7 @@ def test_prompt_too_long_says_so(server):
     assert "512" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_token_guards_every_route_but_health(server):
     routes = [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat_body()),
               ("POST", "/v1/rise/solve", {"problem": QUESTION, "turns": 1})]
@@ -318,15 +328,15 @@ async def _burst(url: str, total: int, concurrency: int, deadline_s: float, **bo
         return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(total))), deadline_s)
 
 
+@pytest.mark.slow
 def test_200_requests_within_capacity_all_succeed(server, n_tokens):
     # 8 in flight <= 4 ongoing + 8 queued: no request is turned away, and none fails.
-    start = time.monotonic()
     responses = asyncio.run(_burst(server.url, total=200, concurrency=8, deadline_s=120))
     assert [r.status_code for r in responses] == [200] * 200
     assert all(n_tokens(r.json()["choices"][0]["message"]["content"]) <= 8 for r in responses)
-    assert time.monotonic() - start < 120
 
 
+@pytest.mark.slow
 def test_200_concurrent_requests_overload_gives_503_with_retry_after(server):
     # Long replies (temperature 2 rarely ends early): requests outlast the client opening 200 connections.
     responses = asyncio.run(
@@ -349,6 +359,7 @@ def _metric_total(text: str, name: str, **labels: str) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_prometheus_metrics_count_solves_turns_and_changes(server):
     with server.client() as c:
         outs = [solve(c, turns=4, seed=s) for s in (100, 101)]
@@ -370,6 +381,7 @@ def test_prometheus_metrics_count_solves_turns_and_changes(server):
         time.sleep(2)
 
 
+@pytest.mark.slow
 def test_serve_config_file_builds_the_app(server):
     import yaml
     from ray.serve.schema import ServeDeploySchema

@@ -18,7 +18,10 @@ from test_serve import HAS_VLLM, free_port
 
 from rise_ray.config import load_config
 
-pytestmark = pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
+pytestmark = [
+    pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"),
+    pytest.mark.slow,  # a Ray Serve app on a vLLM engine, started for the module: CI runs it
+]
 
 MODEL = "tiny-async"
 OVERRIDES = [

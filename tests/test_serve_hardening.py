@@ -4,7 +4,8 @@ fails closed, and solve under every env option.
 
 One Ray + Serve app for the module (the tiny "\\boxed{x}" model of tests/test_serve.py), started
 the way `rise serve` starts it, on 127.0.0.1. Every HTTP call has a client timeout, so a server
-that wedges fails the test instead of hanging it.
+that wedges fails the test instead of hanging it. The tests that need the app are marked slow (a
+checkpoint trained, Ray and Serve started): CI runs them.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, code:
 
 
 # -- 5. auth -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_token_with_surrounding_whitespace_still_admits_its_holder(url):
     with client(url) as c:
         assert c.get("/v1/models").status_code == 200
@@ -101,6 +103,7 @@ def test_token_with_surrounding_whitespace_still_admits_its_holder(url):
     assert_error(r, 401, "authorization")
 
 
+@pytest.mark.slow
 def test_a_replica_without_the_required_token_refuses_to_start(url, hmodel):
     from ray import serve
 
@@ -159,12 +162,14 @@ def test_serve_job_keeps_the_token_off_the_command_line(tmp_path):
     ids=["chat-seed-2**64", "chat-seed-neg", "solve-seed-2**64", "solve-seed-plus-turns", "turns-huge", "n-huge",
          "max-tokens-huge"],
 )
+@pytest.mark.slow
 def test_out_of_range_numbers_are_400_and_the_server_keeps_serving(url, route, body, param):
     with client(url, timeout=30) as c:
         assert_error(c.post(route, json=body), 400, param)
     assert_serving(url)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity"])
 def test_non_finite_temperature_and_top_p_are_400(url, value):
     with client(url, timeout=30) as c:
@@ -173,6 +178,7 @@ def test_non_finite_temperature_and_top_p_are_400(url, value):
             assert_error(c.post("/v1/chat/completions", content=body), 400, field.decode())
 
 
+@pytest.mark.slow
 def test_a_body_over_the_limit_is_413_before_parsing(url):
     big = b'{"messages": [{"role": "user", "content": "' + b"x" * 70_000 + b'"}]}'
     with client(url, timeout=30) as c:
@@ -185,6 +191,7 @@ def test_a_body_over_the_limit_is_413_before_parsing(url):
     assert_serving(url)
 
 
+@pytest.mark.slow
 def test_special_tokens_in_content_stay_text(url, hmodel):
     from transformers import AutoTokenizer
 
@@ -202,6 +209,7 @@ def test_special_tokens_in_content_stay_text(url, hmodel):
 
 
 # -- 6. solve under the config's env options ----------------------------------------------------------
+@pytest.mark.slow
 def test_solve_grades_under_check_penalty(url):
     with client(url) as c:
         r = c.post("/v1/rise/solve", json={"problem": QUESTION, "turns": 3, "seed": 1, "answer": "e"})
@@ -212,6 +220,7 @@ def test_solve_grades_under_check_penalty(url):
 
 
 # -- 2. grading bounded in time and size ---------------------------------------------------------------
+@pytest.mark.slow
 def test_a_long_adversarial_answer_is_400(url):
     with client(url, timeout=30) as c:
         r = c.post("/v1/rise/solve", json={"problem": "x", "env": "math", "turns": 1, "answer": "\\frac{" * 4000})
@@ -219,6 +228,7 @@ def test_a_long_adversarial_answer_is_400(url):
     assert_serving(url)
 
 
+@pytest.mark.slow
 def test_grading_that_runs_past_the_time_limit_is_422_and_the_server_keeps_serving(url):
     # sympy expands 9^(9^(9^9)) when it compares a letter answer "a" with it: unbounded without a limit.
     body = {"problem": QUESTION, "env": "math", "turns": 2, "temperature": 0, "answer": "a+9^{9^{9^{9}}}"}
@@ -231,6 +241,7 @@ def test_grading_that_runs_past_the_time_limit_is_422_and_the_server_keeps_servi
 
 
 # -- 3. a client that goes away -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_solve_whose_client_went_away_stops_and_frees_its_thread(url):
     # Grading against this gold runs until the grading time limit (2 s): the client leaves first.
     long = {"problem": QUESTION, "env": "math", "turns": 6, "temperature": 0, "answer": "a+9^{9^{9^{9}}}"}
@@ -248,12 +259,14 @@ def test_a_solve_whose_client_went_away_stops_and_frees_its_thread(url):
 
 
 # -- 4. error shape, engine health (last: it breaks the replica's engine) ---------------------------------
+@pytest.mark.slow
 def test_unknown_route_and_method_are_json(url):
     with client(url, timeout=30) as c:
         assert_error(c.get("/v1/nope"), 404)
         assert_error(c.get("/v1/chat/completions"), 405)
 
 
+@pytest.mark.slow
 def test_a_dead_engine_shows_in_healthz_answers_json_and_serve_replaces_the_replica(url):
     import ray
 

@@ -360,6 +360,7 @@ def assert_steps(out_dir: str, total: int) -> list[dict]:
     return recs
 
 
+@pytest.mark.slow  # a whole Ray Train + DeepSpeed run, then a second one refused
 @pytest.mark.timeout(400)
 def test_train_command_end_to_end(ray_cluster, tiny, tmp_path):
     """`rise train CONFIG data=PATH model.path=PATH`: trajectories -> data set -> 1 worker -> HF model."""
@@ -380,10 +381,12 @@ def test_train_command_end_to_end(ray_cluster, tiny, tmp_path):
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
     assert dataset_loss(path, os.path.join(out, "dataset")) < dataset_loss(tiny, os.path.join(out, "dataset"))
     generates(path)
-    # finished runs are not redone; a different run in the same directory is refused
-    t0 = time.perf_counter()
+    # finished runs are not redone (the model and the log are left as they were); a different run
+    # in the same directory is refused
+    files = [os.path.join(path, "model.safetensors"), os.path.join(out, "train_log.jsonl")]
+    stamps = [os.stat(f).st_mtime_ns for f in files]
     assert train_command(cfg, os.path.join(out, "dataset"), out) == path
-    assert time.perf_counter() - t0 < 10
+    assert [os.stat(f).st_mtime_ns for f in files] == stamps
     from rise_ray.train import TrainError
 
     with pytest.raises(TrainError, match="different train"):
