@@ -69,11 +69,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    """Regenerate metrics.json, report.md and turns.png of a run directory."""
+    """Regenerate metrics.json, report.md, turns.png and report.html of a run directory."""
     from rise_ray.report import write_report
 
     write_report(ns.run_dir)
-    print(f"wrote {ns.run_dir}/metrics.json, report.md, turns.png")
+    print(f"wrote {ns.run_dir}/metrics.json, report.md, turns.png, report.html")
     return 0
 
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
     p.set_defaults(fn=cmd_serve)
-    p = sub.add_parser("report", help="regenerate a run's metrics.json, report.md and turns.png")
+    p = sub.add_parser("report", help="regenerate a run's metrics.json, report.md, turns.png and report.html")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("model", help="get a model: `rise model get SOURCE` prints a plain HF model directory")

@@ -27,6 +27,7 @@ from rise_ray.config import ConfigError, RunConfig, describe_departures, load_co
 from rise_ray.data.store import write_trajectories
 from rise_ray.eval.evaluate import eval_problems, evaluate
 from rise_ray.manifest import STAGE_KINDS, Manifest, RunLock, open_run_dir, warmup_enabled
+from rise_ray.models.source import check_model_on_nodes
 from rise_ray.observe import Observer
 from rise_ray.report import write_report
 from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
@@ -55,6 +56,7 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
 
     base = manifest.run_stage("base_model", build_base, cfg, env, run_dir)
     weights = latest_weights(manifest, cfg.iterations) or base
+    check_model_on_nodes(weights)  # also on resume, where base_model was skipped: every node reads it
     policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, pointer, cfg.sync.method)
     teacher = make_teacher(cfg)
 
@@ -122,7 +124,7 @@ def make_teacher(cfg: RunConfig):
         "colocate_with_trainer": False,  # the teacher never trains: it keeps its GPUs
     })
     teacher_model = ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len, chat_template=tcfg.chat_template)
-    path = resolve_model(teacher_model, "")
+    path = resolve_model(teacher_model, os.path.abspath(os.path.join(cfg.run_dir, cfg.name)))
     return make_pool(rollout, teacher_model, path, cfg.seed, sync_method=None)  # never synced
 
 

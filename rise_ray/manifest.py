@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rise_ray.config import ConfigError, RunConfig, read_yaml
+from rise_ray.config import ConfigError, RunConfig, flatten, read_yaml
 from rise_ray.files import atomic_write_json
 
 STAGE_KINDS = ("collect", "dataset", "train", "sync", "eval")  # the order within an iteration
@@ -101,18 +101,6 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 # --- config fingerprints ------------------------------------------------------------------------
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; an empty mapping stays a leaf."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def warmup_enabled(cfg: RunConfig) -> bool:

@@ -48,7 +48,7 @@ from rise_ray.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
-REPORT_FILES = ("report.md", "metrics.json", "turns.png", "config.yaml")
+REPORT_FILES = ("report.md", "report.html", "metrics.json", "turns.png", "config.yaml")
 # The train stage's metrics files, in the directory above its model: rise_ray.train.trainer writes
 # them under these names (rank 0's per-step log, and the summary at the end) and reads the log back
 # with read_train_log (re-exported as rise_ray.train.progress.read_log); train_stats reads both here.

@@ -21,8 +21,7 @@ Who sends (the design):
   Both read the checkpoint the train stage saved, so the sync stage is the same whether training
   just ended or the run was resumed after it (the trainer long gone), and it stays its own
   resumable stage. A trainer-side source (no checkpoint read; every trainer rank iterates, rank 0
-  sends) would gather ZeRO-3 parameters one bucket at a time; tests/gathered_source.py has one,
-  checked against the trained checkpoint, not used by the run.
+  sends) would gather ZeRO-3 parameters one bucket at a time; not built: the checkpoint is read.
 """
 
 from __future__ import annotations

@@ -242,12 +242,12 @@ def train_command(cfg: RunConfig, data_path: str, out_dir: str) -> str:
     from rise_ray.data.builder import is_dataset_dir, prepare_dataset
     from rise_ray.session import init_ray, resolve_model
 
+    init_ray()  # first: resolve_model checks that every node reads the model
     model_path = resolve_model(cfg.model, os.path.join(cfg.run_dir, cfg.name))
     if is_dataset_dir(data_path):
         dataset_dir = data_path
     else:
         dataset_dir = prepare_dataset(cfg, data_path, model_path, os.path.join(out_dir, "dataset"))
-    init_ray()
     path = train(cfg, dataset_dir, model_path, out_dir)
     with open(os.path.join(out_dir, TRAIN_SUMMARY_FILE), encoding="utf-8") as f:
         s = json.load(f)
