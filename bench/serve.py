@@ -114,18 +114,25 @@ def start_vllm_server(model_dir: str, name: str, max_model_len: int, kv_bytes: i
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
+    wait_healthy(proc, url + "/health", log, "vLLM's server")
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, health_url: str, log: str, what: str, timeout_s: float = 900) -> None:
+    """Until health_url answers 200; the server is killed and RuntimeError raised when it exits or
+    times out first."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"vLLM's server exited ({proc.returncode}); see {log}")
+            raise RuntimeError(f"{what} exited ({proc.returncode}); see {log}")
         try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
+            if httpx.get(health_url, timeout=5).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(2)
     proc.kill()
-    raise RuntimeError(f"vLLM's server did not answer /health within 900 s; see {log}")
+    raise RuntimeError(f"{what} did not answer {health_url} within {timeout_s:.0f} s; see {log}")
 
 
 def model_path(model: str, tiny_dims: dict) -> str:

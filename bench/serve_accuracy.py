@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from serve import free_port  # bench/serve.py
+from serve import free_port, wait_healthy  # bench/serve.py
 
 from rise_ray.config import load_config
 from rise_ray.files import atomic_write_json
@@ -56,18 +56,8 @@ def start(target: str, config: str, log: str) -> tuple[subprocess.Popen, str]:
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rise serve {target} exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    proc.terminate()
-    raise RuntimeError(f"rise serve {target} was not healthy within 900 s; see {log}")
+    wait_healthy(proc, f"{url}/healthz", log, f"rise serve {target}")
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -261,6 +261,11 @@ class ServeConfig(_Strict):
     grade_workers: int = Field(2, ge=1)  # grading processes per replica (killed when over time)
     health_check_period_s: float = Field(10.0, gt=0)
 
+    def autoscaling_config(self) -> dict[str, Any]:
+        """Ray Serve's autoscaling_config for these replica settings."""
+        return {"min_replicas": self.min_replicas, "initial_replicas": max(self.min_replicas, 1),
+                "max_replicas": self.max_replicas, "target_ongoing_requests": self.target_ongoing_requests}
+
     @model_validator(mode="after")
     def _replica_range(self) -> ServeConfig:
         if self.min_replicas > self.max_replicas:

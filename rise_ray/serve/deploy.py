@@ -53,12 +53,7 @@ def make_app(checkpoint: str, cfg: RunConfig, token: str | None = None) -> serve
     if os.path.exists(checkpoint):
         checkpoint = os.path.abspath(checkpoint)
     options: dict[str, Any] = {
-        "autoscaling_config": {
-            "min_replicas": s.min_replicas,
-            "initial_replicas": max(s.min_replicas, 1),
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
-        },
+        "autoscaling_config": s.autoscaling_config(),
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},

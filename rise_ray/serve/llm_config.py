@@ -77,12 +77,7 @@ def llm_config(model_dir: str, model_id: str, cfg: RunConfig, cpu: bool | None =
     if cfg.model.max_model_len is not None:
         engine["max_model_len"] = cfg.model.max_model_len
     deployment: dict[str, Any] = {
-        "autoscaling_config": {
-            "min_replicas": s.min_replicas,
-            "initial_replicas": max(s.min_replicas, 1),
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
-        },
+        "autoscaling_config": s.autoscaling_config(),
         "max_ongoing_requests": s.max_ongoing_requests,
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
