@@ -126,7 +126,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def cmd_config(ns: argparse.Namespace) -> int:
     """`rise config show [CONFIG] [k=v ...]`: every resolved setting, its value and where it came from."""
-    from rise_ray.config import config_sources, describe_departures, format_value
+    from rise_ray.protocol import config_sources, describe_departures, format_value
 
     path, overrides = _split(ns.args)
     path = path or DEFAULT_CONFIG  # as every command: no CONFIG is the embedded default

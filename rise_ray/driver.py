@@ -23,12 +23,13 @@ import os
 import time
 
 from rise_ray.collect import collect, collection_stats, problems_for_iteration
-from rise_ray.config import ConfigError, RunConfig, describe_departures, load_config
+from rise_ray.config import ConfigError, RunConfig, load_config
 from rise_ray.data.store import write_trajectories
 from rise_ray.eval.evaluate import eval_problems, evaluate
 from rise_ray.manifest import STAGE_KINDS, Manifest, RunLock, open_run_dir, warmup_enabled
-from rise_ray.models.source import check_model_on_nodes
+from rise_ray.models.placement import check_model_on_nodes
 from rise_ray.observe import Observer
+from rise_ray.protocol import describe_departures
 from rise_ray.report import write_report
 from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
 

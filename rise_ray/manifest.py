@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rise_ray.config import ConfigError, RunConfig, flatten, read_yaml
+from rise_ray.config import ConfigError, RunConfig, read_yaml
 from rise_ray.files import atomic_write_json
+from rise_ray.protocol import flatten
 
 STAGE_KINDS = ("collect", "dataset", "train", "sync", "eval")  # the order within an iteration
 # Fields that change where and how fast a stage runs, not what it writes: a run may resume on

@@ -49,14 +49,8 @@ def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
     ~/.cache/rise-ray: download caches on this node) is placed under work_dir's models/ (or
     $RISE_MODELS_DIR), on the run's storage; a local HF directory the user named stays as it is.
     With Ray up, every node that may host an engine or trainer is then checked to read it."""
-    from rise_ray.models.source import (
-        check_model_on_nodes,
-        get_model,
-        model_slug,
-        models_dir,
-        place_model,
-        with_chat_template,
-    )
+    from rise_ray.models.placement import check_model_on_nodes, model_slug, models_dir, place_model
+    from rise_ray.models.source import get_model, with_chat_template
 
     if cfg.path:
         path = with_chat_template(get_model(cfg.path), cfg.chat_template)

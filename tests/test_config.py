@@ -137,7 +137,7 @@ def test_tiny_seed_override_draws_another_initialisation(tmp_path):
 
 
 def test_config_sources_name_where_each_value_came_from(tmp_path):
-    from rise_ray.config import config_sources, flatten
+    from rise_ray.protocol import config_sources, flatten
 
     path = write(tmp_path, "rollout:\n  turns: 3\n  best_of_n: 2\nenv:\n  options: {a: 1}\n")
     overrides = ["rollout.best_of_n=6", "env.options.b=2", "model.tiny={num_layers: 3}"]
@@ -181,14 +181,8 @@ def test_rise_config_show_prints_the_resolved_config_and_sources(tmp_path, capsy
 
 
 def test_departures_from_the_papers_protocol_are_the_protocol_fields_that_differ():
-    from rise_ray.config import (
-        DEFAULT_CONFIG,
-        PROTOCOL_FIELDS,
-        RunConfig,
-        flatten,
-        protocol_departures,
-        read_yaml,
-    )
+    from rise_ray.config import DEFAULT_CONFIG, RunConfig, read_yaml
+    from rise_ray.protocol import PROTOCOL_FIELDS, flatten, protocol_departures
 
     assert protocol_departures(RunConfig()) == []  # the schema's defaults are the paper's protocol
     cfg = load_config(None, ["data.tau=0.5", "rollout.stop_when_correct=false", "rollout.max_tokens=7"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from rise_ray.config import ConfigError, ModelConfig
-from rise_ray.models import source
+from rise_ray.models import placement, source
 from rise_ray.session import resolve_model
 
 # --- a hub snapshot, faked in the hub's cache layout ----------------------------------------------
@@ -222,9 +222,9 @@ def test_every_node_reads_the_model(two_nodes, tiny_model_dir, tmp_path):
         import ray as r
 
         (seen / r.get_runtime_context().get_node_id()).touch()
-        return source.probe_model_dir(path)
+        return placement.probe_model_dir(path)
 
-    checked = source.check_model_on_nodes(tiny_model_dir, probe=probe)
+    checked = placement.check_model_on_nodes(tiny_model_dir, probe=probe)
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(alive) == 2 and set(checked) == alive == set(os.listdir(seen))
     # resolve_model runs the check itself once Ray is up.
@@ -242,10 +242,10 @@ def test_a_node_without_the_mount_is_named_with_the_path(two_nodes, tiny_model_d
         import ray as r
 
         unmounted = r.get_runtime_context().get_node_id() == other
-        return source.probe_model_dir("/nonexistent-mount" + path if unmounted else path)
+        return placement.probe_model_dir("/nonexistent-mount" + path if unmounted else path)
 
     with pytest.raises(ConfigError) as e:
-        source.check_model_on_nodes(tiny_model_dir, probe=probe)
+        placement.check_model_on_nodes(tiny_model_dir, probe=probe)
     msg = str(e.value)
     assert f"node {other}" in msg and f"node {here}" not in msg and "1 of 2 node(s)" in msg
     assert tiny_model_dir in msg and "/nonexistent-mount does not exist" in msg and "mount" in msg
@@ -255,7 +255,7 @@ def test_a_node_without_the_mount_is_named_with_the_path(two_nodes, tiny_model_d
 def test_a_missing_model_fails_on_every_node(two_nodes, tmp_path):
     missing = str(tmp_path / "nowhere" / "model")
     with pytest.raises(ConfigError) as e:
-        source.check_model_on_nodes(missing)
+        placement.check_model_on_nodes(missing)
     msg = str(e.value)
     assert "2 of 2 node(s)" in msg and all(
         f"node {n['NodeID']}" in msg for n in two_nodes.nodes() if n["Alive"]
@@ -264,4 +264,4 @@ def test_a_missing_model_fails_on_every_node(two_nodes, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds no \\*.safetensors"):
-        source.check_model_on_nodes(str(tmp_path / "bad"))
+        placement.check_model_on_nodes(str(tmp_path / "bad"))
