@@ -225,5 +225,5 @@ def test_progress_arrives_from_the_engine_actor_during_a_pool_run(ray_local, tin
     mid = [x for x in lines[:-1] if int(re.search(r"([\d,]+) samples", x).group(1).replace(",", "")) > 0]
     assert mid, f"no line showed samples before the end:\n{err[-3000:]}"  # sent from the actor / task mid-run
     assert any(re.search(r"\| turns? \d", x) for x in lines[:-1])  # the turn in progress
-    assert "Running Dataset" not in err and "MapBatches(_episode_batch)" not in err  # Ray Data's block is off
+    assert "Running Dataset" not in err and "MapBatches(episode_batch)" not in err  # Ray Data's block is off
 

@@ -37,29 +37,17 @@ import torch
 
 from rise_ray.envs.base import Problem
 from rise_ray.progress import POLL_TIMEOUT_S, Reporter, remote_tally, start_board
-from rise_ray.rollout.engine import Conversation, SamplingParams, chat_prompt_ids
-from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, samples_per_episode, to_table
+from rise_ray.rollout.batch import CALL_TIMEOUT_S, EngineTimeout, cached_env, episode_batch, wait  # noqa: F401 (EngineTimeout: re-exported)
+from rise_ray.rollout.engine import Conversation, SamplingParams
+from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, samples_per_episode
 
 # Deadlines (seconds; environment variables override them). Start-up covers loading and compiling;
 # a model given by hub id (not a local directory) may first be downloaded: that gets DOWNLOAD more.
 READY_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_READY_TIMEOUT_S", "900"))
 DOWNLOAD_TIMEOUT_S = float(os.environ.get("RISE_MODEL_DOWNLOAD_TIMEOUT_S", "7200"))
 SENDER_READY_TIMEOUT_S = float(os.environ.get("RISE_SENDER_READY_TIMEOUT_S", "300"))
-CALL_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_CALL_TIMEOUT_S", "3600"))  # one generate / load call
 SYNC_TIMEOUT_S = float(os.environ.get("RISE_SYNC_TIMEOUT_S", "1800"))  # a whole NCCL / IPC transfer
 ENGINE_MAX_RESTARTS = int(os.environ.get("RISE_ENGINE_MAX_RESTARTS", "3"))
-
-
-class EngineTimeout(RuntimeError):
-    """A wait on engine actors passed its deadline."""
-
-
-def wait(refs: Any, what: str, timeout: float, env: str = "RISE_ENGINE_CALL_TIMEOUT_S") -> Any:
-    """ray.get with a deadline whose error names what was waited for."""
-    try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise EngineTimeout(f"{what}: no answer within {timeout:.0f} s (raise {env} if it is just slow)") from None
 
 
 @ray.remote(max_restarts=ENGINE_MAX_RESTARTS, max_task_retries=ENGINE_MAX_RESTARTS)
@@ -105,7 +93,7 @@ class EngineActor:
         batches their turns continuously, with no round trip per turn. progress: (board, run,
         source) to report to (rise_ray.progress)."""
         with remote_tally(progress) as tally:
-            return run_episodes(self.engine, _env(env_name, env_options), problems, spec, progress=tally)
+            return run_episodes(self.engine, cached_env(env_name, env_options), problems, spec, progress=tally)
 
     def update_weights(self, weights: Any, version: str) -> None:
         self.engine.update_weights(weights)
@@ -149,69 +137,6 @@ class EngineActor:
     def wake_up(self, tags: list[str] | None) -> None:
         if hasattr(self.engine, "wake_up"):
             self.engine.wake_up(tags)
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-class RemoteEngine:
-    """The Engine protocol over an EngineActor handle (used inside Ray Data tasks)."""
-
-    def __init__(self, actor, model_path: str, max_model_len: int):
-        self.actor = actor
-        self.model_path = model_path
-        self.max_model_len = max_model_len
-
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
-        ref = self.actor.generate.remote(conversations, n, params)
-        return wait(ref, f"engine generate ({len(conversations)} conversations x {n})", CALL_TIMEOUT_S)
-
-    def prompt_len(self, conversation: Conversation) -> int:
-        # Tokenised here, not on the actor: one round trip per turn, not per conversation.
-        return len(chat_prompt_ids(_tokenizer(self.model_path), conversation))
-
-    def update_weights(self, weights: Any) -> None:
-        wait(self.actor.update_weights.remote(weights, "manual"), "engine weight load", CALL_TIMEOUT_S)
-
-    def top_logprobs(self, conversation: Conversation, k: int = 8) -> list[tuple[int, float]]:
-        return wait(self.actor.top_logprobs.remote(conversation, k), "engine top_logprobs", CALL_TIMEOUT_S)
-
-
-@functools.lru_cache(maxsize=8)
-def _env(name: str, options_json: str):
-    from rise_ray.envs import get_env
-
-    return get_env(name, **json.loads(options_json))
-
-
-def _episode_batch(
-    batch, *, actors, model_path, max_model_len, teacher, env_name, env_options, spec, batch_size, progress=None
-):
-    """One Ray Data batch: run its episodes on engine actor (batch number mod N): here, one engine
-    call per turn, or (rollout.schedule=async, no teacher) inside the actor. progress: (board, run)
-    that the batch reports to, as source `batch number`."""
-    rows = batch.to_pylist()
-    problems = [Problem(r["id"], r["question"], r["reference"], json.loads(r["meta"])) for r in rows]
-    number = rows[0]["idx"] // batch_size
-    actor = actors[number % len(actors)]
-    report_to = None if progress is None else (*progress, number)
-    if spec.schedule == "async" and teacher is None:
-        ref = actor.run_episodes.remote(env_name, env_options, problems, spec, report_to)
-        return to_table(wait(ref, f"engine episodes ({len(problems)} problems x {spec.turns} turns)",
-                             CALL_TIMEOUT_S * spec.turns))
-    env = _env(env_name, env_options)
-    engine = RemoteEngine(actor, model_path, max_model_len)
-    improver = None
-    if teacher is not None:
-        t_actors, t_path, t_len = teacher
-        improver = RemoteEngine(t_actors[number % len(t_actors)], t_path, t_len)
-    with remote_tally(report_to) as tally:
-        trajs = run_episodes(engine, env, problems, spec, improver=improver, progress=tally)
-    return to_table(trajs)
 
 
 class RolloutPool:
@@ -283,7 +208,7 @@ class RolloutPool:
             except Exception as e:  # progress never fails a run
                 print(f"[rise {progress}] no progress reports: {type(e).__name__}: {e}", file=sys.stderr)
         ds = ds.map_batches(
-            _episode_batch,
+            episode_batch,
             batch_size=batch_size,
             batch_format="pyarrow",
             # Tasks only route work to the engine actors: a sliver of CPU each, or on a small machine
