@@ -40,13 +40,13 @@ def main() -> None:
         params = SamplingParams(temperature=args.temperature, max_tokens=v.get("max_tokens", 96), seed=0)
         t0 = time.time()
         outs = engine.generate([env.first_prompt(p) for p in env.val], args.samples, params)
-        grades = [(env.grade(c, p.reference), len(c.token_ids)) for p, cands in zip(env.val, outs, strict=True)
+        grades = [(env.grade(c.text, p.reference), len(c.token_ids)) for p, cands in zip(env.val, outs, strict=True)
                   for c in cands]
         n = len(grades)
         print(json.dumps({"variant": v, "right": round(sum(g.correct for g, _ in grades) / n, 3),
                           "unreadable": round(sum(g.answer is None for g, _ in grades) / n, 3),
                           "tokens_per_reply": round(sum(k for _, k in grades) / n, 1),
-                          "seconds": round(time.time() - t0, 1), "examples": [str(o[0]) for o in outs[:3]]}), flush=True)
+                          "seconds": round(time.time() - t0, 1), "examples": [o[0].text for o in outs[:3]]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def test_hf_generate_shapes_and_finished(hf, n_tokens):
     flat = [c for r in out for c in r]
     assert all(isinstance(c, Completion) for c in flat)
     assert sum(c.finished for c in flat) < len(flat) / 2  # eos is ~1% per token on a random model
-    assert all(n_tokens(c) <= 3 for c in flat if not c.finished)
+    assert all(n_tokens(c.text) <= 3 for c in flat if not c.finished)
 
 
 def sampled_logprobs(hf: HFEngine, prompt: list[int], ids: list[int]) -> list[float]:
@@ -142,7 +142,7 @@ def check_completion_ids(hf: HFEngine, convs, out) -> None:
             assert list(c.prompt_ids) == chat_prompt_ids(hf.tokenizer, conv)
             ids = list(c.token_ids)
             assert c.finished == (ids[-1] == eos) and eos not in ids[:-1]
-            assert hf.tokenizer.decode(ids, skip_special_tokens=True) == c
+            assert hf.tokenizer.decode(ids, skip_special_tokens=True) == c.text
             assert c.logprobs == pytest.approx(sampled_logprobs(hf, list(c.prompt_ids), ids), abs=LOGPROB_TOL)
 
 
@@ -157,8 +157,8 @@ def test_hf_completions_carry_their_ids_and_logprobs(hf):
 def test_hf_long_generation_finishes(hf, n_tokens):
     out = hf.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=300, seed=0))
     flat = [c for r in out for c in r]
-    assert any(c.finished for c in flat) and any(n_tokens(c) > 3 for c in flat)
-    assert all(n_tokens(c) < 300 for c in flat if c.finished)
+    assert any(c.finished for c in flat) and any(n_tokens(c.text) > 3 for c in flat)
+    assert all(n_tokens(c.text) < 300 for c in flat if c.finished)
 
 
 def test_hf_seeded_generation_is_reproducible(hf):
@@ -168,7 +168,7 @@ def test_hf_seeded_generation_is_reproducible(hf):
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
     assert hf.generate(CONVS, 3, params) == a
     assert hf.generate(CONVS, 3, params.with_(seed=8)) != a
-    assert len(set(a[0])) > 1  # the n samples differ
+    assert len({c.text for c in a[0]}) > 1  # the n samples differ
     assert hf.generate([], 3, params) == []
 
 
@@ -228,10 +228,10 @@ def test_vllm_generate_shapes_and_finished(vllm_engine, n_tokens):
     flat = [c for r in out for c in r]
     assert all(isinstance(c, Completion) for c in flat)
     assert sum(c.finished for c in flat) < len(flat) / 2
-    assert all(n_tokens(c) <= 3 for c in flat if not c.finished)
+    assert all(n_tokens(c.text) <= 3 for c in flat if not c.finished)
     long = vllm_engine.generate(CONVS, 4, SamplingParams(temperature=1.0, max_tokens=300, seed=0))
     assert any(c.finished for r in long for c in r)
-    assert all(n_tokens(c) < 300 for r in long for c in r if c.finished)
+    assert all(n_tokens(c.text) < 300 for r in long for c in r if c.finished)
 
 
 @needs_vllm
@@ -245,7 +245,7 @@ def test_vllm_seeds_and_greedy_n(vllm_engine):
     params = SamplingParams(temperature=1.0, max_tokens=8, seed=3)
     a = vllm_engine.generate([CONVS[0], CONVS[0]], 2, params)
     assert vllm_engine.generate([CONVS[0], CONVS[0]], 2, params) == a
-    assert len({*a[0], *a[1]}) == 4  # a repeated conversation gets its own samples
+    assert len({c.text for c in (*a[0], *a[1])}) == 4  # a repeated conversation gets its own samples
     assert vllm_engine.generate([], 2, params) == []
     greedy = vllm_engine.generate(CONVS, 3, SamplingParams(temperature=0.0, max_tokens=5))
     assert all(len(r) == 3 and len(set(r)) == 1 for r in greedy)

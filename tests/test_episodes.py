@@ -175,7 +175,7 @@ def test_context_window_is_applied_in_episodes():
 
 def test_degenerate_outputs_are_dropped_and_counted():
     loop = Completion("abc" + "xy" * 40, finished=False)
-    assert is_degenerate(loop, finished=False)
+    assert is_degenerate(loop.text, finished=False)
     assert not is_degenerate("xy" * 40, finished=True)  # it ended on its own
     assert not is_degenerate("the answer is 12345", finished=False)  # cut, but not a loop
     script = {"q1": [[loop, box(5)]], "q2": [[loop, loop]]}

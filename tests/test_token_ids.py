@@ -136,8 +136,12 @@ def test_every_trained_reply_token_is_the_sampled_id(engine, tmp_path):
 
 def test_completions_keep_their_ids_through_pickling():
     c = Completion("ab", False, [5, 6], [1, 2, 3], [-0.5, -1.5])
+    assert not isinstance(c, str)  # a record: a caller must say c.text
     back = pickle.loads(pickle.dumps(c))
-    assert (back, back.finished, back.token_ids, back.prompt_ids, back.logprobs) == ("ab", False, (5, 6), (1, 2, 3), (-0.5, -1.5))
+    assert back == c
+    assert (back.text, back.finished, back.token_ids, back.prompt_ids, back.logprobs) == (
+        "ab", False, (5, 6), (1, 2, 3), (-0.5, -1.5)
+    )
     with pytest.raises(ValueError, match="2 logprobs for 1 token ids"):
         Completion("a", True, [5], [], [-1.0, -2.0])
 

@@ -12,7 +12,7 @@ import ray
 
 from rise_ray.envs.base import Problem
 from rise_ray.progress import remote_tally
-from rise_ray.rollout.engine import Conversation, SamplingParams, chat_prompt_ids
+from rise_ray.rollout.engine import Completion, Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.episodes import run_episodes, to_table
 
 CALL_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_CALL_TIMEOUT_S", "3600"))  # one generate / load call
@@ -45,7 +45,7 @@ class RemoteEngine:
         self.model_path = model_path
         self.max_model_len = max_model_len
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
         ref = self.actor.generate.remote(conversations, n, params)
         return wait(ref, f"engine generate ({len(conversations)} conversations x {n})", CALL_TIMEOUT_S)
 

@@ -6,7 +6,6 @@ An engine turns chat conversations into sampled assistant replies. Everything ab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,9 +24,11 @@ class SamplingParams:
         return replace(self, **kw)
 
 
-class Completion(str):
-    """A reply: a plain str (the protocol's type) that also carries what the engine really did.
+@dataclass(frozen=True)
+class Completion:
+    """A reply and what the engine really did to make it.
 
+    text: the reply's text.
     finished: False when the reply hit max_tokens without a stop token.
     token_ids: the sampled ids, the stop token included when the engine sampled one (the text is
       their decoding without it). Training uses these ids, never a re-tokenization of the text.
@@ -35,30 +36,20 @@ class Completion(str):
     logprobs: the log-probability of each sampled id, where the engine was asked for them.
     """
 
-    finished: bool
-    token_ids: tuple[int, ...]
-    prompt_ids: tuple[int, ...]
-    logprobs: tuple[float, ...] | None
+    text: str
+    finished: bool = True
+    token_ids: tuple[int, ...] = ()
+    prompt_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] | None = None
 
-    def __new__(
-        cls,
-        text: str,
-        finished: bool = True,
-        token_ids: Sequence[int] = (),
-        prompt_ids: Sequence[int] = (),
-        logprobs: Sequence[float] | None = None,
-    ) -> Completion:
-        obj = super().__new__(cls, text)
-        obj.finished = finished
-        obj.token_ids = tuple(int(i) for i in token_ids)
-        obj.prompt_ids = tuple(int(i) for i in prompt_ids)
-        obj.logprobs = None if logprobs is None else tuple(float(x) for x in logprobs)
-        if obj.logprobs is not None and len(obj.logprobs) != len(obj.token_ids):
-            raise ValueError(f"{len(obj.logprobs)} logprobs for {len(obj.token_ids)} token ids")
-        return obj
-
-    def __reduce__(self):  # keep the attributes through pickling (Ray object store)
-        return (Completion, (str(self), self.finished, self.token_ids, self.prompt_ids, self.logprobs))
+    def __post_init__(self) -> None:
+        # Engines hand over lists, numpy ints or tensors: keep plain, hashable, picklable values.
+        object.__setattr__(self, "token_ids", tuple(int(i) for i in self.token_ids))
+        object.__setattr__(self, "prompt_ids", tuple(int(i) for i in self.prompt_ids))
+        if self.logprobs is not None:
+            object.__setattr__(self, "logprobs", tuple(float(x) for x in self.logprobs))
+            if len(self.logprobs) != len(self.token_ids):
+                raise ValueError(f"{len(self.logprobs)} logprobs for {len(self.token_ids)} token ids")
 
 
 def chat_prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
@@ -78,8 +69,8 @@ class Engine(Protocol):
 
     def generate(
         self, conversations: list[Conversation], n: int, params: SamplingParams
-    ) -> list[list[str]]:
-        """n completions (Completion, a str) for each conversation, in order. Raises PromptTooLong for a prompt that
+    ) -> list[list[Completion]]:
+        """n completions for each conversation, in order. Raises PromptTooLong for a prompt that
         leaves no room for max_tokens."""
         ...
 

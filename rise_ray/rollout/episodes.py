@@ -33,7 +33,7 @@ from typing import Literal
 
 from rise_ray.envs.base import Env, Problem
 from rise_ray.progress import EpisodeTally
-from rise_ray.rollout.engine import Conversation, Engine, SamplingParams
+from rise_ray.rollout.engine import Completion, Conversation, Engine, SamplingParams
 
 
 @dataclass
@@ -158,7 +158,7 @@ def _episode(
     teacher: Engine | None,
     tally: EpisodeTally,
     k: int,
-) -> Generator[TurnRequest, list, None]:
+) -> Generator[TurnRequest, list[Completion], None]:
     """One episode: yields each turn's request, is sent that turn's candidates, and fills `traj`
     (and the tally, as episode k). The schedules below differ only in how they batch these requests."""
     try:
@@ -175,7 +175,7 @@ def _episode(
             tally.answered(k, cands)
             traj.turns.append(_choose(env, problem, cands, spec, "teacher" if use_teacher else "policy"))
             traj.degenerate_dropped += sum(
-                spec.drop_degenerate and is_degenerate(c, getattr(c, "finished", True)) for c in cands
+                spec.drop_degenerate and is_degenerate(c.text, c.finished) for c in cands
             )
             if spec.oracle and traj.turns[-1].correct:
                 traj.stop_reason = "correct"
@@ -189,7 +189,7 @@ def samples_per_episode(spec: EpisodeSpec) -> int:
     return spec.first_n + (spec.turns - 1) * spec.later_n
 
 
-def _advance(episode: Generator[TurnRequest, list, None], cands: list | None) -> TurnRequest | None:
+def _advance(episode: Generator[TurnRequest, list[Completion], None], cands: list[Completion] | None) -> TurnRequest | None:
     """The episode's next request (None: it is over); `cands` answer its last one."""
     try:
         return next(episode) if cands is None else episode.send(cands)
@@ -215,7 +215,7 @@ def _run_continuously(engine: Engine, episodes: list) -> None:
     first = [(k, r) for k, e in enumerate(episodes) if (r := _advance(e, None)) is not None]
     index = [k for k, _ in first]  # the engine numbers the requests it was given first 0..m-1
 
-    def follow_up(j: int, cands: list) -> tuple | None:
+    def follow_up(j: int, cands: list[Completion]) -> tuple | None:
         r = _advance(episodes[index[j]], cands)
         return None if r is None else r[1:]
 
@@ -232,7 +232,7 @@ class _OneAtATime:
         with self._lock:
             return self.engine.prompt_len(conversation)
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
         with self._lock:
             return self.engine.generate(conversations, n, params)
 
@@ -258,28 +258,27 @@ def _run_on_threads(episodes: list, max_threads: int = 256) -> None:
             fut.result()  # the first failure is raised (the rest still finish first)
 
 
-def _choose(env: Env, problem: Problem, cands: list[str], spec: EpisodeSpec, source: str) -> Turn:
-    grades = [env.grade_problem(c, problem) for c in cands]
-    finished = [getattr(c, "finished", True) for c in cands]
-    bad = [spec.drop_degenerate and is_degenerate(c, f) for c, f in zip(cands, finished, strict=True)]
+def _choose(env: Env, problem: Problem, cands: list[Completion], spec: EpisodeSpec, source: str) -> Turn:
+    grades = [env.grade_problem(c.text, problem) for c in cands]
+    bad = [spec.drop_degenerate and is_degenerate(c.text, c.finished) for c in cands]
     usable = [k for k in range(len(cands)) if not bad[k]] or [0]
     # best: by reward, ties to the earliest candidate; first: evaluation never peeks at the gold
     k = max(usable, key=lambda j: (grades[j].reward, -j)) if spec.choose == "best" else usable[0]
     return Turn(
-        response=str(cands[k]),
+        response=cands[k].text,
         answer=grades[k].answer,
         reward=grades[k].reward,
         correct=grades[k].correct,
         source=source,
-        finished=finished[k],
+        finished=cands[k].finished,
         degenerate=bad[k],
-        candidates=[str(c) for c in cands],
+        candidates=[c.text for c in cands],
         candidate_answers=[g.answer for g in grades],
         candidate_rewards=[g.reward for g in grades],
         candidate_correct=[g.correct for g in grades],
-        prompt_ids=list(getattr(cands[k], "prompt_ids", ())),
-        token_ids=list(getattr(cands[k], "token_ids", ())),
-        logprobs=list(getattr(cands[k], "logprobs", None) or ()),
+        prompt_ids=list(cands[k].prompt_ids),
+        token_ids=list(cands[k].token_ids),
+        logprobs=list(cands[k].logprobs or ()),
     )
 
 

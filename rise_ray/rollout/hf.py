@@ -85,7 +85,7 @@ class HFEngine:
         return ids.to(self.device), mask.to(self.device)
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
         prompts = [self._ids(c) for c in conversations]
         check_fits([len(p) for p in prompts], params.max_tokens, self.max_model_len)
         # Expanding each prompt n times (rather than num_return_sequences) lets one micro-batch

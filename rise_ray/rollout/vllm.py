@@ -171,7 +171,7 @@ class VLLMEngine:
         return len(self._ids(conversation))
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
         prompts = [self._ids(c) for c in conversations]
         check_fits([len(p) for p in prompts], params.max_tokens, self.max_model_len)
         if not prompts or n < 1:

@@ -159,7 +159,7 @@ class AsyncVLLMEngine:
 
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
         return self.run(self.agenerate(conversations, n, params))
 
     def num_running(self) -> int:
