@@ -174,7 +174,7 @@ def main() -> None:
     from ray import serve
 
     from rise_ray.rollout.vllm_async import AsyncVLLMEngine
-    from rise_ray.serve.app import serve_command
+    from rise_ray.serve.deploy import serve_command
 
     os.environ.pop(cfg.serve.token_env, None)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,

@@ -115,7 +115,7 @@ def serve_target(target: str) -> tuple[str, str | None]:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """Serve a model: OpenAI-compatible chat, /v1/rise/solve (multi-turn), /healthz."""
-    from rise_ray.serve.app import serve_command
+    from rise_ray.serve.deploy import serve_command
 
     model, run_config = serve_target(ns.checkpoint)
     path, overrides = _split(ns.args)

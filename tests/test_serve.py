@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from rise_ray.config import load_config
-from rise_ray.serve.app import majority_answer
+from rise_ray.serve.results import majority_answer
 
 TOKEN = "test-token-4f1c"
 TOKEN_ENV = "RISE_SERVE_TEST_TOKEN"
@@ -124,7 +124,7 @@ def server(boxed_model):
     import ray
     from ray import serve
 
-    from rise_ray.serve.app import serve_command
+    from rise_ray.serve.deploy import serve_command
 
     if ray.is_initialized():
         ray.shutdown()
@@ -386,13 +386,13 @@ def test_serve_config_file_builds_the_app(server):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from rise_ray.serve.app import build_app
+    from rise_ray.serve.deploy import build_app
 
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "serve", "deploy.yaml")
     with open(path) as f:
         schema = ServeDeploySchema.model_validate(yaml.safe_load(f))
     (app_cfg,) = schema.applications
-    assert app_cfg.import_path == "rise_ray.serve.app:build_app" and schema.http_options.host == "127.0.0.1"
+    assert app_cfg.import_path == "rise_ray.serve.deploy:build_app" and schema.http_options.host == "127.0.0.1"
     args = {**app_cfg.args, "checkpoint": server.checkpoint, "config": None}
     app = build_app(args)  # builds the bound deployment; nothing is deployed
     assert type(app).__name__ == "Application"
@@ -406,7 +406,7 @@ def test_vllm_engine_serves_chat_and_solve(server):
     from openai import OpenAI
     from ray import serve
 
-    from rise_ray.serve.app import make_app
+    from rise_ray.serve.deploy import make_app
 
     cfg = load_config(overrides=[*OVERRIDES, "serve.engine=vllm"])
     serve.run(make_app(server.checkpoint, cfg, TOKEN), name="rise-vllm", route_prefix="/vllm")

@@ -45,7 +45,7 @@ def url(tmp_path_factory):
     from ray import serve
 
     from rise_ray.demo.tiny import build_tiny_model
-    from rise_ray.serve.app import serve_command
+    from rise_ray.serve.deploy import serve_command
 
     model = build_tiny_model(str(tmp_path_factory.mktemp("async") / "tiny"), hidden_size=64, num_layers=2,
                              num_heads=1, intermediate_size=192)

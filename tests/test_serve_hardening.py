@@ -56,7 +56,7 @@ def url(hmodel):
     import ray
     from ray import serve
 
-    from rise_ray.serve.app import serve_command
+    from rise_ray.serve.deploy import serve_command
 
     if ray.is_initialized():
         ray.shutdown()

@@ -21,7 +21,7 @@ Overload past max_ongoing_requests per replica plus max_queued_requests at the p
 backpressure: 503 with Retry-After. /healthz and Serve's health check report a dead engine;
 Serve then replaces the replica.
 
-    serve run rise_ray.serve.app:build_app checkpoint=/path/to/model      # or `rise serve`
+    serve run rise_ray.serve.deploy:build_app checkpoint=/path/to/model      # or `rise serve`
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ from ray import serve
 
 from rise_ray.config import RunConfig
 from rise_ray.envs.base import Env, Problem
-from rise_ray.rollout.engine import Conversation, PromptTooLong, SamplingParams
+from rise_ray.rollout.engine import Completion, Conversation, PromptTooLong, SamplingParams
 from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
 from rise_ray.serve import errors
+from rise_ray.serve.auth import read_token, token_digest
 from rise_ray.serve.chat import chat_async, check_chat, wave_reply
-from rise_ray.serve.deploy import ROUTES, read_token, token_digest  # noqa: F401  (ROUTES: importers name it here)
 from rise_ray.serve.grading import BoundedEnv, GraderPool, serve_env
 from rise_ray.serve.limits import (
     Cancelled,
@@ -60,7 +60,7 @@ from rise_ray.serve.limits import (
     check_seed,
     read_body,
 )
-from rise_ray.serve.results import ServeMetrics, majority_answer, solve_result, sse_events  # noqa: F401
+from rise_ray.serve.results import ServeMetrics, solve_result
 from rise_ray.serve.schemas import ApiError, ChatRequest, SolveRequest, parse
 
 
@@ -194,7 +194,9 @@ class RiseServer:
             )
 
     # -- generation: one batch queue, engine calls on the event loop's thread -------------------------
-    async def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+    async def generate(
+        self, conversations: list[Conversation], n: int, params: SamplingParams
+    ) -> list[list[Completion]]:
         """The Engine protocol's generate: on the async engine, or through the batch queue."""
         if self.is_async:
             try:
@@ -208,7 +210,7 @@ class RiseServer:
                 raise out
         return list(outs)
 
-    def _run_engine(self, jobs: Sequence[_Job]) -> list[list[str]]:
+    def _run_engine(self, jobs: Sequence[_Job]) -> list[list[Completion]]:
         # On the event loop's own thread, blocking it for the batch: requests that arrive meanwhile
         # wait in Serve's (separate) main loop and form the next batch. Not an engine thread: one
         # holding the GIL starves the loop that feeds it, and batches stay near one request
@@ -325,7 +327,7 @@ class RiseServer:
         except PromptTooLong as e:
             raise ApiError(400, f"messages: {e}", "messages", "context_length_exceeded") from None
         self.metrics.chat.inc(tags={"stream": str(bool(req.stream)).lower()})
-        completion_tokens = sum(self._count_tokens(o) for o in outs)
+        completion_tokens = sum(self._count_tokens(o.text) for o in outs)
         return wave_reply(self.model_name, req, outs, prompt_tokens, completion_tokens)
 
     @api.post("/v1/rise/solve")
@@ -386,7 +388,3 @@ class RiseServer:
             raise
         finally:
             self._slots.give(stopped)
-
-
-# `serve run rise_ray.serve.app:build_app` and `rise serve` name these here.
-from rise_ray.serve.deploy import AppArgs, build_app, check_checkpoint, make_app, serve_command  # noqa: E402, F401

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from rise_ray.rollout.engine import SamplingParams
+from rise_ray.rollout.engine import Completion, SamplingParams
 from rise_ray.serve.results import sse_events
 from rise_ray.serve.schemas import ApiError, ChatRequest
 
@@ -153,20 +153,23 @@ async def chat_async(engine: Any, model: str, req: ChatRequest, prompt_ids: list
     return run.whole(final)
 
 
-def wave_reply(model: str, req: ChatRequest, outs: list[str], prompt_tokens: int, completion_tokens: int) -> Any:
+def wave_reply(
+    model: str, req: ChatRequest, outs: list[Completion], prompt_tokens: int, completion_tokens: int
+) -> Any:
     """The response to a chat request the transformers engine answered whole (streamed: one content
     chunk per choice)."""
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    reasons = ["stop" if getattr(o, "finished", True) else "length" for o in outs]
+    texts = [o.text for o in outs]
+    reasons = ["stop" if o.finished else "length" for o in outs]
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     if req.stream:
         with_usage = bool((req.stream_options or {}).get("include_usage"))
-        events = sse_events(model, rid, created, outs, reasons, usage if with_usage else None)
+        events = sse_events(model, rid, created, texts, reasons, usage if with_usage else None)
         return StreamingResponse(events, media_type="text/event-stream")
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": str(o)}, "finish_reason": r, "logprobs": None}
-        for i, (o, r) in enumerate(zip(outs, reasons, strict=True))
+        {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": r, "logprobs": None}
+        for i, (text, r) in enumerate(zip(texts, reasons, strict=True))
     ]
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": usage}

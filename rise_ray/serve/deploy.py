@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -13,26 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from rise_ray.config import DEFAULT_CONFIG, RunConfig, load_config
+from rise_ray.serve.auth import read_token, token_digest
 
 ROUTES = ("GET /healthz", "GET /v1/models", "POST /v1/chat/completions", "POST /v1/rise/solve")
-
-
-def token_digest(token: str) -> str:
-    """SHA-256 of the token without surrounding whitespace (a token read from a file or an
-    environment variable often ends in a newline; clients send it without)."""
-    return hashlib.sha256(token.strip().encode()).hexdigest()
-
-
-def read_token(cfg: RunConfig) -> str | None:
-    """The bearer token from $serve.token_env (stripped); None when unset. A blank one is an error:
-    a deployment meant to have a token never serves without one."""
-    s = cfg.serve
-    token = os.environ.get(s.token_env)
-    if token is None:
-        return None
-    if not token.strip():
-        raise ValueError(f"${s.token_env} is set but blank: refusing to serve without a token")
-    return token.strip()
 
 
 def make_app(checkpoint: str, cfg: RunConfig, token: str | None = None) -> serve.Application:
@@ -77,7 +59,7 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: Mapping[str, Any] | AppArgs) -> serve.Application:
-    """The import-path builder for `serve deploy` / `serve run`: rise_ray.serve.app:build_app."""
+    """The import-path builder for `serve deploy` / `serve run`: rise_ray.serve.deploy:build_app."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args))
     overrides = a.overrides.split() if isinstance(a.overrides, str) else a.overrides
     cfg = load_config(a.config or DEFAULT_CONFIG, overrides)

@@ -7,15 +7,22 @@ import re
 import threading
 from collections.abc import Iterable
 from concurrent.futures import CancelledError, Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import Request
 
-from rise_ray.rollout.engine import Conversation, SamplingParams
+from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
 from rise_ray.serve.schemas import SEED_MAX, ApiError
 
-if TYPE_CHECKING:
-    from rise_ray.serve.app import RiseServer
+
+class _Generates(Protocol):
+    """What LoopEngine needs of the replica (RiseServer): its async, batched generate."""
+
+    max_model_len: int
+
+    def prompt_len(self, conversation: Conversation) -> int: ...
+
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> Any: ...
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -121,7 +128,7 @@ class LoopEngine:
     """The Engine protocol for run_episodes on a worker thread: generate() goes through the
     replica's batch queue on its event loop, so solve turns are batched with chat requests."""
 
-    def __init__(self, server: RiseServer, loop: asyncio.AbstractEventLoop, cancel: CancelToken) -> None:
+    def __init__(self, server: _Generates, loop: asyncio.AbstractEventLoop, cancel: CancelToken) -> None:
         self.server = server
         self.loop = loop
         self.cancel = cancel
@@ -130,5 +137,5 @@ class LoopEngine:
     def prompt_len(self, conversation: Conversation) -> int:
         return self.server.prompt_len(conversation)
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
         return self.cancel.run(self.server.generate(conversations, n, params), self.loop)

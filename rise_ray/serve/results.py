@@ -51,7 +51,7 @@ def solve_result(traj: Trajectory, env: Env, turns: int, graded: bool) -> dict[s
 
 
 def sse_events(
-    model: str, rid: str, created: int, outs: list[str], reasons: list[str], usage: dict[str, int] | None
+    model: str, rid: str, created: int, texts: list[str], reasons: list[str], usage: dict[str, int] | None
 ) -> Iterator[str]:
     """Server-sent events in OpenAI's chunk format. The engine returns whole replies, so each
     choice comes as one content chunk, then its finish chunk."""
@@ -61,8 +61,8 @@ def sse_events(
                 "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    for i, (o, r) in enumerate(zip(outs, reasons, strict=True)):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": str(o)}, "finish_reason": None}])
+    for i, (text, r) in enumerate(zip(texts, reasons, strict=True)):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": text}, "finish_reason": None}])
         yield chunk([{"index": i, "delta": {}, "finish_reason": r}])
     if usage is not None:
         yield chunk([], usage=usage)
