@@ -94,8 +94,9 @@ class RolloutConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    path: str | None = None  # required when rollout.improve_with == "teacher"
-    engine: Literal["hf", "vllm"] = "hf"
+    path: str | None = None  # required when rollout.improve_with == "teacher", unless engine is solver
+    # solver: no model, a programmatic worked solution for the arithmetic env (rise_ray.rollout.solver)
+    engine: Literal["hf", "vllm", "solver"] = "hf"
     num_engines: int = Field(1, ge=1)
     num_cpus_per_engine: float = Field(1.0, gt=0)
     num_gpus_per_engine: float = Field(0.0, ge=0)
@@ -220,6 +221,12 @@ class SyncConfig(_Strict):
     bucket_mb: int = Field(1024, ge=1)  # tensors sent per transfer step (bounds the extra GPU memory)
 
 
+class ClusterConfig(_Strict):
+    # How long a stage waits for Ray to place its engines or trainer workers before failing: on a
+    # cluster that scales from zero the autoscaler is launching their nodes (boot, image, setup).
+    scale_up_timeout_s: float = Field(1800.0, gt=0)
+
+
 class ObserveConfig(_Strict):
     """Per-stage metrics in the Ray dashboard / Prometheus, and optional experiment tracking."""
 
@@ -289,6 +296,7 @@ class RunConfig(_Strict):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("name")
     @classmethod
@@ -299,8 +307,11 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _teacher_needs_path(self) -> RunConfig:
-        if self.rollout.improve_with == "teacher" and not self.teacher.path:
+        if self.rollout.improve_with == "teacher" and not self.teacher.path and self.teacher.engine != "solver":
             raise ValueError("rollout.improve_with is 'teacher' but teacher.path is not set")
+        if self.teacher.engine == "solver" and self.env.name != "arithmetic":
+            raise ValueError(f"teacher.engine 'solver' solves the arithmetic env's questions, not env.name "
+                             f"{self.env.name!r}")
         r = self.rollout
         if r.colocate_with_trainer and not (self.train.use_gpu and 0.5 < r.num_gpus_per_engine < 1 and r.tensor_parallel_size == 1):
             raise ValueError("rollout.colocate_with_trainer shares each GPU between an engine and a trainer worker: "

@@ -58,7 +58,8 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
     base = manifest.run_stage("base_model", build_base, cfg, env, run_dir)
     weights = latest_weights(manifest, cfg.iterations) or base
     check_model_on_nodes(weights)  # also on resume, where base_model was skipped: every node reads it
-    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, pointer, cfg.sync.method)
+    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, pointer, cfg.sync.method,
+                       cfg.cluster.scale_up_timeout_s)
     teacher = make_teacher(cfg)
 
     def evaluate_stage(k: int) -> dict:
@@ -124,9 +125,13 @@ def make_teacher(cfg: RunConfig):
         "tensor_parallel_size": tcfg.tensor_parallel_size, "gpu_memory_utilization": tcfg.gpu_memory_utilization,
         "colocate_with_trainer": False,  # the teacher never trains: it keeps its GPUs
     })
-    teacher_model = ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len, chat_template=tcfg.chat_template)
-    path = resolve_model(teacher_model, os.path.abspath(os.path.join(cfg.run_dir, cfg.name)))
-    return make_pool(rollout, teacher_model, path, cfg.seed, sync_method=None)  # never synced
+    if tcfg.engine == "solver":  # no model: nothing to resolve, no context of its own
+        teacher_model, path = ModelConfig(max_model_len=tcfg.max_model_len or 4096), "solver"
+    else:
+        teacher_model = ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len, chat_template=tcfg.chat_template)
+        path = resolve_model(teacher_model, os.path.abspath(os.path.join(cfg.run_dir, cfg.name)))
+    return make_pool(rollout, teacher_model, path, cfg.seed, sync_method=None,  # never synced
+                     scale_up_timeout_s=cfg.cluster.scale_up_timeout_s)
 
 
 def collect_stage(policy, teacher, env, grader_opts, problems, cfg: RunConfig, k: int, it: str) -> dict:

@@ -117,6 +117,7 @@ def make_pool(
     seed: int,
     pointer_path: str | None = None,
     sync_method: str | None = "auto",
+    scale_up_timeout_s: float = 1800.0,
 ):
     from rise_ray.rollout.pool import RolloutPool
 
@@ -129,4 +130,5 @@ def make_pool(
         engine_kwargs=engine_kwargs(rollout, model, seed, sync_method, model_path),
         pointer_path=pointer_path,
         cpu_threads=rollout.cpu_threads,
+        scale_up_timeout_s=scale_up_timeout_s,
     )

@@ -39,10 +39,18 @@ def test_an_engine_that_crashes_on_every_request_fails_the_stage(ray_local, tiny
 
 
 @pytest.mark.timeout(120)
+def test_engines_that_cannot_be_placed_fail_at_the_scale_up_deadline_naming_them(ray_local, tiny_model_dir):
+    from rise_ray.cluster import PlacementTimeout
+
+    with pytest.raises(PlacementTimeout, match=r"1 hf engine\(s\) .*'GPU': 1.*within 3 s \(cluster.scale_up_timeout_s\)"):
+        RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, num_gpus=1, scale_up_timeout_s=3)  # no GPU here
+
+
+@pytest.mark.timeout(120)
 def test_engine_start_up_has_a_deadline_naming_what_it_waited_for(ray_local, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(pool_mod, "READY_TIMEOUT_S", 3.0)
-    with pytest.raises(pool_mod.EngineTimeout, match=r"engine start-up: 1 of 1 hf engine\(s\).*'GPU': 1"):
-        RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, num_gpus=1)  # no GPU here: never placed
+    monkeypatch.setattr(pool_mod, "READY_TIMEOUT_S", 0.01)  # placed at once, never ready that fast
+    with pytest.raises(pool_mod.EngineTimeout, match=r"engine start-up: 1 of 1 hf engine\(s\).*'CPU': 0.5"):
+        RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5)
 
 
 @pytest.mark.timeout(180)

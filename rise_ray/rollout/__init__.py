@@ -1,4 +1,4 @@
-"""Rollout engines; `make_engine` picks one by name so configs can say `engine: hf | vllm`."""
+"""Rollout engines; `make_engine` picks one by name so configs can say `engine: hf | vllm` (a teacher also `solver`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from rise_ray.rollout.engine import Engine
 
-ENGINE_KINDS = ("hf", "vllm", "vllm_async")
+ENGINE_KINDS = ("hf", "vllm", "vllm_async", "solver")
 
 
 def make_engine(kind: str | type, model_path: str, **kwargs: Any) -> Engine:
@@ -26,4 +26,8 @@ def make_engine(kind: str | type, model_path: str, **kwargs: Any) -> Engine:
         from rise_ray.rollout.vllm_async import AsyncVLLMEngine
 
         return AsyncVLLMEngine(model_path, **kwargs)
+    if kind == "solver":  # a programmatic teacher for the arithmetic env (distillation)
+        from rise_ray.rollout.solver import ArithmeticSolver
+
+        return ArithmeticSolver(model_path, **kwargs)
     raise ValueError(f"unknown engine kind {kind!r}; known kinds: {', '.join(ENGINE_KINDS)}")

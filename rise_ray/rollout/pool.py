@@ -35,10 +35,11 @@ from typing import Any
 import ray
 import torch
 
+from rise_ray.cluster import wait_for_room
 from rise_ray.envs.base import Problem
 from rise_ray.progress import POLL_TIMEOUT_S, Reporter, remote_tally, start_board
 from rise_ray.rollout.batch import CALL_TIMEOUT_S, EngineTimeout, cached_env, episode_batch, wait  # noqa: F401 (EngineTimeout: re-exported)
-from rise_ray.rollout.engine import Conversation, SamplingParams
+from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
 from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, samples_per_episode
 
 # Deadlines (seconds; environment variables override them). Start-up covers loading and compiling;
@@ -83,7 +84,7 @@ class EngineActor:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         }
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[str]]:
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
         return self.engine.generate(conversations, n, params)
 
     def run_episodes(
@@ -152,11 +153,17 @@ class RolloutPool:
         engine_kwargs: dict[str, Any] | None = None,
         pointer_path: str | None = None,
         cpu_threads: int | None = None,
+        scale_up_timeout_s: float = 1800.0,
     ):
         self.kind = kind
         self.model_path = model_path
         self.pointer_path = pointer_path
         self.engine_kwargs = dict(engine_kwargs or {})
+        need = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        # The start-up deadline below counts from when the engines' nodes are up, not from a demand
+        # the autoscaler has yet to meet.
+        wait_for_room([need] * num_engines, f"{num_engines} {kind} engine(s) of {model_path} (each {need})",
+                      scale_up_timeout_s)
         self.actors = [
             EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
                 kind, model_path, engine_kwargs or {}, pointer_path, cpu_threads
@@ -169,7 +176,6 @@ class RolloutPool:
         if len(ready) < len(refs):
             for a in self.actors:
                 ray.kill(a, no_restart=True)
-            need = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
             raise EngineTimeout(
                 f"engine start-up: {len(refs) - len(ready)} of {num_engines} {kind} engine(s) of {model_path} "
                 f"(each {need}) not ready within {deadline:.0f} s (RISE_ENGINE_READY_TIMEOUT_S"

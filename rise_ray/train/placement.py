@@ -19,16 +19,13 @@ without end, so `reserve` first reserves the same bundles with a deadline and fa
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from rise_ray.cluster import PlacementTimeout as PlacementTimeout
+from rise_ray.cluster import wait_for_room
+
 NODE_LABEL = "ray.io/node-id"  # a label Ray gives every node
-PLACEMENT_TIMEOUT_S = float(os.environ.get("RISE_TRAIN_PLACEMENT_TIMEOUT_S", "600"))
 STRATEGY = "PACK"  # Ray Train's default placement_strategy, used by both
-
-
-class PlacementTimeout(RuntimeError):
-    """Ray could not place the training workers in time."""
 
 
 def worker_placement(cfg: Any, engine_nodes: list[str] | None = None) -> tuple[dict[str, float], list[dict] | None]:
@@ -47,23 +44,10 @@ def worker_placement(cfg: Any, engine_nodes: list[str] | None = None) -> tuple[d
     return res, None
 
 
-def reserve(resources: dict[str, float], num_workers: int, labels: list[dict] | None,
-            timeout: float | None = None) -> None:
+def reserve(resources: dict[str, float], num_workers: int, labels: list[dict] | None, timeout: float) -> None:
     """Reserve what Ray Train's worker group will ask for (its bundles, strategy and label
-    selectors), then release it; raise PlacementTimeout naming it when Ray cannot place it in time."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    timeout = PLACEMENT_TIMEOUT_S if timeout is None else timeout
-    kw = {"bundle_label_selector": labels} if labels else {}
-    pg = placement_group([dict(resources)] * num_workers, strategy=STRATEGY, **kw)
-    try:
-        ready = pg.wait(timeout_seconds=timeout)
-    finally:
-        remove_placement_group(pg)
-    if not ready:
-        where = f", worker i on the node of engine i ({[s[NODE_LABEL][:8] for s in labels]})" if labels else ""
-        raise PlacementTimeout(
-            f"Ray Train placement: {num_workers} worker(s) of {resources}{where} could not be placed within "
-            f"{timeout:.0f} s (RISE_TRAIN_PLACEMENT_TIMEOUT_S); free now: {ray.available_resources()}"
-        )
+    selectors), then release it; raise PlacementTimeout naming it when Ray cannot place it within
+    `timeout` (cluster.scale_up_timeout_s: an autoscaler may be launching the nodes)."""
+    where = f", worker i on the node of engine i ({[s[NODE_LABEL][:8] for s in labels]})" if labels else ""
+    wait_for_room([dict(resources)] * num_workers, f"Ray Train placement: {num_workers} worker(s) of {resources}{where}",
+                  timeout, labels, STRATEGY)

@@ -146,7 +146,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
     check_resources(tcfg, train_gpus_per_worker(cfg))
     resources, labels = worker_placement(cfg, engine_nodes)
     try:
-        reserve(resources, tcfg.num_workers, labels)
+        reserve(resources, tcfg.num_workers, labels, cfg.cluster.scale_up_timeout_s)
     except PlacementTimeout as e:
         raise TrainError(str(e)) from None
 

@@ -1,0 +1,92 @@
+"""Waiting for room on the cluster before a stage starts its actors.
+
+On a cluster that scales from zero (cluster/*.yaml: GPU workers at min_workers 0) a stage's nodes
+may not exist yet: the autoscaler launches them when it sees the demand, and boot, image pull and
+setup take minutes. So each stage first asks Ray for its actors' bundles as a placement group (the
+demand the autoscaler acts on) and waits up to cluster.scale_up_timeout_s, printing every
+PROGRESS_EVERY_S what it waits for and what the autoscaler reports pending (as `ray status`
+shows it). The placement group is then removed and the actors are created on the nodes now up;
+their own deadlines (engine start-up, training) start only then.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+PROGRESS_EVERY_S = 30.0
+
+
+class PlacementTimeout(RuntimeError):
+    """Ray could not place a stage's actors in time."""
+
+
+def autoscaler_pending() -> str:
+    """What the autoscaler reports launching or pending ("" when there is no autoscaler report):
+    autoscaler v2's cluster status, else v1's report in the GCS key-value store (what `ray status`
+    reads)."""
+    import ray
+
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if is_autoscaler_v2():
+            from ray.autoscaler.v2.sdk import get_cluster_status
+
+            s = get_cluster_status(ray.get_runtime_context().gcs_address)
+            launching = {r.ray_node_type_name: r.count for r in s.pending_launches}
+            pending = [n.ray_node_type_name for n in s.pending_nodes]
+            failed = [r.ray_node_type_name for r in s.failed_launches]
+        else:
+            from ray._private import ray_constants
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+            if not raw:
+                return ""
+            report = json.loads(raw).get("autoscaler_report") or {}
+            launching = dict(report.get("pending_launches") or {})
+            pending = [n[1] for n in report.get("pending_nodes") or []]
+            failed = [n[1] for n in report.get("failed_nodes") or []]
+    except Exception as e:  # a status we cannot read must not stop the wait it only describes
+        return f"(autoscaler status unreadable: {e!r})"
+    parts = [f"launching {n} {t}" for t, n in sorted(launching.items())]
+    parts += [f"{pending.count(t)} {t} starting" for t in sorted(set(pending))]
+    parts += [f"{failed.count(t)} {t} failed" for t in sorted(set(failed))]
+    return ", ".join(parts) or "nothing pending"
+
+
+def wait_for_room(
+    bundles: list[dict[str, float]],
+    what: str,
+    timeout: float,
+    labels: list[dict[str, str]] | None = None,
+    strategy: str = "PACK",
+) -> float:
+    """Block until Ray can place `bundles` (with per-bundle label selectors), then release them.
+    Returns the seconds waited; raises PlacementTimeout naming `what` after `timeout` seconds."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    kw: dict[str, Any] = {"bundle_label_selector": labels} if labels else {}
+    pg = placement_group([dict(b) for b in bundles], strategy=strategy, **kw)
+    start = time.monotonic()
+    try:
+        while True:
+            waited = time.monotonic() - start
+            if pg.wait(timeout_seconds=max(0.0, min(PROGRESS_EVERY_S, timeout - waited))):
+                return time.monotonic() - start
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                break
+            pending = autoscaler_pending()
+            print(f"[rise] waiting for room: {what} ({waited:.0f} s of cluster.scale_up_timeout_s="
+                  f"{timeout:.0f}){'; autoscaler: ' + pending if pending else ''}", flush=True)
+    finally:
+        remove_placement_group(pg)
+    pending = autoscaler_pending()
+    raise PlacementTimeout(
+        f"{what} could not be placed within {timeout:.0f} s (cluster.scale_up_timeout_s); free now: "
+        f"{ray.available_resources()}{'; autoscaler: ' + pending if pending else ''}"
+    )

@@ -1,0 +1,40 @@
+"""The programmatic arithmetic teacher (teacher.engine=solver): its worked solutions are right and
+read by the env's grader, it reads the question from the conversation (feedback turns included),
+and configs that cannot use it are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from rise_ray.config import ConfigError, load_config
+from rise_ray.envs.arithmetic import make_arithmetic
+from rise_ray.rollout import make_engine
+from rise_ray.rollout.engine import SamplingParams
+from rise_ray.rollout.episodes import build_conversation
+from rise_ray.rollout.solver import worked_solution
+
+
+def test_worked_solutions_split_the_larger_factor_and_box_the_product():
+    assert worked_solution(7, "*", 23) == "7*23 = 7*20 + 7*3 = 140 + 21 = 161. The answer is \\boxed{161}."
+    assert worked_solution(14, "*", 3) == "14*3 = 3*10 + 3*4 = 30 + 12 = 42. The answer is \\boxed{42}."
+    assert worked_solution(6, "*", 20) == "6*20 = 120. The answer is \\boxed{120}."
+    assert worked_solution(47, "+", 8) == "47+8 = 55. The answer is \\boxed{55}."
+
+
+@pytest.mark.parametrize("task,b_range", [("mul", (2, 25)), ("add", (1, 9))])
+def test_the_solver_is_right_on_every_problem_at_every_turn(task, b_range):
+    env = make_arithmetic(task=task, num_train=40, num_test=0, b_range=b_range, seed=3,
+                          system_prompt="Put your final answer in \\boxed{}.")
+    solver = make_engine("solver", "solver", max_model_len=1024, dtype="auto")
+    convs = [build_conversation(env, p, ["\\boxed{1}"] * k, None) for k, p in enumerate(env.train[:40:4])]
+    outs = solver.generate(convs, 2, SamplingParams())
+    assert all(len(o) == 2 for o in outs)
+    for p, (c, _) in zip(env.train[:40:4], outs, strict=True):
+        assert env.grade_problem(c.text, p).correct, (p.question, c.text)
+
+
+def test_configs_that_cannot_use_the_solver_are_refused():
+    with pytest.raises(ConfigError, match="solver.*arithmetic"):
+        load_config(None, ["env.name=gsm8k", "rollout.improve_with=teacher", "teacher.engine=solver"])
+    cfg = load_config(None, ["env.name=arithmetic", "rollout.improve_with=teacher", "teacher.engine=solver"])
+    assert cfg.teacher.path is None  # no model to name
