@@ -38,3 +38,28 @@ def test_configs_that_cannot_use_the_solver_are_refused():
         load_config(None, ["env.name=gsm8k", "rollout.improve_with=teacher", "teacher.engine=solver"])
     cfg = load_config(None, ["env.name=arithmetic", "rollout.improve_with=teacher", "teacher.engine=solver"])
     assert cfg.teacher.path is None  # no model to name
+
+
+@pytest.mark.timeout(300)
+def test_a_pool_run_with_the_solver_as_teacher_gives_its_worked_solutions_after_the_first_turn(
+    ray_local, tiny_model_dir
+):
+    """Through Ray Data and the engine actors as a collection runs them: the policy answers turn
+    1, the solver every later turn (its prompt lengths counted on its own actor: no tokenizer)."""
+    from rise_ray.rollout.episodes import EpisodeSpec
+    from rise_ray.rollout.pool import RolloutPool
+
+    env = make_arithmetic(task="mul", num_train=0, num_test=6, b_range=(2, 25), seed=1)
+    policy = RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, engine_kwargs={"max_model_len": 512})
+    teacher = RolloutPool("solver", "solver", num_engines=1, num_cpus=0.1, engine_kwargs={"max_model_len": 4096})
+    try:
+        spec = EpisodeSpec(turns=3, params=SamplingParams(max_tokens=8, seed=0), first_n=1, later_n=2, choose="best")
+        trajs = policy.run(env.name, {"task": "mul", "b_range": [2, 25], "num_train": 0, "num_test": 0}, env.test, spec, batch_size=3,
+                           teacher=teacher, progress=None)  # fmt: skip
+    finally:
+        policy.shutdown()
+        teacher.shutdown()
+    assert len(trajs) == 6
+    for traj, p in zip(trajs, env.test, strict=True):
+        assert [t.source for t in traj.turns] == ["policy", "teacher", "teacher"]
+        assert all(t.correct and t.response.endswith(f"\\boxed{{{p.meta['a'] * p.meta['b']}}}.") for t in traj.turns[1:]), (p, traj.turns)

@@ -40,7 +40,7 @@ def _tokenizer(path: str):
 class RemoteEngine:
     """The Engine protocol over an EngineActor handle (used inside Ray Data tasks)."""
 
-    def __init__(self, actor, model_path: str, max_model_len: int):
+    def __init__(self, actor, model_path: str | None, max_model_len: int):
         self.actor = actor
         self.model_path = model_path
         self.max_model_len = max_model_len
@@ -50,7 +50,10 @@ class RemoteEngine:
         return wait(ref, f"engine generate ({len(conversations)} conversations x {n})", CALL_TIMEOUT_S)
 
     def prompt_len(self, conversation: Conversation) -> int:
-        # Tokenised here, not on the actor: one round trip per turn, not per conversation.
+        # Tokenised here, not on the actor: one round trip per turn, not per conversation. An
+        # engine without a model (model_path None: the arithmetic solver) counts on its actor.
+        if self.model_path is None:
+            return wait(self.actor.prompt_len.remote(conversation), "engine prompt_len", CALL_TIMEOUT_S)
         return len(chat_prompt_ids(_tokenizer(self.model_path), conversation))
 
     def update_weights(self, weights: Any) -> None:

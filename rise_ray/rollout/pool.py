@@ -87,6 +87,9 @@ class EngineActor:
     def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
         return self.engine.generate(conversations, n, params)
 
+    def prompt_len(self, conversation: Conversation) -> int:
+        return self.engine.prompt_len(conversation)
+
     def run_episodes(
         self, env_name: str, env_options: str, problems: list[Problem], spec: EpisodeSpec, progress: tuple | None = None
     ) -> list[Trajectory]:
@@ -157,6 +160,9 @@ class RolloutPool:
     ):
         self.kind = kind
         self.model_path = model_path
+        # Where a Ray Data task reads the tokenizer to count prompt tokens; None: the engine has no
+        # model (the arithmetic solver) and counts them itself.
+        self.tokenizer_path = None if kind == "solver" else model_path
         self.pointer_path = pointer_path
         self.engine_kwargs = dict(engine_kwargs or {})
         need = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
@@ -225,7 +231,7 @@ class RolloutPool:
                 "actors": self.actors,
                 "model_path": self.model_path,
                 "max_model_len": self.max_model_len,
-                "teacher": None if teacher is None else (teacher.actors, teacher.model_path, teacher.max_model_len),
+                "teacher": None if teacher is None else (teacher.actors, teacher.tokenizer_path, teacher.max_model_len),
                 "env_name": env_name,
                 "env_options": json.dumps(env_options, sort_keys=True, default=str),
                 "spec": spec,
