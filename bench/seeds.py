@@ -7,7 +7,7 @@ Steps:
   2. read each run's metrics.json (a seed whose run already finished is read, not rerun: `rise run`
      resumes a run directory and redoes nothing);
   3. print mean ± sd (sample sd over seeds) per iteration, check the default's targets on the
-     means, and write JSON.
+     means, and write JSON and a plot of accuracy by turn (mean over the seeds).
 
     python bench/seeds.py                                   # seeds 0 1 2 of the embedded default
     python bench/seeds.py --label paper rollout.stop_when_correct=true data.stop_at_correct=true data.dedupe=true
@@ -133,6 +133,13 @@ def main() -> int:
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print("wrote", out)
+    from rise_ray.eval.report import plot_turns  # accuracy by turn, mean over the seeds
+
+    means = [{"iteration": r["iteration"], "acc_by_turn": [t["mean"] for t in r["acc_by_turn"]], "parallel": 5,
+              "m5@t1": r["m5@t1"]["mean"]} for r in rows]  # fmt: skip
+    plot_turns(means, out.removesuffix(".json") + ".png",
+               f"{ns.label}: accuracy per turn, mean of {len(ns.seeds)} seed(s), no oracle")
+    print("wrote", out.removesuffix(".json") + ".png")
     return 0
 
 
