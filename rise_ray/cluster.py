@@ -16,6 +16,11 @@ import time
 from typing import Any
 
 PROGRESS_EVERY_S = 30.0
+# The GCS address of the Ray that session.init_ray started itself (address="local"): no autoscaler
+# adds nodes to it, so there a demand that no node can hold fails at once instead of after
+# cluster.scale_up_timeout_s. (An address, not a flag: a later connection to another cluster in the
+# same process, as in tests, must not inherit it.)
+OWN_RAY: str | None = None
 
 
 class PlacementTimeout(RuntimeError):
@@ -69,6 +74,9 @@ def wait_for_room(
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    if ray.get_runtime_context().gcs_address == OWN_RAY and (missing := unplaceable(bundles)):
+        raise PlacementTimeout(f"{what}: {missing}, and this Ray, started by rise on this machine, adds no nodes "
+                               "(join a cluster with RAY_ADDRESS, or ask for less)")
     kw: dict[str, Any] = {"bundle_label_selector": labels} if labels else {}
     pg = placement_group([dict(b) for b in bundles], strategy=strategy, **kw)
     start = time.monotonic()
@@ -90,3 +98,15 @@ def wait_for_room(
         f"{what} could not be placed within {timeout:.0f} s (cluster.scale_up_timeout_s); free now: "
         f"{ray.available_resources()}{'; autoscaler: ' + pending if pending else ''}"
     )
+
+
+def unplaceable(bundles: list[dict[str, float]]) -> str | None:
+    """What no live node could hold even when idle (a bundle larger than every node), or None."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for b in bundles:
+        if not any(all(res.get(k, 0.0) >= v for k, v in b.items() if v) for res in nodes):
+            have = [{k: res.get(k, 0.0) for k in b} for res in nodes]
+            return f"no node holds {b} (the nodes have {have})"
+    return None

@@ -25,7 +25,11 @@ def init_ray(num_cpus: int | None = None) -> str | None:
     # warning every second of training).
     # address="local": a new Ray of our own. Without it ray.init joins whatever cluster was started
     # last on this machine (another user's run, a test's), which can vanish mid-run.
-    return ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True).dashboard_url
+    from rise_ray import cluster
+
+    ctx = ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+    cluster.OWN_RAY = ray.get_runtime_context().gcs_address  # no autoscaler behind a Ray of our own
+    return ctx.dashboard_url
 
 
 def make_env(cfg: EnvConfig):

@@ -46,6 +46,18 @@ def test_engines_that_cannot_be_placed_fail_at_the_scale_up_deadline_naming_them
         RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, num_gpus=1, scale_up_timeout_s=3)  # no GPU here
 
 
+def test_a_ray_of_our_own_refuses_engines_no_node_can_hold_at_once(ray_local, tiny_model_dir, monkeypatch):
+    import time
+
+    from rise_ray import cluster
+
+    monkeypatch.setattr(cluster, "OWN_RAY", ray_local.get_runtime_context().gcs_address)  # as init_ray sets it
+    t0 = time.monotonic()
+    with pytest.raises(cluster.PlacementTimeout, match=r"no node holds \{'CPU': 0.5, 'GPU': 1\}.*adds no nodes"):
+        RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.5, num_gpus=1, scale_up_timeout_s=600)
+    assert time.monotonic() - t0 < 60  # not the 600 s wait for an autoscaler
+
+
 @pytest.mark.timeout(120)
 def test_engine_start_up_has_a_deadline_naming_what_it_waited_for(ray_local, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(pool_mod, "READY_TIMEOUT_S", 0.01)  # placed at once, never ready that fast
