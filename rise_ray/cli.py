@@ -55,7 +55,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
         if ns.resume:
             raise ConfigError("--dry-run plans a config: rise run RUN_DIR/config.yaml --dry-run")
-        return dry_run(_config(ns.args), ns.gpu_memory_gb, as_json=ns.json, strict=ns.strict)
+        return dry_run(_config(ns.args), ns.gpu_memory_gb, as_json=ns.json, strict=ns.strict,
+                       cluster_yaml=ns.cluster_yaml)
     from rise_ray import driver
 
     if ns.resume:
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, actors, GPU memory); run nothing")
     p.add_argument("--gpu-memory-gb", type=float, help="--dry-run: GiB per GPU (default: detected, else 80)")
     p.add_argument("--json", action="store_true", help="--dry-run: print the plan as JSON")
+    p.add_argument("--cluster-yaml", help="--dry-run: plan for the size this Ray cluster file can autoscale to")
     p.add_argument("--strict", action="store_true", help="--dry-run: exit 1 when the plan does not fit")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("train", help="reward-weighted SFT on trajectories (Ray Train + DeepSpeed)")

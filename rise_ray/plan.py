@@ -163,6 +163,33 @@ def cluster_info() -> dict[str, Any]:
                 node_gpus=node_gpus)
 
 
+def cluster_from_yaml(path: str) -> dict[str, Any]:
+    """The cluster a Ray cluster launcher file can grow to: the head, and each worker type at its
+    max_workers (within the file's max_workers), by the resources each type declares. A cluster
+    that starts its workers at zero is planned at the size its autoscaler may reach, not the nodes
+    up now."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        spec = yaml.safe_load(f) or {}
+    types, head = spec.get("available_node_types") or {}, spec.get("head_node_type")
+    if not types or head not in types:
+        raise ValueError(f"{path}: no available_node_types with the head_node_type {head!r}: not a Ray cluster file")
+    room = int(spec.get("max_workers", sum(int(t.get("max_workers", 0)) for t in types.values())))
+    nodes: list[tuple[str, dict]] = [(head, types[head].get("resources") or {})]
+    for name, t in types.items():
+        if name != head:
+            n = min(int(t.get("max_workers", 0)), room)
+            room -= n
+            nodes += [(name, t.get("resources") or {})] * n
+    counts = {n: sum(x == n for x, _ in nodes) for n in types if n != head}
+    launch = ", ".join(f"{k} x {n}" for n, k in counts.items() if k)
+    return dict(source=f"{path} at its autoscaler's limit (head {head}; up to {launch or 'no workers'})",
+                nodes=len(nodes), gpus=sum(int(r.get("GPU", 0)) for _, r in nodes),
+                cpus=sum(r.get("CPU", 0) for _, r in nodes), gpu_type=None, gpu_memory_gib=None,
+                node_gpus=[int(r.get("GPU", 0)) for _, r in nodes])
+
+
 def place_on_nodes(node_gpus: list[int], groups: list[tuple[str, int, float]]) -> list[str]:
     """Ray's accounting, per node: each (name, count, GPUs each) in order; a whole number of GPUs
     needs that many free GPUs on one node (tensor parallel), a fraction goes best-fit to the GPU
@@ -333,10 +360,12 @@ def print_plan(plan: dict) -> None:
 
 
 def dry_run(
-    cfg: RunConfig, gpu_memory_gb: float | None = None, as_json: bool = False, strict: bool = False
+    cfg: RunConfig, gpu_memory_gb: float | None = None, as_json: bool = False, strict: bool = False,
+    cluster_yaml: str | None = None,
 ) -> int:
-    """Print the plan; exit code 0 (1 with strict when it does not fit)."""
-    plan = build_plan(cfg, gpu_memory_gb)
+    """Print the plan; exit code 0 (1 with strict when it does not fit). cluster_yaml: plan for
+    the cluster that file can grow to instead of the one at RAY_ADDRESS (or this machine)."""
+    plan = build_plan(cfg, gpu_memory_gb, cluster_from_yaml(cluster_yaml) if cluster_yaml else None)
     if as_json:
         print(json.dumps(plan, indent=1))
     else:

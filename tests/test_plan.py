@@ -339,3 +339,31 @@ def test_dry_run_checks_fit_per_node_not_only_cluster_totals():
     assert planmod.place_on_nodes([2], [("engine", 2, 0.4), ("worker", 2, 0.6)]) == [
         "worker 2 of 2 (0.6 GPUs) fits on no node (GPUs per node: [2])"
     ]  # what Ray does with 0.4 engines: both on GPU 0 (best-fit), then one worker has no GPU
+
+
+def test_a_cluster_file_that_scales_from_zero_is_planned_at_its_autoscalers_limit(tmp_path, capsys):
+    """`rise run CONFIG --dry-run --cluster-yaml FILE`: workers at min_workers 0 are counted at
+    their max_workers (within the file's max_workers); no Ray is started or joined."""
+    from rise_ray import cli
+
+    def cluster_file(gpu_workers: int, cap: int) -> str:
+        path = tmp_path / f"c{gpu_workers}_{cap}.yaml"
+        spec = {
+            "cluster_name": "t", "max_workers": cap, "head_node_type": "head",
+            "available_node_types": {
+                "head": {"resources": {"CPU": 8}, "node_config": {}},
+                "gpu8": {"min_workers": 0, "max_workers": gpu_workers, "resources": {"CPU": 96, "GPU": 8}, "node_config": {}},
+                "cpu": {"min_workers": 0, "max_workers": 4, "resources": {"CPU": 16}, "node_config": {}},
+            },
+        }  # fmt: skip
+        path.write_text(json.dumps(spec))  # JSON is YAML
+        return str(path)
+
+    config = os.path.join(ROOT, "configs", "gsm8k_mistral7b_self.yaml")  # 8 GPUs: 4 engines, 4 trainers
+    assert cli.main(["run", config, "--dry-run", "--json", "--cluster-yaml", cluster_file(1, 5)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["verdict"] == "fits" and plan["cluster"]["node_gpus"] == [0, 8, 0, 0, 0, 0]
+    assert "up to 1 x gpu8, 4 x cpu" in plan["cluster"]["source"]
+    # the file's max_workers leaves no room for the GPU node: the plan does not fit
+    cli.main(["run", config, "--dry-run", "--json", "--cluster-yaml", cluster_file(1, 0)])
+    assert json.loads(capsys.readouterr().out)["verdict"].startswith("does not fit: needs 8 GPUs, cluster has 0")
