@@ -109,4 +109,8 @@ def unplaceable(bundles: list[dict[str, float]]) -> str | None:
         if not any(all(res.get(k, 0.0) >= v for k, v in b.items() if v) for res in nodes):
             have = [{k: res.get(k, 0.0) for k in b} for res in nodes]
             return f"no node holds {b} (the nodes have {have})"
+    for k in {k for b in bundles for k in b}:
+        need, have = sum(b.get(k, 0.0) for b in bundles), sum(res.get(k, 0.0) for res in nodes)
+        if need > have + 1e-9:
+            return f"{len(bundles)} x {bundles[0]} need {need:g} {k}, the nodes have {have:g}"
     return None

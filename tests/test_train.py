@@ -393,14 +393,18 @@ def test_train_command_end_to_end(ray_cluster, tiny, tmp_path):
         train_command(run_config(tmp_path, tiny, "train.epochs=2", "train.lr=1e-4"), os.path.join(out, "dataset"), out)
 
 
-def test_impossible_resources_fail_fast(ray_cluster, tiny, tmp_path):
+def test_impossible_resources_fail_at_the_scale_up_deadline_naming_them(ray_cluster, tiny, tmp_path):
+    """Ray Train would wait forever; the stage waits cluster.scale_up_timeout_s (an autoscaler may
+    be launching nodes) and fails naming the workers it could not place."""
     from rise_ray.train import TrainError, train
 
     ds = make_dataset(tmp_path, tiny, n=4)
-    with pytest.raises(TrainError, match="GPU"):
-        train(run_config(tmp_path, tiny, "train.use_gpu=true"), ds, tiny, str(tmp_path / "a"))
-    with pytest.raises(TrainError, match="CPUs"):
-        train(run_config(tmp_path, tiny, "train.num_workers=4", "train.cpus_per_worker=2"), ds, tiny, str(tmp_path / "b"))
+    short = "cluster.scale_up_timeout_s=2"
+    with pytest.raises(TrainError, match=r"1 worker\(s\) of \{'CPU': 1.0, 'GPU': 1.0\} could not be placed within 2 s"):
+        train(run_config(tmp_path, tiny, "train.use_gpu=true", short), ds, tiny, str(tmp_path / "a"))
+    with pytest.raises(TrainError, match=r"4 worker\(s\) of \{'CPU': 2.0\} could not be placed"):
+        train(run_config(tmp_path, tiny, "train.num_workers=4", "train.cpus_per_worker=2", short), ds, tiny,
+              str(tmp_path / "b"))  # fmt: skip
     with pytest.raises(TrainError, match="config.json"):
         train(run_config(tmp_path, tiny), ds, str(tmp_path), str(tmp_path / "c"))
 

@@ -23,7 +23,7 @@ import shutil
 import time
 from typing import Any
 
-from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
+from rise_ray.config import RunConfig, TrainConfig
 from rise_ray.observe import TRAIN_LOG_FILE, TRAIN_SUMMARY_FILE
 from rise_ray.train.checkpoint import MARKER_FILE, MODEL_DIR
 from rise_ray.train.loop import WorkerConfig, train_loop_per_worker
@@ -43,24 +43,6 @@ class TrainError(RuntimeError):
 
 def is_finished(model_dir: str) -> bool:
     return os.path.isfile(os.path.join(model_dir, MARKER_FILE))
-
-
-def check_resources(tcfg: TrainConfig, gpus_per_worker: float = 1.0) -> None:
-    """Fail now, not hang: Ray Train waits forever for resources the cluster does not have."""
-    import ray
-
-    total = ray.cluster_resources()
-    if tcfg.use_gpu and total.get("GPU", 0) < tcfg.num_workers * gpus_per_worker:
-        raise TrainError(
-            f"train.use_gpu=true with train.num_workers={tcfg.num_workers}, but the Ray cluster has "
-            f"{total.get('GPU', 0):g} GPU(s)"
-        )
-    need = tcfg.num_workers * tcfg.cpus_per_worker
-    if total.get("CPU", 0) < need:
-        raise TrainError(
-            f"train.num_workers={tcfg.num_workers} x train.cpus_per_worker={tcfg.cpus_per_worker:g} needs {need:g} "
-            f"CPUs, but the Ray cluster has {total.get('CPU', 0):g}: lower them or start Ray with more (logical) CPUs"
-        )
 
 
 def check_same_run(out_dir: str, stats: dict[str, Any], plan: dict[str, Any], model: str, tcfg: TrainConfig) -> None:
@@ -143,7 +125,6 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
         from rise_ray.session import init_ray
 
         init_ray()
-    check_resources(tcfg, train_gpus_per_worker(cfg))
     resources, labels = worker_placement(cfg, engine_nodes)
     try:
         reserve(resources, tcfg.num_workers, labels, cfg.cluster.scale_up_timeout_s)
