@@ -364,7 +364,13 @@ def dry_run(
     cluster_yaml: str | None = None,
 ) -> int:
     """Print the plan; exit code 0 (1 with strict when it does not fit). cluster_yaml: plan for
-    the cluster that file can grow to instead of the one at RAY_ADDRESS (or this machine)."""
+    the cluster that file can grow to instead of the one at RAY_ADDRESS (or this machine); on a
+    launcher-started cluster's head (RAY_ADDRESS set, ~/ray_bootstrap_config.yaml there) that file."""
+    # On a cluster the Ray cluster launcher started, its head holds the launcher file here (Ray
+    # Tune reads it the same way): plan for what the autoscaler can launch, not the nodes up now.
+    bootstrap = os.path.expanduser("~/ray_bootstrap_config.yaml")
+    if not cluster_yaml and os.environ.get("RAY_ADDRESS") and os.path.exists(bootstrap):
+        cluster_yaml = bootstrap
     plan = build_plan(cfg, gpu_memory_gb, cluster_from_yaml(cluster_yaml) if cluster_yaml else None)
     if as_json:
         print(json.dumps(plan, indent=1))

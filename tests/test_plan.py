@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -341,7 +342,7 @@ def test_dry_run_checks_fit_per_node_not_only_cluster_totals():
     ]  # what Ray does with 0.4 engines: both on GPU 0 (best-fit), then one worker has no GPU
 
 
-def test_a_cluster_file_that_scales_from_zero_is_planned_at_its_autoscalers_limit(tmp_path, capsys):
+def test_a_cluster_file_that_scales_from_zero_is_planned_at_its_autoscalers_limit(tmp_path, capsys, monkeypatch):
     """`rise run CONFIG --dry-run --cluster-yaml FILE`: workers at min_workers 0 are counted at
     their max_workers (within the file's max_workers); no Ray is started or joined."""
     from rise_ray import cli
@@ -367,3 +368,14 @@ def test_a_cluster_file_that_scales_from_zero_is_planned_at_its_autoscalers_limi
     # the file's max_workers leaves no room for the GPU node: the plan does not fit
     cli.main(["run", config, "--dry-run", "--json", "--cluster-yaml", cluster_file(1, 0)])
     assert json.loads(capsys.readouterr().out)["verdict"].startswith("does not fit: needs 8 GPUs, cluster has 0")
+
+    # On a launcher-started cluster's head (`ray job submit`), the launcher's own copy of the file is
+    # read, and the cluster at RAY_ADDRESS is not joined (nothing listens at this address).
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(cluster_file(2, 5), home / "ray_bootstrap_config.yaml")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert cli.main(["run", config, "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["verdict"] == "fits" and "up to 2 x gpu8, 3 x cpu" in plan["cluster"]["source"]
