@@ -62,7 +62,7 @@ def autoscaler_pending() -> str:
     return ", ".join(parts) or "nothing pending"
 
 
-def wait_for_room(
+def wait_for_placement(
     bundles: list[dict[str, float]],
     what: str,
     timeout: float,
@@ -89,7 +89,7 @@ def wait_for_room(
             if waited >= timeout:
                 break
             pending = autoscaler_pending()
-            print(f"[rise] waiting for room: {what} ({waited:.0f} s of cluster.scale_up_timeout_s="
+            print(f"[rise] waiting for nodes: {what} ({waited:.0f} s of cluster.scale_up_timeout_s="
                   f"{timeout:.0f}){'; autoscaler: ' + pending if pending else ''}", flush=True)
     finally:
         remove_placement_group(pg)

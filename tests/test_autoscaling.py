@@ -77,7 +77,7 @@ def test_rise_run_on_a_cluster_whose_workers_start_at_zero(tmp_path, monkeypatch
         assert launched, "no GPU worker was launched"
         with capsys.disabled():
             print(f"\nautoscaling rise run: {wall:.0f} s, {len(launched)} worker node(s) launched")
-        # (no assertion on the "waiting for room" lines: a fake node is up within a second or two;
+        # (no assertion on the "waiting for nodes" lines: a fake node is up within a second or two;
         # tests/test_scale_up.py checks them with a node that comes late)
     finally:
         ray.shutdown()

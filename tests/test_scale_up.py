@@ -68,7 +68,7 @@ def test_engines_wait_for_a_late_node_and_their_start_up_deadline_starts_when_it
             pool.shutdown()
         out = capsys.readouterr().out
         # (the head's own monitor soon overwrites the report above with its own: nothing pending)
-        assert "[rise] waiting for room: 1 hf engine(s)" in out and "{'CPU': 1.5}" in out
+        assert "[rise] waiting for nodes: 1 hf engine(s)" in out and "{'CPU': 1.5}" in out
 
         # Nothing ever holds 3 CPUs: the wait ends at cluster.scale_up_timeout_s, naming the engines.
         with pytest.raises(cluster_mod.PlacementTimeout, match=r"1 hf engine\(s\) .*'CPU': 3.*within 4 s"):

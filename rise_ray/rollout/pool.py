@@ -35,7 +35,7 @@ from typing import Any
 import ray
 import torch
 
-from rise_ray.cluster import wait_for_room
+from rise_ray.cluster import wait_for_placement
 from rise_ray.envs.base import Problem
 from rise_ray.progress import POLL_TIMEOUT_S, Reporter, remote_tally, start_board
 from rise_ray.rollout.batch import CALL_TIMEOUT_S, EngineTimeout, cached_env, episode_batch, wait  # noqa: F401 (EngineTimeout: re-exported)
@@ -168,7 +168,7 @@ class RolloutPool:
         need = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         # The start-up deadline below counts from when the engines' nodes are up, not from a demand
         # the autoscaler has yet to meet.
-        wait_for_room([need] * num_engines, f"{num_engines} {kind} engine(s) of {model_path} (each {need})",
+        wait_for_placement([need] * num_engines, f"{num_engines} {kind} engine(s) of {model_path} (each {need})",
                       scale_up_timeout_s)
         self.actors = [
             EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
