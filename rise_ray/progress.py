@@ -31,10 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
-
-if TYPE_CHECKING:  # for hints only: at run time this module imports nothing from rise_ray
-    from rise_ray.rollout.engine import Completion
+from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +61,8 @@ class EpisodeTally:
             self._on[k] = turn
             self._version += 1
 
-    def answered(self, k: int, cands: list[Completion]) -> None:
-        """Episode k got its candidates: samples and their generated tokens."""
+    def answered(self, k: int, cands: list) -> None:
+        """Episode k got its candidates (Completion records): samples and their generated tokens."""
         tokens = sum(len(c.token_ids) for c in cands)
         with self._lock:
             self.samples += len(cands)

@@ -160,14 +160,12 @@ class RolloutPool:
     ):
         self.kind = kind
         self.model_path = model_path
-        # Where a Ray Data task reads the tokenizer to count prompt tokens; None: the engine has no
-        # model (the arithmetic solver) and counts them itself.
+        # where Ray Data tasks read the tokenizer; None: no model (the solver counts on its actor)
         self.tokenizer_path = None if kind == "solver" else model_path
         self.pointer_path = pointer_path
         self.engine_kwargs = dict(engine_kwargs or {})
         need = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        # The start-up deadline below counts from when the engines' nodes are up, not from a demand
-        # the autoscaler has yet to meet.
+        # the start-up deadline below counts from when their nodes are up (an autoscaler may add them)
         wait_for_placement([need] * num_engines, f"{num_engines} {kind} engine(s) of {model_path} (each {need})",
                       scale_up_timeout_s)
         self.actors = [
