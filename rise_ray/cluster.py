@@ -1,4 +1,4 @@
-"""Waiting for room on the cluster before a stage starts its actors.
+"""Waiting for nodes before a stage starts its actors.
 
 On a cluster that scales from zero (cluster/*.yaml: GPU workers at min_workers 0) a stage's nodes
 may not exist yet: the autoscaler launches them when it sees the demand, and boot, image pull and
@@ -68,9 +68,9 @@ def wait_for_placement(
     timeout: float,
     labels: list[dict[str, str]] | None = None,
     strategy: str = "PACK",
-) -> float:
-    """Block until Ray can place `bundles` (with per-bundle label selectors), then release them.
-    Returns the seconds waited; raises PlacementTimeout naming `what` after `timeout` seconds."""
+) -> None:
+    """Block until Ray can place `bundles` (with per-bundle label selectors), then release them;
+    raise PlacementTimeout naming `what` after `timeout` seconds."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -82,9 +82,8 @@ def wait_for_placement(
     start = time.monotonic()
     try:
         while True:
-            waited = time.monotonic() - start
-            if pg.wait(timeout_seconds=max(0.0, min(PROGRESS_EVERY_S, timeout - waited))):
-                return time.monotonic() - start
+            if pg.wait(timeout_seconds=max(0.0, min(PROGRESS_EVERY_S, timeout - (time.monotonic() - start)))):
+                return
             waited = time.monotonic() - start
             if waited >= timeout:
                 break

@@ -33,6 +33,13 @@ def test_the_solver_is_right_on_every_problem_at_every_turn(task, b_range):
         assert env.grade_problem(c.text, p).correct, (p.question, c.text)
 
 
+def test_a_question_it_cannot_read_gets_a_reply_graded_wrong_not_an_error():
+    env = make_arithmetic(task="mul", num_train=4, num_test=0, b_range=(2, 25), seed=3)
+    solver = make_engine("solver", "solver")
+    ((reply,),) = solver.generate([[{"role": "user", "content": "What is seven times eight?"}]], 1, SamplingParams())
+    assert "can only solve" in reply.text and not env.grade_problem(reply.text, env.train[0]).correct
+
+
 def test_configs_that_cannot_use_the_solver_are_refused():
     with pytest.raises(ConfigError, match="solver.*arithmetic"):
         load_config(None, ["env.name=gsm8k", "rollout.improve_with=teacher", "teacher.engine=solver"])
