@@ -1,19 +1,24 @@
-"""Serving throughput side by side in one run: `rise serve`, vLLM's own OpenAI server, and the
-engine called directly, on the same model and the same chat requests.
+"""Serving throughput side by side in one run: `rise serve` (Ray Serve LLM), vLLM's own OpenAI
+server, and vLLM's engine called directly, on the same model and the same chat requests; and the
+solve endpoint of `rise serve` against the one before Ray Serve LLM (--old-ref).
 
 Steps:
   1. the model (--model tiny: built here; else a name for `rise model get`, or a model directory);
      the requests: search questions as chat messages, temperature 1, unseeded, --max-tokens each;
-  2. start `rise serve` (serve.engine=vllm: vLLM's async engine, one replica), vLLM's own OpenAI
-     server (bench/vllm_server.py, with the same engine settings: fp32, eager, the same KV-cache
-     bytes, 32-token blocks, whole prefills) and the same async engine in this process;
+  2. start `rise serve` (Ray Serve LLM: one LLMServer replica, 1 CPU, behind RiseIngress), vLLM's own
+     OpenAI server (bench/vllm_server.py) and vLLM's AsyncLLM in this process, all with the same
+     engine settings: fp32, eager, the same KV-cache bytes, 32-token blocks, whole prefills;
   3. at 1, 8 and 32 closed-loop clients (each sends its next request when its last one returns):
-     "rise" and "vllm" over HTTP on 127.0.0.1 (httpx), "direct" as coroutines awaiting the engine;
+     "rise" and "vllm" over HTTP on 127.0.0.1 (httpx), "direct" as coroutines awaiting AsyncLLM;
      the three alternate for --rounds rounds per level (shared CPUs: interleaving spreads the
      noise), latencies pooled over the rounds;
-  4. print p50/p99 and requests/s; write bench/results/serve.json with vs_vllm_server_c8 and
-     vs_vllm_server_c32 (rise req/s / vLLM's), p99_vs_vllm_server_c32 (rise p99 / vLLM's) and
-     overhead_vs_direct (direct req/s / rise req/s at 8 clients).
+  4. solve: the old `rise serve` (--old-ref, a git worktree of this repository, serve.engine=vllm)
+     is started beside the new one; --solve-requests 3-turn /v1/rise/solve requests at 8 clients
+     alternate between the two for --rounds rounds (vLLM server and direct engine stopped first);
+  5. print p50/p99 and requests/s; write bench/results/serve.json with vs_vllm_server_c8 and
+     vs_vllm_server_c32 (rise req/s / vLLM's), p99_vs_vllm_server_c32 (rise p99 / vLLM's),
+     overhead_vs_direct (direct req/s / rise req/s at 8 clients) and solve_vs_old_c8 (new solve
+     req/s / old's).
 
     python bench/serve.py --model smollm2-135m-instruct [--max-tokens 32] [--requests 16 64 128] [--rounds 2]
 """
@@ -36,7 +41,6 @@ import httpx
 from rise_ray.config import load_config
 from rise_ray.envs import get_env
 from rise_ray.files import atomic_write_json
-from rise_ray.rollout.engine import SamplingParams
 
 CLIENTS = (1, 8, 32)
 SYSTEMS = ("rise", "vllm", "direct")
@@ -91,11 +95,74 @@ async def run_http(url: str, model: str, convs: list, clients: int, max_tokens: 
         return await asyncio.wait_for(closed_loop(send, convs, clients), deadline_s)
 
 
-def run_direct(engine, convs: list, clients: int, params: SamplingParams):
-    async def send(conv: list) -> None:
-        await engine.agenerate([conv], 1, params)
+class DirectEngine:
+    """vLLM's AsyncLLM in this process, on an event loop of its own that every round reuses (its
+    output handler lives on the loop that first used it)."""
 
-    return engine.run(closed_loop(send, convs, clients))
+    def __init__(self, model_dir: str, max_model_len: int, kv_bytes: int, seed: int) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.loop = asyncio.new_event_loop()
+        args = AsyncEngineArgs(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
+                               kv_cache_memory_bytes=kv_bytes, block_size=32, enable_chunked_prefill=False, seed=seed)
+
+        async def make() -> AsyncLLM:
+            return AsyncLLM.from_engine_args(args)
+
+        self.llm = self.loop.run_until_complete(make())
+
+    def run(self, convs: list, clients: int, max_tokens: int):
+        import uuid
+
+        from vllm import SamplingParams as VllmParams
+
+        params = VllmParams(temperature=1.0, max_tokens=max_tokens)
+
+        async def send(conv: list) -> None:
+            prompt = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            async for _ in self.llm.generate(prompt, params, request_id=uuid.uuid4().hex):
+                pass
+
+        return self.loop.run_until_complete(closed_loop(send, convs, clients))
+
+    def close(self) -> None:
+        self.llm.shutdown()
+        self.loop.close()
+
+
+async def run_solve(url: str, problems: list[str], clients: int, max_tokens: int, deadline_s: float):
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=deadline_s, limits=limits) as client:
+
+        async def send(problem: str) -> None:
+            body = {"problem": problem, "turns": 3, "max_tokens": max_tokens, "temperature": 1.0}
+            r = await client.post("/v1/rise/solve", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}: {r.status_code} {r.text[:300]}")
+
+        return await asyncio.wait_for(closed_loop(send, problems, clients), deadline_s)
+
+
+def start_old_rise(ref: str, model_dir: str, args: argparse.Namespace, log: str) -> tuple[subprocess.Popen, str, str]:
+    """`rise serve` as it was at `ref`, from a git worktree, in a Ray of its own; (proc, url, tree)."""
+    tree = tempfile.mkdtemp(prefix="rise-old-serve-")
+    subprocess.run(["git", "-C", os.path.dirname(HERE), "worktree", "add", "-f", "--detach", tree, ref], check=True,
+                   capture_output=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "rise_ray.cli", "serve", model_dir, "--port", str(port), "serve.engine=vllm",
+           "serve.model_name=bench", "serve.num_cpus_per_replica=1", "serve.max_ongoing_requests=64",
+           "serve.max_queued_requests=-1", f"serve.max_tokens_limit={args.max_tokens}",
+           f"model.max_model_len={args.max_model_len}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = tree
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tree, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url + "/healthz", log, f"rise serve at {ref}")
+    return proc, url, tree
 
 
 def free_port() -> int:
@@ -156,47 +223,48 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--deadline-s", type=float, default=900, help="per round")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "serve.json"))
+    ap.add_argument("--old-ref", default="ce380d4", help="the commit of the old `rise serve` (before Ray Serve LLM); "
+                    "'' skips the solve comparison")
+    ap.add_argument("--solve-requests", type=int, default=32)
     ap.add_argument("overrides", nargs="*", help="config key=value for rise serve")
     args = ap.parse_args()
 
     cfg = load_config(overrides=[
-        "serve.engine=vllm", "serve.model_name=bench", "serve.num_cpus_per_replica=1",
+        "serve.model_name=bench", "serve.num_cpus_per_replica=1",
         "serve.max_ongoing_requests=64", "serve.max_queued_requests=-1",  # measure latency, never reject
         f"serve.max_tokens_limit={args.max_tokens}", f"model.max_model_len={args.max_model_len}", *args.overrides,
     ])
     model_dir = model_path(args.model, cfg.model.tiny.model_dump())
     env = get_env("search", num_train=0, num_test=max(args.requests))
     convs = [env.first_prompt(p) for p in env.test]
-    params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens)
     kv_bytes = cfg.rollout.kv_cache_memory_bytes
 
     import ray
     from ray import serve
 
-    from rise_ray.rollout.vllm_async import AsyncVLLMEngine
     from rise_ray.serve.deploy import serve_command
 
     os.environ.pop(cfg.serve.token_env, None)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(HERE)}})
     log = os.path.join(tempfile.mkdtemp(), "vllm_server.log")
-    vllm_proc, engine = None, None
+    vllm_proc, engine, old = None, None, None
     startup: dict[str, float] = {}
+    solve_raw: dict[str, list] = {"rise": [], "old": []}
     try:
         t = time.perf_counter()
-        rise_url = serve_command(model_dir, cfg, "127.0.0.1", free_port(), blocking=False)
+        rise_url = serve_command({"bench": model_dir}, cfg, "127.0.0.1", free_port(), blocking=False)
         startup["rise"] = time.perf_counter() - t
         t = time.perf_counter()
         vllm_proc, vllm_url = start_vllm_server(model_dir, "bench", args.max_model_len, kv_bytes, log)
         startup["vllm"] = time.perf_counter() - t
         t = time.perf_counter()
-        engine = AsyncVLLMEngine(model_dir, max_model_len=args.max_model_len, kv_cache_memory_bytes=kv_bytes,
-                                 seed=cfg.seed)
+        engine = DirectEngine(model_dir, args.max_model_len, kv_bytes, cfg.seed)
         startup["direct"] = time.perf_counter() - t
 
         def once(system: str, c: int, n: int):
             if system == "direct":
-                return run_direct(engine, convs[:n], c, params)
+                return engine.run(convs[:n], c, args.max_tokens)
             url = rise_url if system == "rise" else vllm_url
             return asyncio.run(run_http(url, "bench", convs[:n], c, args.max_tokens, args.deadline_s))
 
@@ -207,12 +275,31 @@ def main() -> None:
             for _ in range(args.rounds):
                 for system in SYSTEMS:
                     raw[system][c].append(once(system, c, n))
+        engine.close()
+        engine = None
+        vllm_proc.terminate()
+        vllm_proc.wait(60)
+        vllm_proc = None
+        if args.old_ref:
+            t = time.perf_counter()
+            old = start_old_rise(args.old_ref, model_dir, args, os.path.join(os.path.dirname(log), "old_rise.log"))
+            startup["old"] = time.perf_counter() - t
+            problems = [p.question for p in env.test[: args.solve_requests]]
+            for url in (rise_url, old[1]):  # warm up each
+                asyncio.run(run_solve(url, problems[:4], 4, args.max_tokens, args.deadline_s))
+            for _ in range(args.rounds):
+                for name, url in (("rise", rise_url), ("old", old[1])):
+                    solve_raw[name].append(asyncio.run(run_solve(url, problems, 8, args.max_tokens, args.deadline_s)))
     finally:
         if engine is not None:
             engine.close()
         if vllm_proc is not None:
             vllm_proc.terminate()
             vllm_proc.wait(60)
+        if old is not None:
+            old[0].terminate()
+            old[0].wait(120)
+            subprocess.run(["git", "-C", os.path.dirname(HERE), "worktree", "remove", "--force", old[2]], check=False)
         serve.shutdown()
         ray.shutdown()
 
@@ -230,6 +317,11 @@ def main() -> None:
     def rps(s: str, c: int) -> float:
         return res[s][c]["requests_per_s"]
 
+    solve = {k: pooled(v) for k, v in solve_raw.items() if v}
+    if solve:
+        print("solve (3 turns, 8 clients): " + ", ".join(
+            f"{k} p50 {v['p50_ms']:.0f} ms, {v['requests_per_s']:.2f} req/s" for k, v in solve.items()))
+
     result = {
         "model": args.model,
         "max_tokens": args.max_tokens,
@@ -237,15 +329,20 @@ def main() -> None:
         "vs_vllm_server_c32": round(rps("rise", 32) / rps("vllm", 32), 3),
         "p99_vs_vllm_server_c32": round(res["rise"][32]["p99_ms"] / res["vllm"][32]["p99_ms"], 3),
         "overhead_vs_direct": round(rps("direct", 8) / rps("rise", 8), 3),
+        "solve_vs_old_c8": round(solve["rise"]["requests_per_s"] / solve["old"]["requests_per_s"], 3) if solve else None,
+        "solve": solve,
+        "old_ref": args.old_ref,
         **{s: {str(c): res[s][c] for c in CLIENTS} for s in SYSTEMS},
         "startup_s": {k: round(v, 1) for k, v in startup.items()},
         "rounds": args.rounds,
         "overrides": args.overrides,
         "setup": {
             "requests": "search questions as chat messages, temperature 1, unseeded, n=1, closed-loop clients",
-            "rise": "httpx -> Serve proxy -> 1 replica (1 CPU), vLLM AsyncLLM (continuous batching)",
+            "rise": "httpx -> Serve proxy -> RiseIngress (Ray Serve LLM's OpenAiIngress) -> LLMServer (1 CPU), "
+                    "vLLM's serving code",
             "vllm": "httpx -> vllm.entrypoints.openai.api_server (same engine settings)",
-            "direct": "AsyncVLLMEngine.agenerate in this process, no HTTP",
+            "direct": "vllm AsyncLLM.generate in this process, no HTTP",
+            "solve": "/v1/rise/solve, 3 turns, temperature 1, 8 closed-loop clients; old = rise serve at old_ref",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
         },
     }

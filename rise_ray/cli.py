@@ -94,34 +94,40 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def serve_target(target: str) -> tuple[str, str | None]:
-    """What `rise serve TARGET` serves: (model directory, the config of the run it belongs to).
+def serve_target(target: str) -> tuple[dict[str, str], str | None]:
+    """What `rise serve TARGET` can serve: ({model id: model directory}, the config of the run it
+    belongs to).
 
-    A run directory serves its latest trained model (the base model before any training); a
-    directory inside a run (iter_k/checkpoint/model) serves itself with that run's config; anything
-    else is a model source (rise_ray.models.source) with the embedded default's config."""
-    from rise_ray.manifest import latest_model
+    A run directory: every model of the run, oldest first (iter_0 is the base model); a directory
+    inside a run (iter_k/checkpoint/model) serves itself, as iter_k, with that run's config; anything
+    else is a model source (rise_ray.models.source), named after its directory, with the embedded
+    default's config."""
+    from rise_ray.manifest import run_models
     from rise_ray.models.source import get_model
 
     here = os.path.abspath(target)
     for _ in range(4):  # a checkpoint sits at most three levels below its run directory
         if os.path.isfile(os.path.join(here, "config.yaml")) and os.path.isfile(os.path.join(here, "manifest.json")):
-            model = target if os.path.abspath(target) != here else latest_model(here)
-            if model is None:
+            run_config = os.path.join(here, "config.yaml")
+            if os.path.abspath(target) != here:
+                return {os.path.relpath(os.path.abspath(target), here).split(os.sep)[0]: target}, run_config
+            models = run_models(here)
+            if not models:
                 raise ConfigError(f"{target}: this run has no model yet (no finished base_model or train stage)")
-            return model, os.path.join(here, "config.yaml")
+            return models, run_config
         here = os.path.dirname(here)
-    return get_model(target), None
+    model = get_model(target)
+    return {os.path.basename(os.path.normpath(model)): model}, None
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    """Serve a model: OpenAI-compatible chat, /v1/rise/solve (multi-turn), /healthz."""
-    from rise_ray.serve.deploy import serve_command
+    """Serve models: Ray Serve LLM's OpenAI API, /v1/rise/solve (multi-turn), /healthz."""
+    from rise_ray.serve.deploy import serve_command, served_models
 
-    model, run_config = serve_target(ns.checkpoint)
+    models, run_config = serve_target(ns.checkpoint)
     path, overrides = _split(ns.args)
     cfg = load_config(path or run_config or DEFAULT_CONFIG, overrides)
-    serve_command(model, cfg, host=ns.host, port=ns.port)
+    serve_command(served_models(models, cfg), cfg, host=ns.host, port=ns.port)
     return 0
 
 
@@ -174,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs="*", help="[CONFIG] data=PATH [model.path=PATH] [key=value ...]")
     p.add_argument("--out", help="output directory (default: RUN_DIR/NAME/train)")
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (OpenAI API + /v1/rise/solve)")
-    p.add_argument("checkpoint", help="a run directory (its latest model), a checkpoint inside one (with that run's "
-                   "config), or a model source as `rise model get` takes")
+    p = sub.add_parser("serve", help="serve models with Ray Serve LLM (OpenAI API + /v1/rise/solve)")
+    p.add_argument("checkpoint", help="a run directory (its latest model; every iteration's with "
+                   "serve.iterations=all), a checkpoint inside one (with that run's config), or a model source as "
+                   "`rise model get` takes")
     p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
     p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")

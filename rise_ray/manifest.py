@@ -373,9 +373,17 @@ def open_run_dir(cfg: RunConfig, run_dir: str, redo_changed: bool = False, redo_
     return manifest
 
 
+def run_models(run_dir: str) -> dict[str, str]:
+    """Every model of the run, oldest first: iter_0 (the base model), then iter_k for each finished
+    train stage."""
+    manifest = Manifest(run_dir)
+    models = {"iter_0": manifest.output("base_model")} if manifest.done("base_model") else {}
+    for _, stage in sorted((stage_order(s), s) for s in manifest.stages if s.endswith("/train") and manifest.done(s)):
+        models[stage.split("/")[0]] = manifest.output(stage)
+    return models
+
+
 def latest_model(run_dir: str) -> str | None:
     """The run's latest model: its last finished train stage's checkpoint, else its base model."""
-    manifest = Manifest(run_dir)
-    trained = sorted((stage_order(s), s) for s in manifest.stages if s.endswith("/train"))
-    stage = trained[-1][1] if trained else ("base_model" if manifest.done("base_model") else None)
-    return None if stage is None else manifest.output(stage)
+    models = run_models(run_dir)
+    return list(models.values())[-1] if models else None

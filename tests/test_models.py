@@ -155,15 +155,22 @@ def _fake_run(tmp_path, tiny_model_dir, trained: bool) -> str:
 
 
 def test_serve_target_run_dir_checkpoint_and_source(tmp_path, tiny_model_dir):
+    from rise_ray.serve.deploy import served_models
+
     run = _fake_run(tmp_path, tiny_model_dir, trained=True)
-    model, cfg = cli.serve_target(run)
-    assert model.endswith("iter_1/checkpoint/model") and cfg == os.path.join(os.path.abspath(run), "config.yaml")
+    models, cfg = cli.serve_target(run)
+    assert list(models) == ["iter_0", "iter_1"]  # every model of the run, oldest first
+    assert models["iter_0"].endswith("base_model") and models["iter_1"].endswith("iter_1/checkpoint/model")
+    assert cfg == os.path.join(os.path.abspath(run), "config.yaml")
     assert load_config(cfg).serve.max_tokens_limit == 77
+    assert served_models(models, load_config(cfg)) == {"iter_1": models["iter_1"]}  # the latest by default
+    assert served_models(models, load_config(cfg, ["serve.iterations=all"])) == models
+    assert served_models(models, load_config(cfg, ["serve.model_name=mine"])) == {"mine": models["iter_1"]}
     inside = os.path.join(run, "iter_1", "checkpoint", "model")
-    assert cli.serve_target(inside) == (inside, cfg)  # a checkpoint serves itself, with its run's config
+    assert cli.serve_target(inside) == ({"iter_1": inside}, cfg)  # a checkpoint serves itself, with its run's config
     untrained = _fake_run(tmp_path / "u", tiny_model_dir, trained=False)
-    assert cli.serve_target(untrained)[0].endswith("base_model")
-    assert cli.serve_target(tiny_model_dir) == (tiny_model_dir, None)
+    assert list(cli.serve_target(untrained)[0]) == ["iter_0"]
+    assert cli.serve_target(tiny_model_dir) == ({os.path.basename(tiny_model_dir): tiny_model_dir}, None)
 
 
 def test_options_and_overrides_mix_in_any_order(monkeypatch):

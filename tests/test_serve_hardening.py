@@ -2,8 +2,10 @@
 size, special tokens, grading time limits, cancellation, error shape, engine health, auth that
 fails closed, and solve under every env option.
 
-One Ray + Serve app for the module (the tiny "\\boxed{x}" model of tests/test_serve.py), started
-the way `rise serve` starts it, on 127.0.0.1. Every HTTP call has a client timeout, so a server
+One Ray + Serve app for the module (the tiny "\\boxed{x}" model of tests/test_serve.py on Ray Serve
+LLM's vLLM engine), started the way `rise serve` starts it, on 127.0.0.1. Chat requests go through
+vLLM's own validation: where it takes a value our old server refused (a negative seed: vLLM's seeds
+are signed 64-bit), the test follows vLLM. Every HTTP call has a client timeout, so a server
 that wedges fails the test instead of hanging it. The tests that need the app are marked slow (a
 checkpoint trained, Ray and Serve started): CI runs them.
 """
@@ -26,9 +28,7 @@ TOKEN = "hardening-token-7e2a"
 TOKEN_ENV = "RISE_SERVE_HARDENING_TOKEN"
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
-    "serve.engine=hf",
     f"serve.token_env={TOKEN_ENV}",
-    "serve.model_name=tiny-rise",
     "serve.num_cpus_per_replica=0.5",
     "serve.max_ongoing_requests=4",
     "serve.max_queued_requests=8",
@@ -42,6 +42,7 @@ OVERRIDES = [
     "serve.health_check_period_s=3",
     "env.options.check_penalty=0.5",  # search's reward shaping reads the problem's meta
     "model.max_model_len=512",
+    "rollout.kv_cache_memory_bytes=268435456",
     "eval.max_tokens=16",
 ]
 
@@ -64,7 +65,8 @@ def url(hmodel):
     # address="local": a Ray of our own even when another is running on this machine
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        yield serve_command(hmodel, load_config(overrides=OVERRIDES), "127.0.0.1", free_port(), blocking=False)
+        yield serve_command({"tiny-rise": hmodel}, load_config(overrides=OVERRIDES), "127.0.0.1", free_port(),
+                            blocking=False)
     finally:
         os.environ.pop(TOKEN_ENV, None)
         serve.shutdown()
@@ -82,13 +84,13 @@ def assert_serving(url: str) -> None:
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    """An OpenAI-shaped JSON error."""
+    """An OpenAI-shaped JSON error naming `param` (as its param, or in vLLM's message)."""
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json"), r.text
     err = r.json()["error"]
-    assert isinstance(err["message"], str) and err["type"] in ("invalid_request_error", "authentication_error", "server_error")
+    assert isinstance(err["message"], str) and isinstance(err["type"], str)
     if param is not None:
-        assert err["param"] == param and (status == 401 or param in err["message"]), err
+        assert err["param"] == param or param in err["message"], err
     if code is not None:
         assert err["code"] == code, err
     return err
@@ -107,18 +109,15 @@ def test_token_with_surrounding_whitespace_still_admits_its_holder(url):
 def test_a_replica_without_the_required_token_refuses_to_start(url, hmodel):
     from ray import serve
 
-    from rise_ray.serve.app import RiseServer
+    from rise_ray.serve.deploy import make_app
 
     cfg = load_config(overrides=[*OVERRIDES, "serve.token_env=RISE_SERVE_UNSET_TOKEN", "serve.require_token=true"])
     assert "RISE_SERVE_UNSET_TOKEN" not in os.environ
-    # make_app's deployment with no token of its own; one constructor retry instead of Serve's three.
-    app = RiseServer.options(max_constructor_retry_count=1, ray_actor_options={"num_cpus": 0.5}).bind(
-        hmodel, cfg.model_dump(mode="json"), None
-    )
+    app = make_app({"open": hmodel}, cfg, None)  # no token of its own, none in the replica's environment
     try:
         with pytest.raises(RuntimeError, match="rise-open failed"):
             serve.run(app, name="rise-open", route_prefix="/open")
-        why = serve.status().applications["rise-open"].deployments["RiseServer"].message
+        why = serve.status().applications["rise-open"].deployments["RiseIngress"].message
         assert "require_token" in why and "refusing to start" in why, why
         assert httpx.get(url + "/open/v1/models", timeout=30).status_code != 200
     finally:
@@ -152,14 +151,13 @@ def test_serve_job_keeps_the_token_off_the_command_line(tmp_path):
     ("route", "body", "param"),
     [
         ("/v1/chat/completions", chat_body(seed=2**64), "seed"),
-        ("/v1/chat/completions", chat_body(seed=-1), "seed"),
         ("/v1/rise/solve", {"problem": QUESTION, "seed": 2**64}, "seed"),
         ("/v1/rise/solve", {"problem": QUESTION, "seed": 2**63 - 2, "turns": 3}, "seed"),  # seed + turn overflows
         ("/v1/rise/solve", {"problem": QUESTION, "turns": 2**70}, "turns"),
         ("/v1/chat/completions", chat_body(n=2**70), "n"),
         ("/v1/chat/completions", chat_body(max_tokens=2**70), "max_tokens"),
     ],
-    ids=["chat-seed-2**64", "chat-seed-neg", "solve-seed-2**64", "solve-seed-plus-turns", "turns-huge", "n-huge",
+    ids=["chat-seed-2**64", "solve-seed-2**64", "solve-seed-plus-turns", "turns-huge", "n-huge",
          "max-tokens-huge"],
 )
 @pytest.mark.slow
@@ -270,27 +268,39 @@ def test_unknown_route_and_method_are_json(url):
 def test_a_dead_engine_shows_in_healthz_answers_json_and_serve_replaces_the_replica(url):
     import ray
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA::rise#RiseServer")]
-    (name,) = names
+    def replicas() -> list[str]:
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::rise#RiseLLMServer:tiny-rise")]
 
-    def kill_engine(replica) -> None:  # the engine loses its model: every generate now fails
-        replica._replica_impl._user_callable_wrapper._callable.engine.model = None
+    names = replicas()
+    assert len(names) == 1, ray.util.list_named_actors(all_namespaces=True)
 
-    ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(kill_engine), timeout=30)
-    with client(url, timeout=30) as c:
-        err = assert_error(c.post("/v1/chat/completions", json=chat_body(max_tokens=4)), 500)
-        assert err["type"] == "server_error" and "AttributeError" in err["message"]
-        health = httpx.get(url + "/healthz", timeout=30)
+    def kill_engine(replica) -> int:  # vLLM's engine core: the processes the replica started
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            child.kill()
+        return len(children)
+
+    assert ray.get(ray.get_actor(names[0], namespace="serve").__ray_call__.remote(kill_engine), timeout=30) >= 1
+    with client(url, timeout=60) as c:
+        r = c.post("/v1/chat/completions", json=chat_body(max_tokens=4))
+        assert r.status_code >= 500, r.text  # vLLM's EngineDeadError, as JSON
+        assert_error(r, r.status_code)
+        for _ in range(60):  # the engine's death is seen at its next health check
+            health = httpx.get(url + "/healthz", timeout=30)
+            if health.status_code == 503:
+                break
+            time.sleep(0.5)
         assert health.status_code == 503 and health.json()["status"] == "engine_dead", health.text
-        assert_error(c.post("/v1/chat/completions", json=chat_body(max_tokens=4)), 503, code="engine_dead")
+        assert health.json()["models"]["tiny-rise"].startswith("dead"), health.text
+        r = c.post("/v1/rise/solve", json={"problem": QUESTION, "turns": 1})
+        assert r.status_code >= 500 and r.headers["content-type"].startswith("application/json"), r.text
     # Serve's health check fails and a new replica with a live engine takes over.
-    for _ in range(240):
+    for _ in range(600):
         try:
-            if httpx.get(url + "/healthz", timeout=10).status_code == 200 and [
-                a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith("SERVE_REPLICA::rise#RiseServer")
-            ] not in ([], names):
+            if httpx.get(url + "/healthz", timeout=10).status_code == 200 and replicas() not in ([], names):
                 break
         except httpx.HTTPError:
             pass

@@ -1,6 +1,6 @@
-"""Ray Serve LLM (`ray.serve.llm`) serving SmolLM2-135M-Instruct through rise_ray.serve.llm_config on
-127.0.0.1: the OpenAI client's chat completions, completions and model list against vLLM's own
-serving code. Needs the converted model (`rise model get smollm2-135m-instruct`); on 2 busy CPUs
+"""`rise serve`'s app (Ray Serve LLM, rise_ray.serve.deploy.make_app) serving SmolLM2-135M-Instruct
+on 127.0.0.1, on 2 Ray CPUs: the OpenAI client's chat completions, completions and model list
+against vLLM's own serving code, and a solve on the real model. Needs the converted model (`rise model get smollm2-135m-instruct`); on 2 busy CPUs
 the app took 3.5 min to become ready (docs/serve_llm.md)."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def served():
     from ray import serve
 
     from rise_ray.config import load_config
-    from rise_ray.serve.llm_config import llm_config, openai_app
+    from rise_ray.serve.deploy import make_app
 
     if ray.is_initialized():
         ray.shutdown()
@@ -48,9 +48,10 @@ def served():
     # smallest machines, where the CPU levers are needed for the app to start at all.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    cfg = load_config(overrides=["model.max_model_len=1024", "rollout.kv_cache_memory_bytes=536870912"])
+    cfg = load_config(overrides=["model.max_model_len=1024", "rollout.kv_cache_memory_bytes=536870912",
+                                 "env.name=arithmetic", "serve.token_env=RISE_SERVE_LLM_UNSET_TOKEN"])
     try:
-        app = openai_app([llm_config(model, "smollm2", cfg)])
+        app = make_app({"smollm2": model}, cfg)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # serve.run waits for the app without a deadline: run it in a thread and give up after READY_S.
         errors: list[BaseException] = []
@@ -139,3 +140,15 @@ def test_unknown_model_is_an_openai_error(client):
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=4)
     assert 400 <= e.value.status_code < 500
+
+
+@pytest.mark.timeout(READY_S + 300)
+def test_solve_on_the_real_model(served):
+    import httpx
+
+    r = httpx.post(served + "/v1/rise/solve", timeout=CALL_S * 3,
+                   json={"problem": "What is 7*8?", "turns": 2, "answer": "56", "seed": 0, "max_tokens": 64})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"] == "smollm2" and out["turns_used"] == 2
+    assert [a["correct"] for a in out["attempts"]] == [a["answer"] == "56" for a in out["attempts"]]

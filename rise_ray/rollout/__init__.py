@@ -6,7 +6,7 @@ from typing import Any
 
 from rise_ray.rollout.engine import Engine
 
-ENGINE_KINDS = ("hf", "vllm", "vllm_async", "solver")
+ENGINE_KINDS = ("hf", "vllm", "solver")
 
 
 def make_engine(kind: str | type, model_path: str, **kwargs: Any) -> Engine:
@@ -22,10 +22,6 @@ def make_engine(kind: str | type, model_path: str, **kwargs: Any) -> Engine:
         from rise_ray.rollout.vllm import VLLMEngine
 
         return VLLMEngine(model_path, **kwargs)
-    if kind == "vllm_async":  # continuous batching (vLLM's AsyncLLM): serving, async episodes
-        from rise_ray.rollout.vllm_async import AsyncVLLMEngine
-
-        return AsyncVLLMEngine(model_path, **kwargs)
     if kind == "solver":  # a programmatic teacher for the arithmetic env (distillation)
         from rise_ray.rollout.solver import ArithmeticSolver
 

@@ -12,8 +12,7 @@ That is `schedule="waves"`: every turn waits for the slowest reply of the turn. 
 `schedule="async"` each episode advances on its own: its next turn goes to the engine as soon as
 its reply is graded. VLLMEngine takes it into its running batch in this process
 (`generate_continuous`, stepping vLLM's engine); otherwise each episode runs on a thread of its
-own, one engine call per turn, which an engine with continuous batching behind its calls
-(AsyncVLLMEngine, `concurrent = True`) batches and other engines take one at a time. An episode
+own, one engine call per turn, the engine taking one call at a time. An episode
 is one generator (`_episode`) whichever the schedule. Greedy decoding gives the same trajectories
 either way; seeded sampling may not (a wave's i-th conversation is seeded seed + i*n, and which
 conversations share a wave changes as episodes end).
@@ -131,7 +130,7 @@ def run_episodes(
     continuous = improver is None and hasattr(engine, "generate_continuous")
     on_threads = spec.schedule == "async" and not continuous
     if on_threads:  # engines that are not thread-safe take one call at a time (one lock per engine)
-        locked = {id(e): e if getattr(e, "concurrent", False) else _OneAtATime(e) for e in (engine, improver) if e}
+        locked = {id(e): _OneAtATime(e) for e in (engine, improver) if e}
         engine, improver = locked[id(engine)], improver and locked[id(improver)]
     tally = progress if progress is not None else EpisodeTally()
     episodes = [_episode(env, p, t, spec, engine, improver, tally, k)
@@ -239,8 +238,7 @@ class _OneAtATime:
 
 def _run_on_threads(episodes: list, max_threads: int = 256) -> None:
     """schedule="async" otherwise: one thread per episode (up to max_threads), each turn one engine
-    call, which an engine with continuous batching behind its calls (AsyncVLLMEngine) runs in its
-    running batch."""
+    call (the engines take one call at a time)."""
 
     def run(k: int, episode) -> None:
         r = _advance(episode, None)

@@ -17,16 +17,15 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"  # bind address: loopback unless told otherwise
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "rise"
-    model_name: str | None = None  # the id /v1/models reports (None: the checkpoint directory's name)
-    engine: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when installed, else transformers
+    model_name: str | None = None  # the id /v1/models reports for one model (None: the directory's name)
+    # A run directory: serve its latest model (id: serve.model_name or iter_<k>), or every
+    # iteration's model side by side (iter_0 = the base model ... iter_k), one engine each.
+    iterations: Literal["latest", "all"] = "latest"
     env: str | None = None  # default env of /v1/rise/solve (None: env.name)
     token_env: str = "RISE_SERVE_TOKEN"  # environment variable with the bearer token; unset: no auth
-    max_n: int = Field(8, ge=1)
-    max_tokens_limit: int = Field(1024, ge=1)
-    default_max_tokens: int = Field(256, ge=1)  # chat requests that give no max_tokens
+    max_n: int = Field(8, ge=1)  # chat's n: vLLM's own check (VLLM_MAX_N_SEQUENCES) at this limit
+    max_tokens_limit: int = Field(1024, ge=1)  # per solve attempt (chat: vLLM checks the context)
     max_turns: int = Field(10, ge=1)
-    max_batch_size: int = Field(32, ge=1)  # concurrent requests merged into one engine call
-    batch_wait_timeout_s: float = Field(0.0, ge=0)  # 0: take what queued while the engine was busy
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)

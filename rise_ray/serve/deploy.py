@@ -14,37 +14,62 @@ from ray import serve
 from rise_ray.config import DEFAULT_CONFIG, RunConfig, load_config
 from rise_ray.serve.auth import read_token, token_digest
 
-ROUTES = ("GET /healthz", "GET /v1/models", "POST /v1/chat/completions", "POST /v1/rise/solve")
+ROUTES = ("GET /healthz", "GET /v1/models", "POST /v1/chat/completions", "POST /v1/completions",
+          "POST /tokenize", "POST /v1/rise/solve")
 
 
-def make_app(checkpoint: str, cfg: RunConfig, token: str | None = None) -> serve.Application:
-    """The Serve application for `checkpoint`, with deployment options from `cfg.serve`.
+def served_models(models: Mapping[str, str], cfg: RunConfig) -> dict[str, str]:
+    """The models `rise serve` deploys, of a run's (oldest first): the latest, or all of them with
+    serve.iterations=all. One model is named serve.model_name when set."""
+    chosen = dict(models) if cfg.serve.iterations == "all" else dict([list(models.items())[-1]])
+    if len(chosen) == 1 and cfg.serve.model_name:
+        chosen = {cfg.serve.model_name: next(iter(chosen.values()))}
+    return chosen
+
+
+def make_app(models: Mapping[str, str], cfg: RunConfig, token: str | None = None) -> serve.Application:
+    """The Serve application: one Ray Serve LLM engine deployment (LLMServer) per model id in
+    `models` ({id: HF directory}), behind RiseIngress (the OpenAI routes, /v1/rise/solve for the
+    last model unless a request names one, /healthz).
 
     `token`: the bearer token; only its SHA-256 reaches the cluster. None: each replica reads the
     environment variable named by `cfg.serve.token_env`; neither set: no auth, unless
     serve.require_token, when such a replica refuses to start.
     """
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.serve.llm import build_llm_deployment
+
     from rise_ray.envs import REGISTRY
-    from rise_ray.serve.app import RiseServer
+    from rise_ray.serve.app import RiseIngress, ingress_class
+    from rise_ray.serve.llm_config import llm_config, on_cpu, runtime_env
 
     s = cfg.serve
     if token is not None and not token.strip():
         raise ValueError("token: blank")
     if (s.env or cfg.env.name) not in REGISTRY:
         raise ValueError(f"serve.env: unknown env {s.env or cfg.env.name!r}; known: {sorted(REGISTRY)}")
-    if os.path.exists(checkpoint):
-        checkpoint = os.path.abspath(checkpoint)
-    options: dict[str, Any] = {
-        "autoscaling_config": s.autoscaling_config(),
-        "max_ongoing_requests": s.max_ongoing_requests,
-        "max_queued_requests": s.max_queued_requests,
-        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
-        "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
-        "health_check_timeout_s": 60,
-        "health_check_period_s": s.health_check_period_s,
-    }
+    if not models:
+        raise ValueError("models: nothing to serve")
+    dirs = {m: os.path.abspath(d) if os.path.exists(d) else d for m, d in models.items()}
+    configs = {m: llm_config(d, m, cfg) for m, d in dirs.items()}
     digest = token_digest(token) if token else None
-    return RiseServer.options(**options).bind(checkpoint, cfg.model_dump(mode="json"), digest)
+    options = RiseIngress.get_deployment_options(list(configs.values()))
+    options.update(
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": s.retry_after_s},
+        # On a CPU machine the ingress takes no CPU the engines need (docs/serve_llm.md)
+        ray_actor_options={"num_cpus": 0 if on_cpu() else 1, "runtime_env": runtime_env()},
+        health_check_period_s=s.health_check_period_s,
+    )
+    return serve.deployment(ingress_class(cfg, digest), **options).bind(
+        llm_deployments={m: build_llm_deployment(c) for m, c in configs.items()},
+        model_cards={m: to_model_metadata(m, c) for m, c in configs.items()},
+        config=cfg.model_dump(mode="json"),
+        model_dirs=dirs,
+        default_model=list(dirs)[-1],
+        token_sha256=digest,
+    )
 
 
 class AppArgs(BaseModel):
@@ -64,7 +89,8 @@ def build_app(args: Mapping[str, Any] | AppArgs) -> serve.Application:
     overrides = a.overrides.split() if isinstance(a.overrides, str) else a.overrides
     cfg = load_config(a.config or DEFAULT_CONFIG, overrides)
     # A token where the app is built is baked in (as its digest): replicas need not read one.
-    return make_app(a.checkpoint, cfg, read_token(cfg))
+    name = cfg.serve.model_name or os.path.basename(os.path.normpath(a.checkpoint))
+    return make_app({name: a.checkpoint}, cfg, read_token(cfg))
 
 
 def check_checkpoint(checkpoint: str) -> None:
@@ -77,14 +103,17 @@ def check_checkpoint(checkpoint: str) -> None:
 
 
 def serve_command(
-    checkpoint: str, cfg: RunConfig, host: str | None = None, port: int | None = None, blocking: bool = True
+    models: Mapping[str, str], cfg: RunConfig, host: str | None = None, port: int | None = None,
+    blocking: bool = True
 ) -> str:
     """`rise serve`: join Ray (RAY_ADDRESS, else a local Ray with its dashboard), start Serve on
-    host:port (default cfg.serve.host/port: 127.0.0.1:8000) and the app at "/". Blocking: until
-    Ctrl-C or SIGTERM (`ray job stop`), then the app is deleted. Returns the base URL."""
+    host:port (default cfg.serve.host/port: 127.0.0.1:8000) and the app at "/" once every model's
+    engine is up. Blocking: until Ctrl-C or SIGTERM (`ray job stop`), then the app is deleted.
+    Returns the base URL."""
     from rise_ray.session import init_ray
 
-    check_checkpoint(checkpoint)
+    for checkpoint in models.values():
+        check_checkpoint(checkpoint)
     s = cfg.serve
     host = s.host if host is None else host
     port = s.port if port is None else port
@@ -93,7 +122,7 @@ def serve_command(
     url = f"http://{host}:{port}"
     if not blocking:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(make_app(checkpoint, cfg, token), name=s.app_name, route_prefix="/", blocking=False)
+        serve.run(make_app(models, cfg, token), name=s.app_name, route_prefix="/", blocking=False)
         return url
 
     def on_term(signum: int, frame: Any) -> None:  # stop on SIGTERM the way Ctrl-C stops
@@ -104,8 +133,9 @@ def serve_command(
     try:
         serve.start(http_options={"host": host, "port": port})
         deployed = True
-        serve.run(make_app(checkpoint, cfg, token), name=s.app_name, route_prefix="/", blocking=False)
-        print(f"rise serve: {checkpoint} at {url}\n  routes: {', '.join(ROUTES)}")
+        serve.run(make_app(models, cfg, token), name=s.app_name, route_prefix="/", blocking=False)
+        print(f"rise serve: {url}\n  models: " + ", ".join(f"{m} ({d})" for m, d in models.items()))
+        print(f"  routes: {', '.join(ROUTES)}")
         print(f"  auth: {'bearer token from $' + s.token_env if token else 'none (set $' + s.token_env + ' to require one)'}")
         if token is None and host not in ("127.0.0.1", "localhost", "::1"):
             print(f"  warning: listening on {host} without a token: anyone who reaches it can use the model")

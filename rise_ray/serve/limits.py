@@ -16,13 +16,11 @@ from rise_ray.serve.schemas import SEED_MAX, ApiError
 
 
 class _Generates(Protocol):
-    """What LoopEngine needs of the replica (RiseServer): its async, batched generate."""
+    """What LoopEngine needs of the ingress (RiseIngress): prompt lengths and its async generate."""
 
-    max_model_len: int
+    def prompt_len(self, model: str, conversation: Conversation) -> int: ...
 
-    def prompt_len(self, conversation: Conversation) -> int: ...
-
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> Any: ...
+    def generate(self, model: str, conversations: list[Conversation], n: int, params: SamplingParams) -> Any: ...
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -125,17 +123,17 @@ class CancelToken:
 
 
 class LoopEngine:
-    """The Engine protocol for run_episodes on a worker thread: generate() goes through the
-    replica's batch queue on its event loop, so solve turns are batched with chat requests."""
+    """The Engine protocol for run_episodes on a worker thread: generate() runs the ingress's async
+    generate for `model` on its event loop, cancelled with the request."""
 
-    def __init__(self, server: _Generates, loop: asyncio.AbstractEventLoop, cancel: CancelToken) -> None:
-        self.server = server
+    def __init__(self, server: _Generates, model: str, max_model_len: int, loop: asyncio.AbstractEventLoop,
+                 cancel: CancelToken) -> None:
+        self.server, self.model, self.max_model_len = server, model, max_model_len
         self.loop = loop
         self.cancel = cancel
-        self.max_model_len = server.max_model_len
 
     def prompt_len(self, conversation: Conversation) -> int:
-        return self.server.prompt_len(conversation)
+        return self.server.prompt_len(self.model, conversation)
 
     def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
-        return self.cancel.run(self.server.generate(conversations, n, params), self.loop)
+        return self.cancel.run(self.server.generate(self.model, conversations, n, params), self.loop)

@@ -1,5 +1,5 @@
 """Ray Serve LLM (`ray.serve.llm`) for a run's model: `llm_config` maps our RunConfig onto an
-`LLMConfig`, `openai_app` builds Ray Serve LLM's OpenAI app (vLLM's own serving code) from them.
+`LLMConfig`, the engine deployment (LLMServer: vLLM's own serving code) of one served model.
 
 On a machine without CUDA the CPU levers are applied (docs/serve_llm.md says why each is needed):
 - `accelerator_config={"kind": "cpu"}` and `placement_group_config` bundles of CPUs only: the
@@ -18,14 +18,12 @@ On a machine without CUDA the CPU levers are applied (docs/serve_llm.md says why
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 from rise_ray.config import RunConfig
 
 if TYPE_CHECKING:
-    from ray.serve.deployment import Application
     from ray.serve.llm import LLMConfig
 
 SETUP_HOOK = "rise_ray.serve.llm_config.setup_worker"
@@ -37,13 +35,13 @@ def setup_worker() -> None:
     imported rise_ray (which hides the mismatched media packages in this process). vLLM starts its
     engine core with spawn, and a spawned child first imports its parent's `__main__`, here Ray's
     worker script: naming rise_ray.rollout.spawn_main as that module makes the child import rise_ray
-    before it unpickles anything of vLLM's (as AsyncVLLMEngine does while its engine starts)."""
+    before it unpickles anything of vLLM's."""
     main = sys.modules.get("__main__")
     if main is not None and getattr(main, "__spec__", None) is None:
         main.__spec__ = importlib.util.find_spec("rise_ray.rollout.spawn_main")
 
 
-def _runtime_env() -> dict[str, Any]:
+def runtime_env(**env: str) -> dict[str, Any]:
     """Runs `setup_worker` in every replica process. Ray honours `worker_process_setup_hook` only in a
     job's runtime_env (ray.init), not in an actor's; in a process it is the environment variable below,
     which an actor's runtime_env can set. The job's own env_vars are kept (Serve LLM merges
@@ -55,10 +53,10 @@ def _runtime_env() -> dict[str, Any]:
         dict(ray.get_runtime_context().runtime_env.get("env_vars") or {}) if ray.is_initialized() else {}
     )
     env_vars[WORKER_PROCESS_SETUP_HOOK_ENV_VAR] = SETUP_HOOK
-    return {"env_vars": env_vars}
+    return {"env_vars": {**env_vars, **env}}
 
 
-def _on_cpu(cpu: bool | None) -> bool:
+def on_cpu(cpu: bool | None = None) -> bool:
     if cpu is not None:
         return cpu
     import torch
@@ -72,7 +70,7 @@ def llm_config(model_dir: str, model_id: str, cfg: RunConfig, cpu: bool | None =
     `cpu`: apply the CPU levers (None: when this process sees no CUDA device)."""
     from ray.serve.llm import LLMConfig
 
-    s, on_cpu = cfg.serve, _on_cpu(cpu)
+    s, cpu = cfg.serve, on_cpu(cpu)
     engine: dict[str, Any] = {"dtype": cfg.model.dtype, "seed": cfg.rollout.seed}
     if cfg.model.max_model_len is not None:
         engine["max_model_len"] = cfg.model.max_model_len
@@ -83,7 +81,7 @@ def llm_config(model_dir: str, model_id: str, cfg: RunConfig, cpu: bool | None =
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
     }
     extra: dict[str, Any] = {}
-    if on_cpu:
+    if cpu:
         engine.update(
             dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
             enforce_eager=True,
@@ -106,23 +104,8 @@ def llm_config(model_dir: str, model_id: str, cfg: RunConfig, cpu: bool | None =
         model_loading_config={"model_id": model_id, "model_source": model_dir},
         engine_kwargs=engine,
         deployment_config=deployment,
-        runtime_env=_runtime_env(),
+        # vLLM's own bound on a request's n (chat, completions) at serve.max_n
+        runtime_env=runtime_env(VLLM_MAX_N_SEQUENCES=str(s.max_n)),
+        server_cls="rise_ray.serve.llm_server.RiseLLMServer",  # Ray Serve LLM's, with /tokenize working
         **extra,
-    )
-
-
-def openai_app(configs: list[LLMConfig], cpu: bool | None = None) -> Application:
-    """Ray Serve LLM's OpenAI app over `configs` (one model each; /v1/models lists them all). On CPU
-    the ingress asks for no CPUs: it would otherwise take one the engines need."""
-    from ray.serve.llm import build_openai_app
-
-    if os.environ.get("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING") == "1":
-        # The LLM server is its own ingress (vLLM's own FastAPI app: /tokenize, /health, /metrics too);
-        # Serve LLM then refuses ingress options, and its router asks for no CPUs.
-        return build_openai_app({"llm_configs": configs})
-    options: dict[str, Any] = {"runtime_env": _runtime_env()}
-    if _on_cpu(cpu):
-        options["num_cpus"] = 0
-    return build_openai_app(
-        {"llm_configs": configs, "ingress_deployment_config": {"ray_actor_options": options}}
     )

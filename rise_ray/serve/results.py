@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rise_ray.envs.base import Env
@@ -50,25 +49,6 @@ def solve_result(traj: Trajectory, env: Env, turns: int, graded: bool) -> dict[s
     }
 
 
-def sse_events(
-    model: str, rid: str, created: int, texts: list[str], reasons: list[str], usage: dict[str, int] | None
-) -> Iterator[str]:
-    """Server-sent events in OpenAI's chunk format. The engine returns whole replies, so each
-    choice comes as one content chunk, then its finish chunk."""
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": choices, **extra}
-        return f"data: {json.dumps(body)}\n\n"
-
-    for i, (text, r) in enumerate(zip(texts, reasons, strict=True)):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": text}, "finish_reason": None}])
-        yield chunk([{"index": i, "delta": {}, "finish_reason": r}])
-    if usage is not None:
-        yield chunk([], usage=usage)
-    yield "data: [DONE]\n\n"
-
-
 class ServeMetrics:
     """The app's Prometheus metrics (exported by Ray as ray_rise_*)."""
 
@@ -84,7 +64,6 @@ class ServeMetrics:
             "rise_solve_turns_used", "Turns used per solve request.", boundaries=[1, 2, 3, 4, 5, 8, 12, 16],
             tag_keys=("env",),
         )
-        self.chat = metrics.Counter("rise_chat_requests", "Chat completion requests served.", tag_keys=("stream",))
 
     def solved(self, env: str, oracle: bool, out: dict[str, Any]) -> None:
         tags = {"env": env}

@@ -1,4 +1,5 @@
-"""Request bodies of the HTTP API, and the error every bad request gets.
+"""The body of /v1/rise/solve (the OpenAI routes use vLLM's request models), and the error every
+bad solve request gets.
 
 Bodies are parsed strictly from the raw bytes (`parse`): malformed JSON, a missing field or a
 wrong type (a string where a number goes, 1 for a bool) is a 400 whose JSON names the field, in
@@ -7,9 +8,9 @@ the OpenAI error shape: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 SEED_MAX = 2**63 - 1  # seeds reach torch's and vLLM's 64-bit generators
@@ -40,61 +41,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, v: Any) -> Any:
-        """OpenAI also sends content as [{"type": "text", "text": ...}]: join the text parts."""
-        if isinstance(v, list):
-            texts = []
-            for part in v:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise ValueError("content must be a string or a list of {'type': 'text', 'text': str} parts")
-                texts.append(part["text"])
-            return "".join(texts)
-        return v
-
-
-class ChatRequest(BaseModel):
-    """POST /v1/chat/completions. A parameter this server does not honour is a 400 naming it
-    (`unsupported`), never silently ignored: only `user` (metadata) and nulls pass unused."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    n: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI clients' name for max_tokens
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None  # up to 4 strings; the reply ends before the first one
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)  # needs logprobs: true
-    user: str | None = None  # metadata: accepted, no effect on the reply
-
-    def unsupported(self) -> str | None:
-        """The first parameter given that this server does not honour (a null counts as absent)."""
-        for name, value in (self.model_extra or {}).items():
-            if value is not None:
-                return name
-        return None
-
-
 class SolveRequest(BaseModel):
     """POST /v1/rise/solve: one problem, a multi-turn self-improvement episode."""
 
     model_config = ConfigDict(extra="forbid")  # our own API: a misspelt field is an error
 
     problem: str = Field(min_length=1)
+    model: str | None = None  # a model id of /v1/models; None: the server's default (the latest)
     env: str | None = None  # None: the server's default env
     turns: int | None = Field(None, ge=1)  # None: eval.turns (capped at serve.max_turns)
     oracle: bool = False  # stop at the first correct attempt (needs `answer`)
@@ -106,7 +59,7 @@ class SolveRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)  # turn t samples with seed + t - 1
 
 
-def _param(loc: tuple[int | str, ...]) -> str:
+def param_name(loc: tuple[int | str, ...]) -> str:
     """('messages', 0, 'content') -> 'messages[0].content'."""
     out = ""
     for part in loc:
@@ -124,6 +77,6 @@ def parse(model: type[M], body: bytes) -> M:
             raise ApiError(400, f"request body is not valid JSON: {err['msg']}", "body", "invalid_json") from None
         if not err["loc"]:
             raise ApiError(400, f"request body: {err['msg']}", "body") from None
-        param = _param(err["loc"])
+        param = param_name(err["loc"])
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         raise ApiError(400, f"{param}: {msg}", param) from None
