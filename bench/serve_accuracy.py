@@ -77,7 +77,8 @@ def measure(url: str, env, problems: list, turns: int, chat: int, clients: int) 
 
     def ask(p) -> bool:
         messages = env.first_prompt(p)
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={"messages": messages})
+        # 256 new tokens: the old server's default (vLLM's is the whole context left)
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={"messages": messages, "max_tokens": 256})
         r.raise_for_status()
         return env.grade(r.json()["choices"][0]["message"]["content"], p.reference).correct
 

@@ -77,10 +77,12 @@ def test_smollm2_through_the_whole_loop_then_served(tmp_path):
             time.sleep(3)
         else:
             pytest.fail("rise serve did not answer /healthz within 400 s")
-        health = httpx.get(base + "/healthz", timeout=10).json()
-        assert health["max_model_len"] == 1024  # the run's own config, not the embedded default's 512
         with httpx.Client(base_url=base, timeout=300) as c:
-            (served,) = [m["id"] for m in c.get("/v1/models").json()["data"]]
+            (card,) = c.get("/v1/models").json()["data"]
+            served = card["id"]
+            assert served == "iter_1"  # a run directory serves its latest model
+            # the run's own config, not the embedded default's 512
+            assert card["metadata"]["max_request_context_length"] == 1024
             r = c.post("/v1/chat/completions", json={"model": served, "max_tokens": 16, "temperature": 0,
                                                     "messages": [{"role": "user", "content": "What is 2 + 3?"}]})
             assert r.status_code == 200, r.text
