@@ -121,19 +121,20 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+class _NonFinite(str):
+    """NaN, Infinity or -Infinity as Python's json reads them (JSON itself has no such numbers)."""
+
+
 def _unreadable(body: bytes) -> tuple[str, str]:
     """(message, param) for a body FastAPI did not take as JSON: a non-finite number (NaN, Infinity:
     Python's json reads them, JSON does not allow them) names its field; anything else the body."""
 
-    class NonFinite(str):
-        pass
-
     try:
-        obj = json.loads(body, parse_constant=NonFinite)
+        obj = json.loads(body, parse_constant=_NonFinite)
     except ValueError as e:
         return f"request body is not valid JSON: {e}", "body"
     for key, value in obj.items() if isinstance(obj, dict) else ():
-        if isinstance(value, NonFinite):
+        if isinstance(value, _NonFinite):
             return f"{key}: must be a finite number, not {value}", key
     return "request body: must be a JSON object", "body"
 
@@ -206,6 +207,7 @@ class RiseIngress(OpenAiIngress):
         self.default_env = s.env or self.cfg.env.name
         self._env(self.default_env)  # fail at start-up, not at the first request, if it is broken
         self.metrics = ServeMetrics()
+        self._metrics_url: str | None = None
 
     def _env(self, name: str) -> Env:
         with self._env_lock:
@@ -282,15 +284,10 @@ class RiseIngress(OpenAiIngress):
     async def metrics(self) -> Response:
         """vLLM's server's /metrics: Prometheus text. Ray exports every process's metrics (vLLM's
         engine metrics as ray_vllm_*, ours as ray_rise_*, Serve's) per node; this is this node's."""
-        import ray
-
-        def export_url() -> str:
-            me = ray.get_runtime_context().get_node_id()
-            node = next(n for n in ray.nodes() if n["NodeID"] == me)
-            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-
+        if self._metrics_url is None:  # this replica's node does not change: look it up once
+            self._metrics_url = await asyncio.to_thread(_metrics_export_url)
         async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S) as client:
-            r = await client.get(await asyncio.to_thread(export_url))
+            r = await client.get(self._metrics_url)
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
     async def solve(self, request: Request) -> dict[str, Any]:
@@ -360,6 +357,15 @@ class RiseIngress(OpenAiIngress):
             raise
         finally:
             self._slots.give(stopped)
+
+
+def _metrics_export_url() -> str:
+    """Ray's Prometheus export of this process's node (every Ray process's metrics on that node)."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == me)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 ENDPOINTS = {
