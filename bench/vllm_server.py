@@ -6,8 +6,9 @@
 
 import runpy
 
-import rise_ray  # noqa: F401  (hides the mismatched media packages in this process and its children)
+import rise_ray  # hides the mismatched media packages in this process and its children
 
 if __name__ == "__main__":
+    rise_ray.inspect_models_in_process()  # a fresh inspection process would import them
     # alter_sys=False: __main__ stays this file, which the spawned engine process runs first
     runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=False)

