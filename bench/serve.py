@@ -5,9 +5,10 @@ solve endpoint of `rise serve` against the one before Ray Serve LLM (--old-ref).
 Steps:
   1. the model (--model tiny: built here; else a name for `rise model get`, or a model directory);
      the requests: search questions as chat messages, temperature 1, unseeded, --max-tokens each;
-  2. start `rise serve` (Ray Serve LLM: one LLMServer replica, 1 CPU, behind RiseIngress), vLLM's own
-     OpenAI server (bench/vllm_server.py) and vLLM's AsyncLLM in this process, all with the same
-     engine settings: fp32, eager, the same KV-cache bytes, 32-token blocks, whole prefills;
+  2. start `rise serve` (Ray Serve LLM: one LLMServer replica, 1 CPU, behind RiseIngress; HAProxy in
+     front where Ray finds a binary, serve.proxy=auto), vLLM's own OpenAI server
+     (bench/vllm_server.py) and vLLM's AsyncLLM in this process, all with the same engine
+     settings: fp32, eager, the same KV-cache bytes, 32-token blocks, whole prefills;
   3. at 1, 8 and 32 closed-loop clients (each sends its next request when its last one returns):
      "rise" and "vllm" over HTTP on 127.0.0.1 (httpx), "direct" as coroutines awaiting AsyncLLM;
      the three alternate for --rounds rounds per level (shared CPUs: interleaving spreads the
@@ -242,7 +243,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from rise_ray.serve.deploy import serve_command
+    from rise_ray.serve.deploy import proxy_env, serve_command
 
     os.environ.pop(cfg.serve.token_env, None)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
@@ -322,8 +323,10 @@ def main() -> None:
         print("solve (3 turns, 8 clients): " + ", ".join(
             f"{k} p50 {v['p50_ms']:.0f} ms, {v['requests_per_s']:.2f} req/s" for k, v in solve.items()))
 
+    proxy = "HAProxy" if proxy_env(cfg.serve.proxy) else "Ray Serve's proxy"  # serve.proxy, as rise serve resolved it
     result = {
         "model": args.model,
+        "proxy": proxy,
         "max_tokens": args.max_tokens,
         "vs_vllm_server_c8": round(rps("rise", 8) / rps("vllm", 8), 3),
         "vs_vllm_server_c32": round(rps("rise", 32) / rps("vllm", 32), 3),
@@ -338,7 +341,7 @@ def main() -> None:
         "overrides": args.overrides,
         "setup": {
             "requests": "search questions as chat messages, temperature 1, unseeded, n=1, closed-loop clients",
-            "rise": "httpx -> Serve proxy -> RiseIngress (Ray Serve LLM's OpenAiIngress) -> LLMServer (1 CPU), "
+            "rise": f"httpx -> {proxy} -> RiseIngress (Ray Serve LLM's OpenAiIngress) -> LLMServer (1 CPU), "
                     "vLLM's serving code",
             "vllm": "httpx -> vllm.entrypoints.openai.api_server (same engine settings)",
             "direct": "vllm AsyncLLM.generate in this process, no HTTP",

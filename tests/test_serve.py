@@ -163,6 +163,24 @@ def test_majority_answer_ties_go_to_the_latest():
     assert majority_answer([None, None], key) is None
 
 
+def test_haproxy_block_in_jobs_serve_md_is_a_serve_config_and_matches_rise_serve():
+    """The `controller_options` block jobs/serve.md gives for `serve deploy` is one Ray accepts, and
+    sets what `rise serve` sets for serve.proxy=haproxy."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from rise_ray.serve.deploy import proxy_env
+
+    path = os.path.join(os.path.dirname(__file__), "..", "jobs", "serve.md")
+    with open(path) as f:
+        blocks = re.findall(r"```yaml\n(.*?)```", f.read(), re.S)
+    (block,) = [b for b in blocks if "controller_options" in b]
+    schema = ServeDeploySchema.model_validate({**yaml.safe_load(block), "applications": []})
+    env = schema.controller_options.runtime_env["env_vars"]
+    if proxy_env("auto"):
+        assert env == proxy_env("haproxy")
+
+
 # -- routes -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_health_and_models(server):
@@ -173,6 +191,38 @@ def test_health_and_models(server):
         models = c.get("/v1/models").json()
         assert [m["id"] for m in models["data"]] == list(MODELS)
         assert c.get("/v1/models/iter_0").json()["metadata"]["max_request_context_length"] == 512
+
+
+def haproxy_sessions() -> dict[str, int]:
+    """Sessions HAProxy has sent to each server of Serve's backends ({server name: total}), from its
+    stats page (CSV)."""
+    import csv
+
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_STATS_PORT
+
+    text = httpx.get(f"http://127.0.0.1:{RAY_SERVE_HAPROXY_STATS_PORT}/stats;csv", timeout=10).text
+    rows = csv.DictReader(text.lstrip("# ").splitlines())
+    return {r["svname"]: int(r["stot"] or 0) for r in rows if r["svname"].startswith("SERVE_")}
+
+
+@pytest.mark.slow
+def test_haproxy_sends_requests_straight_to_the_ingress_replica(server):
+    """serve.proxy=auto where Ray finds an HAProxy binary (ray[serve] bundles one on Linux): HAProxy
+    routes to the ingress replica's own HTTP server. Ray's Python proxy is only HAProxy's backup
+    server, and a request that reached it would mean the fast path is not in use."""
+    from rise_ray.serve.deploy import proxy_env
+
+    if not proxy_env("auto"):
+        pytest.skip("no HAProxy binary here: rise serve uses Ray's proxy")
+    before = haproxy_sessions()
+    with server.client() as c:
+        for _ in range(3):
+            assert c.post("/v1/chat/completions", json=chat_body(max_tokens=4)).status_code == 200
+    after = haproxy_sessions()
+    sent = {name: after[name] - before.get(name, 0) for name in after}
+    ingress = {name: n for name, n in sent.items() if "RiseIngress" in name}
+    assert sum(ingress.values()) >= 3, sent
+    assert all(n == 0 for name, n in sent.items() if "fallback" in name), sent
 
 
 @pytest.mark.slow

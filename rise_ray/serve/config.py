@@ -16,6 +16,11 @@ class ServeConfig(BaseModel):
 
     host: str = "127.0.0.1"  # bind address: loopback unless told otherwise
     port: int = Field(8000, ge=1, le=65535)
+    # Ray Serve's HTTP proxy. haproxy: Ray Serve's HAProxy mode (the binary ray[serve] bundles on
+    # Linux, or RAY_SERVE_HAPROXY_BINARY_PATH, or `haproxy` on PATH) in front of the ingress
+    # replicas' own HTTP servers: no Python proxy hop per request. ray: Ray Serve's Python proxy
+    # actor. auto: haproxy where Ray finds a binary, else ray (docs/serve_llm.md).
+    proxy: Literal["auto", "haproxy", "ray"] = "auto"
     app_name: str = "rise"
     model_name: str | None = None  # the id /v1/models reports for one model (None: the directory's name)
     # A run directory: serve its latest model (id: serve.model_name or iter_<k>), or every
@@ -30,7 +35,7 @@ class ServeConfig(BaseModel):
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
     max_ongoing_requests: int = Field(32, ge=1)  # per replica
-    max_queued_requests: int = Field(128, ge=-1)  # per proxy; -1: no limit (no 503 on overload)
+    max_queued_requests: int = Field(128, ge=-1)  # per proxy (HAProxy: per ingress replica); -1: no 503
     retry_after_s: float = Field(1.0, ge=0)
     num_cpus_per_replica: float = Field(1.0, gt=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)

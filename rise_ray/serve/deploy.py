@@ -93,6 +93,26 @@ def build_app(args: Mapping[str, Any] | AppArgs) -> serve.Application:
     return make_app({name: a.checkpoint}, cfg, read_token(cfg))
 
 
+def proxy_env(proxy: str) -> dict[str, str]:
+    """The Serve controller's environment for serve.proxy (its proxies and replicas inherit it):
+    Ray Serve's HAProxy mode, or nothing for Ray's Python proxy. auto takes HAProxy where Ray finds
+    a binary; haproxy without one is an error naming the setting."""
+    if proxy == "ray":
+        return {}
+    from ray.serve._private.haproxy import get_haproxy_binary  # Ray's own lookup, as its proxy does
+
+    try:
+        get_haproxy_binary()
+    except FileNotFoundError as e:
+        if proxy == "haproxy":
+            raise ValueError(f"serve.proxy=haproxy: {e}") from None
+        return {}
+    # HAProxy's own request metrics would label every request route="/" (it knows the path prefix,
+    # not FastAPI's routes) and parse a log datagram per request in a Python actor; off, the ingress
+    # replica counts them per route, as Ray's proxy does (`_should_emit_request_ingress_metrics`).
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
+
+
 def check_checkpoint(checkpoint: str) -> None:
     """A local checkpoint must be an HF model directory; an `org/name` hub id is passed through."""
     if os.path.isdir(checkpoint):
@@ -117,12 +137,18 @@ def serve_command(
     s = cfg.serve
     host = s.host if host is None else host
     port = s.port if port is None else port
+    env = proxy_env(s.proxy)
     dashboard = init_ray()
     token = read_token(cfg)
     url = f"http://{host}:{port}"
-    if not blocking:
-        serve.start(http_options={"host": host, "port": port})
+
+    def deploy() -> None:
+        # The controller's env_vars apply only when this starts Serve (Ray warns when one runs).
+        serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": env}})
         serve.run(make_app(models, cfg, token), name=s.app_name, route_prefix="/", blocking=False)
+
+    if not blocking:
+        deploy()
         return url
 
     def on_term(signum: int, frame: Any) -> None:  # stop on SIGTERM the way Ctrl-C stops
@@ -131,10 +157,10 @@ def serve_command(
     previous = signal.signal(signal.SIGTERM, on_term)  # after ray.init, which installs its own
     deployed = False
     try:
-        serve.start(http_options={"host": host, "port": port})
         deployed = True
-        serve.run(make_app(models, cfg, token), name=s.app_name, route_prefix="/", blocking=False)
+        deploy()
         print(f"rise serve: {url}\n  models: " + ", ".join(f"{m} ({d})" for m, d in models.items()))
+        print(f"  proxy: {'HAProxy' if env else 'Ray Serve proxy'} (serve.proxy={s.proxy})")
         print(f"  routes: {', '.join(ROUTES)}")
         print(f"  auth: {'bearer token from $' + s.token_env if token else 'none (set $' + s.token_env + ' to require one)'}")
         if token is None and host not in ("127.0.0.1", "localhost", "::1"):
