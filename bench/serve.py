@@ -17,7 +17,8 @@ Steps:
      is started beside the new one; --solve-requests 3-turn /v1/rise/solve requests at 8 clients
      alternate between the two for --rounds rounds (vLLM server and direct engine stopped first);
   5. print p50/p99 and requests/s; write bench/results/serve.json with vs_vllm_server_c8 and
-     vs_vllm_server_c32 (rise req/s / vLLM's), p99_vs_vllm_server_c32 (rise p99 / vLLM's),
+     vs_vllm_server_c32 (rise req/s / vLLM's, pooled over the rounds; rounds_vs_vllm_server_c*: each
+     round's), p99_vs_vllm_server_c32 (rise p99 / vLLM's),
      overhead_vs_direct (direct req/s / rise req/s at 8 clients) and solve_vs_old_c8 (new solve
      req/s / old's).
 
@@ -332,6 +333,10 @@ def main() -> None:
         "vs_vllm_server_c32": round(rps("rise", 32) / rps("vllm", 32), 3),
         "p99_vs_vllm_server_c32": round(res["rise"][32]["p99_ms"] / res["vllm"][32]["p99_ms"], 3),
         "overhead_vs_direct": round(rps("direct", 8) / rps("rise", 8), 3),
+        # the same ratios round by round (each round: the systems back to back): the spread is the noise
+        **{f"rounds_vs_vllm_server_c{c}": [round(len(r[0]) / r[1] / (len(v[0]) / v[1]), 3)
+                                           for r, v in zip(raw["rise"][c], raw["vllm"][c], strict=True)]
+           for c in (8, 32)},
         "solve_vs_old_c8": round(solve["rise"]["requests_per_s"] / solve["old"]["requests_per_s"], 3) if solve else None,
         "solve": solve,
         "old_ref": args.old_ref,
