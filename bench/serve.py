@@ -23,6 +23,9 @@ Steps:
      req/s / old's).
 
     python bench/serve.py --model smollm2-135m-instruct [--max-tokens 32] [--requests 16 64 128] [--rounds 2]
+
+At 2 rounds the ratios move by about +-5% from run to run on a 2-core machine; issue 29's results
+use --rounds 4 --old-ref '' (docs/scaling.md).
 """
 
 from __future__ import annotations
