@@ -181,6 +181,24 @@ def test_haproxy_block_in_jobs_serve_md_is_a_serve_config_and_matches_rise_serve
         assert env == proxy_env("haproxy")
 
 
+def test_serve_proxy_haproxy_without_a_binary_is_an_error_naming_the_setting(tmp_path):
+    """serve.proxy=haproxy where Ray finds no HAProxy binary fails before anything starts, naming
+    the setting; auto falls back to Ray's proxy (and `rise serve` prints which it took). Ray reads
+    RAY_SERVE_HAPROXY_BINARY_PATH at import, hence a fresh process."""
+    import subprocess
+    import sys
+
+    code = """
+from rise_ray.serve.deploy import proxy_env
+assert proxy_env("auto") == {} and proxy_env("ray") == {}
+proxy_env("haproxy")
+"""
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "no-haproxy")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "ValueError: serve.proxy=haproxy:" in out.stderr and "no-haproxy" in out.stderr, out.stderr[-2000:]
+
+
 # -- routes -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_health_and_models(server):
