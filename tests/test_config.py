@@ -2,7 +2,7 @@
 
 import pytest
 
-from rise_ray.config import ConfigError, load_config, parse_overrides
+from rise_ray.config import DEFAULT_CONFIG, ConfigError, load_config, parse_overrides
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -197,15 +197,39 @@ def test_departures_from_the_papers_protocol_are_the_protocol_fields_that_differ
 
 
 def test_rise_run_prints_its_departures_from_the_protocol_at_the_start(tmp_path, capsys):
-    from rise_ray.cli import main
+    from rise_ray import driver
 
-    # env.name=nosuch: the run gets past its config and run directory, then stops at make_env (no Ray)
-    rc = main(["run", f"run_dir={tmp_path}", "name=p", "env.name=nosuch", "data.tau=0.5", "eval.turns=2"])
+    # env.name=nosuch: the run gets past its config and run directory, then stops at make_env (no
+    # Ray). Called below the CLI, which refuses it before the run starts (session.check_run).
+    cfg = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "name=p", "env.name=nosuch", "data.tau=0.5", "eval.turns=2"])
+    with pytest.raises(ConfigError, match="unknown env 'nosuch'"):
+        driver.run(cfg)
     out = capsys.readouterr()
-    assert rc == 2 and "unknown env 'nosuch'" in out.err
     lines = [line for line in out.out.splitlines() if line.startswith("[rise] ")]
     assert lines[0].startswith("[rise] protocol: departs from the paper's in")
     departed = {line.split()[1]: line for line in lines[1:] if "(paper:" in line}
     assert "data.tau" in departed and "0.5  (paper: 0.4)" in departed["data.tau"]
     assert "eval.turns" in departed and "(paper: 5)" in departed["eval.turns"]
     assert set(departed) >= {"rollout.stop_when_correct", "data.after_correct_weight"}  # the embedded default's
+
+
+def test_combinations_that_fail_later_are_refused_at_load():
+    """Each is accepted by the schema field by field, and fails only once the run is under way."""
+    lora = ["train.lora.enabled=true", "train.lora.merge=false"]
+    # The adapter alone reaches the engines at the sync, and the next train stage finds no config.json.
+    with pytest.raises(ConfigError, match=r"train.lora.merge=false .* 2 iterations.*iterations=0") as e:
+        load_config(None, lora)
+    assert "\n" not in str(e.value)  # one line
+    assert load_config(None, [*lora, "iterations=0"]).train.lora.merge is False  # `rise train` writes an adapter
+    assert load_config(None, ["train.lora.merge=false"]).train.lora.merge is False  # no LoRA: merge unused
+    # vLLM's weight transfer between GPUs, asked of engines on CPU: refused by the sync's first call
+    for engine in (["rollout.engine=hf"], ["rollout.engine=vllm"]):
+        with pytest.raises(ConfigError, match="sync.method 'nccl'.*rollout.num_gpus_per_engine > 0"):
+            load_config(None, [*engine, "sync.method=nccl"])
+    gpu = ["rollout.engine=vllm", "rollout.num_gpus_per_engine=2", "rollout.tensor_parallel_size=2"]
+    with pytest.raises(ConfigError, match="sync.method 'ipc'.*tensor_parallel_size=1"):
+        load_config(None, [*gpu, "sync.method=ipc"])
+    assert load_config(None, [*gpu, "sync.method=nccl"]).sync.method == "nccl"
+    # DeepSpeed's offload without ZeRO: the trainer's first step refuses it
+    with pytest.raises(ConfigError, match="train.offload.*zero_stage"):
+        load_config(None, ["train.offload=true"])

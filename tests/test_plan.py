@@ -94,8 +94,21 @@ def expected_stages(iterations):
     return names + ["report"]
 
 
+EVAL_ONLY = [os.path.join(ROOT, "configs", "math_eval.yaml")]  # `rise eval` configs: no training problems
+
+
+def test_rise_run_refuses_an_eval_only_config_before_planning_it(capsys):
+    from rise_ray.cli import main
+
+    for path in EVAL_ONLY:
+        assert main(["run", path, "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "env 'math' has no train problems: set env.train_path" in err and "\n" not in err
+
+
 @pytest.mark.cpu_only  # plans against this machine: expects no GPU
-@pytest.mark.parametrize("path", [None, *CONFIGS], ids=lambda p: os.path.basename(p) if p else "embedded")
+@pytest.mark.parametrize("path", [None, *sorted(set(CONFIGS) - set(EVAL_ONLY))],
+                         ids=lambda p: os.path.basename(p) if p else "embedded")
 def test_every_config_plans(path, capsys, monkeypatch):
     rc, plan = dry_run_json(capsys, monkeypatch, [path] if path else [])
     assert rc == 0
