@@ -79,7 +79,7 @@ def check_run(cfg: RunConfig, training: bool = True) -> None:
         if not getattr(env, split) and f"{split}_path" not in hub:
             where = {"test": ": set env.test_path", "train": ": set env.train_path"}.get(split, "")
             raise ConfigError(f"{why}: env {env.name!r} has no {split} problems{where}")
-    if warmup and env.train:
+    if warmup and (env.train or not hasattr(env, "demo_attempt")):  # hub data: an env that has them
         from rise_ray.demo.warmup import demonstrations, warmup_train_config
 
         warmup_train_config(cfg)
