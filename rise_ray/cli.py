@@ -29,11 +29,12 @@ def _config(args: list[str]) -> RunConfig:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Evaluate a model: no-oracle multi-turn episodes on the test problems."""
-    from rise_ray.eval.evaluate import eval_problems, evaluate
     from rise_ray.session import check_run, env_options, init_ray, make_env, make_pool, resolve_model
 
     cfg = _config(ns.args)
-    check_run(cfg, training=False)  # before anything starts: the env, its split, the model source
+    check_run(cfg, training=False)  # before anything starts or loads: the env, its split, the model source
+    from rise_ray.eval.evaluate import eval_problems, evaluate  # Ray Data: seconds to import
+
     out_dir = ns.out or os.path.join(cfg.run_dir, cfg.name, "eval")
     os.makedirs(out_dir, exist_ok=True)
     env = make_env(cfg.env)
@@ -91,7 +92,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     """Weighted SFT on trajectories (or a built data set): `rise train CONFIG data=PATH model.path=PATH`."""
-    from rise_ray.session import check_model_source, init_ray
+    from rise_ray.session import check_model_source, init_ray, make_env
     from rise_ray.train.trainer import train_command
 
     data_args = [a for a in ns.args if a.startswith("data=")]
@@ -102,6 +103,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if not os.path.exists(data):
         raise ConfigError(f"data={data}: no such file or directory")
     check_model_source("model.path", cfg.model.path)
+    make_env(cfg.env, with_data=False)  # the prompts and feedback the examples are built with
     out = ns.out or os.path.join(cfg.run_dir, cfg.name, "train")
     init_ray()
     path = train_command(cfg, data, out)
@@ -137,13 +139,14 @@ def serve_target(target: str) -> tuple[dict[str, str], str | None]:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """Serve models: Ray Serve LLM's OpenAI API, /v1/rise/solve (multi-turn), /healthz."""
-    from rise_ray.serve.deploy import serve_command, served_models
     from rise_ray.session import make_env
 
     models, run_config = serve_target(ns.checkpoint)
     path, overrides = _split(ns.args)
     cfg = load_config(path or run_config or DEFAULT_CONFIG, overrides)
     make_env(cfg.env, with_data=False)  # the env /v1/rise/solve grades with: its name and options, before Ray
+    from rise_ray.serve.deploy import serve_command, served_models  # Ray Serve: a few seconds to import
+
     serve_command(served_models(models, cfg), cfg, host=ns.host, port=ns.port)
     return 0
 
