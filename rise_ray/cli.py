@@ -29,7 +29,8 @@ def _config(args: list[str]) -> RunConfig:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Evaluate a model: no-oracle multi-turn episodes on the test problems."""
-    from rise_ray.session import check_run, env_options, init_ray, make_env, make_pool, resolve_model
+    from rise_ray.preflight import check_run
+    from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
 
     cfg = _config(ns.args)
     check_run(cfg, training=False)  # before anything starts or loads: the env, its split, the model source
@@ -52,7 +53,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     """The RISE loop on a config (no config: the embedded default)."""
-    from rise_ray.session import check_run
+    from rise_ray.preflight import check_run
 
     if ns.resume:
         if ns.dry_run:
@@ -92,7 +93,8 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     """Weighted SFT on trajectories (or a built data set): `rise train CONFIG data=PATH model.path=PATH`."""
-    from rise_ray.session import check_model_source, init_ray, make_env
+    from rise_ray.preflight import check_model_source
+    from rise_ray.session import init_ray, make_env
     from rise_ray.train.trainer import train_command
 
     data_args = [a for a in ns.args if a.startswith("data=")]

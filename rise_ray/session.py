@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rise_ray.config import EnvConfig, ModelConfig, RolloutConfig, RunConfig
+from rise_ray.config import EnvConfig, ModelConfig, RolloutConfig
 from rise_ray.envs import env_options as env_options  # it lives with the envs (rise_ray.data reads it too)
 
 
@@ -44,52 +44,6 @@ def make_env(cfg: EnvConfig, with_data: bool = True):
         if type(e).__name__ == "DataError":
             raise
         raise ConfigError(f"env (name={cfg.name!r}, options={cfg.options}): {e}") from None
-
-
-def check_model_source(field: str, source: str | None) -> None:
-    """model.path / teacher.path names something `rise model get` can read (None: the tiny model);
-    local sources are checked, packaged names and hub ids are fetched when the run starts."""
-    from rise_ray.config import ConfigError
-    from rise_ray.models.source import source_kind
-
-    if source is not None:
-        try:
-            source_kind(source)
-        except ConfigError as e:
-            raise ConfigError(f"{field}: {e}") from None
-
-
-def check_run(cfg: RunConfig, training: bool = True) -> None:
-    """What a run would fail on, decided before Ray starts, for `rise run` and `rise run --dry-run`
-    alike (`rise eval`: training=False): the env's name and options (the env is built), its local
-    data files (read), the problems of the splits the run uses, the warm-up's demonstrations, and
-    the model and teacher sources. Hub data and models are not fetched: the run checks them when it
-    reads them. The config's own cross-field rules ran at load (RunConfig)."""
-    from rise_ray.config import ConfigError
-    from rise_ray.envs.base import is_hub_name
-    from rise_ray.manifest import warmup_enabled
-
-    hub = {k for k in ("train_path", "test_path") if (p := getattr(cfg.env, k)) and is_hub_name(p)}
-    env = make_env(cfg.env.model_copy(update=dict.fromkeys(hub)))  # hub data: read when the run starts
-    uses = {cfg.eval.split: f"eval.split={cfg.eval.split}"}
-    warmup = training and warmup_enabled(cfg)
-    if training and (cfg.iterations > 0 or warmup):
-        uses.setdefault("train", f"iterations={cfg.iterations}" + (" and the warm-up" if warmup else ""))
-    for split, why in uses.items():
-        if not getattr(env, split) and f"{split}_path" not in hub:
-            where = {"test": ": set env.test_path", "train": ": set env.train_path"}.get(split, "")
-            raise ConfigError(f"{why}: env {env.name!r} has no {split} problems{where}")
-    if warmup and (env.train or not hasattr(env, "demo_attempt")):  # hub data: an env that has them
-        from rise_ray.demo.warmup import demonstrations, warmup_train_config
-
-        warmup_train_config(cfg)
-        try:
-            demonstrations(env, 1, cfg.warmup.turns, cfg.warmup.p_correct, cfg.warmup.max_offset, cfg.warmup.seed)
-        except ValueError as e:
-            raise ConfigError(f"warmup.enabled (on when model.path is unset): {e}") from None
-    check_model_source("model.path", cfg.model.path)
-    if training and cfg.rollout.improve_with == "teacher" and cfg.teacher.engine != "solver":
-        check_model_source("teacher.path", cfg.teacher.path)
 
 
 def resolve_model(cfg: ModelConfig, work_dir: str) -> str:

@@ -200,7 +200,7 @@ def test_rise_run_prints_its_departures_from_the_protocol_at_the_start(tmp_path,
     from rise_ray import driver
 
     # env.name=nosuch: the run gets past its config and run directory, then stops at make_env (no
-    # Ray). Called below the CLI, which refuses it before the run starts (session.check_run).
+    # Ray). Called below the CLI, which refuses it before the run starts (preflight.check_run).
     cfg = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "name=p", "env.name=nosuch", "data.tau=0.5", "eval.turns=2"])
     with pytest.raises(ConfigError, match="unknown env 'nosuch'"):
         driver.run(cfg)

@@ -228,7 +228,7 @@ def test_documented_command(command, mirror, tiny_model_dir, capsys, monkeypatch
         rc = main(argv if "--dry-run" in argv else [*argv, "--dry-run"])
     elif sub in ("eval", "train"):
         from rise_ray.cli import _config
-        from rise_ray.session import check_model_source
+        from rise_ray.preflight import check_model_source
 
         args = [a for a in ns.args if not a.startswith("data=")]
         rc = main(["config", "show", *args])
