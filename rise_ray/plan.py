@@ -1,8 +1,9 @@
 """`rise run CONFIG --dry-run`: what a run would do and need, without doing any of it.
 
-The config is validated (load_config), then the plan is printed: the stages in order, the actors
-and their resources, the memory each GPU is expected to hold, and whether that fits the cluster it
-sees (RAY_ADDRESS: joined only to read its resources; else this machine). Nothing is started: no
+The config is checked as `rise run` checks it before it starts (load_config, then
+preflight.check_run: the same refusals, the same messages), then the plan is printed: the stages
+in order, the actors and their resources, the memory each GPU is expected to hold, and whether
+that fits the cluster it sees (RAY_ADDRESS: joined only to read its resources; else this machine). Nothing is started: no
 Ray without RAY_ADDRESS, no vLLM, no download (shapes come from a local config.json, the built-in
 table below, or model.tiny). Memory figures are estimates (no CUDA context, allocator slack or
 DeepSpeed buffers): leave a few GiB of headroom.
