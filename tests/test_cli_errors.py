@@ -51,6 +51,8 @@ OTHER = {
     "serve: a target that is not a model": (["serve", "{not_a_model}"], "without config.json"),
     "train: no such data": (["train", "data={missing}"], "data={missing}: no such file or directory"),
     "train: no data=": (["train"], "rise train needs data=PATH"),
+    "run --dry-run: a model whose config.json is broken": (["run", "model.path={broken_model}", "--dry-run"],
+                                                          "config.json is not a model config"),
     "run --resume: not a run directory": (["run", "--resume", "{not_a_model}"], "not a run directory"),
     "run --dry-run: no such cluster file": (["run", "--dry-run", "--cluster-yaml", "{missing}.yaml"],
                                             "config file not found"),
@@ -64,10 +66,13 @@ def paths(tmp_path, tiny_model_dir) -> dict[str, str]:
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     (not_a_model / "c.yaml").write_text("cluster_name: x\n")
+    broken_model = tmp_path / "broken-model"
+    broken_model.mkdir()
+    (broken_model / "config.json").write_text('{"num_hidden_layers": 2,')  # cut short
     data = tmp_path / "trajectories.parquet"
     data.write_bytes(b"")  # only its existence is checked before Ray
     return {"missing": str(tmp_path / "missing"), "not_a_model": str(not_a_model), "data": str(data),
-            "model": tiny_model_dir}
+            "model": tiny_model_dir, "broken_model": str(broken_model)}
 
 
 @pytest.fixture

@@ -73,6 +73,12 @@ def source_kind(source: str) -> str:
     if os.path.isdir(source):
         if not is_model_dir(source):
             raise ConfigError(f"model {source!r}: a directory without config.json is not an HF model directory")
+        try:
+            with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
+                if not isinstance(json.load(f), dict):
+                    raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise ConfigError(f"model {source!r}: config.json is not a model config ({e})") from None
         return "dir"
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
