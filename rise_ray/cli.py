@@ -95,7 +95,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
     """Weighted SFT on trajectories (or a built data set): `rise train CONFIG data=PATH model.path=PATH`."""
     from rise_ray.preflight import check_model_source
     from rise_ray.session import init_ray, make_env
-    from rise_ray.train.trainer import train_command
 
     data_args = [a for a in ns.args if a.startswith("data=")]
     if len(data_args) != 1:
@@ -107,6 +106,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     check_model_source("model.path", cfg.model.path)
     make_env(cfg.env, with_data=False)  # the prompts and feedback the examples are built with
     out = ns.out or os.path.join(cfg.run_dir, cfg.name, "train")
+    from rise_ray.train.trainer import train_command  # torch and DeepSpeed: seconds to import
+
     init_ray()
     path = train_command(cfg, data, out)
     print(f"wrote {path}")
