@@ -13,6 +13,7 @@ from rise_ray.envs.base import is_hub_name
 from rise_ray.manifest import warmup_enabled
 from rise_ray.models.source import source_kind
 from rise_ray.session import make_env
+from rise_ray.tracking import check_installed
 
 
 def check_model_source(field: str, source: str | None) -> None:
@@ -27,8 +28,8 @@ def check_model_source(field: str, source: str | None) -> None:
 
 def check_run(cfg: RunConfig, training: bool = True) -> None:
     """The env's name and options (the env is built), its local data files (read), the problems of
-    the splits the run uses, the warm-up's demonstrations, the model and teacher sources. `rise
-    eval`: training=False (no train split, no warm-up, no teacher)."""
+    the splits the run uses, the warm-up's demonstrations, the model and teacher sources, the
+    tracking package. `rise eval`: training=False (no train split, warm-up, teacher or tracking)."""
     hub = {k for k in ("train_path", "test_path") if (p := getattr(cfg.env, k)) and is_hub_name(p)}
     env = make_env(cfg.env.model_copy(update=dict.fromkeys(hub)))  # hub data: read when the run starts
     uses = {cfg.eval.split: f"eval.split={cfg.eval.split}"}
@@ -48,5 +49,7 @@ def check_run(cfg: RunConfig, training: bool = True) -> None:
         except ValueError as e:
             raise ConfigError(f"warmup.enabled (on when model.path is unset): {e}") from None
     check_model_source("model.path", cfg.model.path)
+    if training:
+        check_installed(cfg.observe.tracking)
     if training and cfg.rollout.improve_with == "teacher" and cfg.teacher.engine != "solver":
         check_model_source("teacher.path", cfg.teacher.path)
