@@ -66,10 +66,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         driver.resume(ns.resume, overrides, redo_changed=ns.redo_changed)
         return 0
     cfg = _config(ns.args)
-    check_run(cfg)  # one decision for the run and its dry run: what fails later is refused here
     if ns.dry_run:  # the plan only: nothing starts (no Ray unless RAY_ADDRESS, no engines)
         from rise_ray.plan import dry_run
 
+        check_run(cfg)  # what the run refuses before it starts Ray (driver._run), with the same message
         return dry_run(cfg, ns.gpu_memory_gb, as_json=ns.json, strict=ns.strict, cluster_yaml=ns.cluster_yaml)
     from rise_ray import driver
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rise_ray.config import DEFAULT_CONFIG, ConfigError, load_config, parse_overrides
+from rise_ray.config import ConfigError, load_config, parse_overrides
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -197,14 +197,12 @@ def test_departures_from_the_papers_protocol_are_the_protocol_fields_that_differ
 
 
 def test_rise_run_prints_its_departures_from_the_protocol_at_the_start(tmp_path, capsys):
-    from rise_ray import driver
+    from rise_ray.cli import main
 
-    # env.name=nosuch: the run gets past its config and run directory, then stops at make_env (no
-    # Ray). Called below the CLI, which refuses it before the run starts (preflight.check_run).
-    cfg = load_config(DEFAULT_CONFIG, [f"run_dir={tmp_path}", "name=p", "env.name=nosuch", "data.tau=0.5", "eval.turns=2"])
-    with pytest.raises(ConfigError, match="unknown env 'nosuch'"):
-        driver.run(cfg)
+    # env.name=nosuch: the run gets past its config and run directory, then stops at make_env (no Ray)
+    rc = main(["run", f"run_dir={tmp_path}", "name=p", "env.name=nosuch", "data.tau=0.5", "eval.turns=2"])
     out = capsys.readouterr()
+    assert rc == 2 and "unknown env 'nosuch'" in out.err
     lines = [line for line in out.out.splitlines() if line.startswith("[rise] ")]
     assert lines[0].startswith("[rise] protocol: departs from the paper's in")
     departed = {line.split()[1]: line for line in lines[1:] if "(paper:" in line}

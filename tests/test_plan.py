@@ -425,9 +425,10 @@ def test_the_solver_teacher_is_planned_as_an_engine_with_no_model_and_no_gpu(cap
     ["env.options.num_val=0", "eval.split=val", "model.path=someone/model"],
     *([["observe.tracking=mlflow"]] if importlib.util.find_spec("mlflow") is None else []),
 ], ids=lambda b: b[-1])
-def test_dry_run_refuses_what_rise_run_refuses_with_the_same_line(broken, capsys):
-    """One decision (preflight.check_run) for both, before Ray: `rise run` itself stops there, so
-    this runs nothing; --dry-run gave `fits` for these before."""
+def test_dry_run_refuses_what_rise_run_refuses_with_the_same_line(broken, capsys, monkeypatch, tmp_path):
+    """One decision (preflight.check_run) for both, before Ray: `rise run` itself stops there (past
+    its run directory's checks), so this runs nothing; --dry-run gave `fits` for these before."""
+    monkeypatch.chdir(tmp_path)  # the run's directory: runs/default here
     assert main(["run", *broken, "--dry-run"]) == 2
     dry = capsys.readouterr()
     assert main(["run", *broken]) == 2
