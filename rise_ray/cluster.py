@@ -11,7 +11,6 @@ their own deadlines (engine start-up, training) start only then.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -44,13 +43,11 @@ def autoscaler_pending() -> str:
             pending = [n.ray_node_type_name for n in s.pending_nodes]
             failed = [r.ray_node_type_name for r in s.failed_launches]
         else:
-            from ray._private import ray_constants
-            from ray.experimental.internal_kv import _internal_kv_get
+            from rise_ray.compat import autoscaler_v1_report
 
-            raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-            if not raw:
+            report = autoscaler_v1_report()
+            if report is None:
                 return ""
-            report = json.loads(raw).get("autoscaler_report") or {}
             launching = dict(report.get("pending_launches") or {})
             pending = [n[1] for n in report.get("pending_nodes") or []]
             failed = [n[1] for n in report.get("failed_nodes") or []]
