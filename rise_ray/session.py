@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rise_ray.config import EnvConfig, ModelConfig, RolloutConfig
+from rise_ray.config import ClusterConfig, EnvConfig, ModelConfig, RolloutConfig
 from rise_ray.envs import env_options as env_options  # it lives with the envs (rise_ray.data reads it too)
 
 
@@ -121,9 +121,14 @@ def make_pool(
     seed: int,
     pointer_path: str | None = None,
     sync_method: str | None = "auto",
-    scale_up_timeout_s: float = 1800.0,
+    cluster: ClusterConfig | None = None,
+    storage: tuple[str, str] | None = None,
 ):
+    """The engine actors of `rollout`, placed as one group on the nodes `cluster` asks for;
+    `storage`: the run's marker (path, token) each engine checks on its node."""
     from rise_ray.rollout.pool import RolloutPool
+
+    cluster = cluster or ClusterConfig()
 
     return RolloutPool(
         rollout.engine,
@@ -134,5 +139,7 @@ def make_pool(
         engine_kwargs=engine_kwargs(rollout, model, seed, sync_method, model_path),
         pointer_path=pointer_path,
         cpu_threads=rollout.cpu_threads,
-        scale_up_timeout_s=scale_up_timeout_s,
+        scale_up_timeout_s=cluster.scale_up_timeout_s,
+        accelerator_type=cluster.accelerator_type,
+        storage=storage,
     )
