@@ -355,6 +355,12 @@ def print_plan(plan: dict) -> None:
     con.print(st, at, mt if on_gpu else "Memory: every actor runs on CPU (host memory)")
     if plan["note"]:
         con.print(f"[yellow]{plan['note']}[/]")
+    if plan.get("node_types"):
+        nt = Table("stage", "bundles go to", "autoscaler launches", title="Node types (Ray's autoscaler, from the head alone)")
+        for p in plan["node_types"]:
+            launches = ", ".join(f"{k} x {n}" for n, k in p["launches"].items()) or "nothing new"
+            nt.add_row(p["what"], ", ".join(p["on"]) + (f"; unplaceable: {p['unplaced']}" if p["unplaced"] else ""), launches)
+        con.print(nt)
     con.print(f"GPUs needed: {plan['gpus_needed']}, CPUs needed: {plan['cpus_needed']:g}")
     con.print("[bold green]fits[/]" if not plan["problems"] else f"[bold red]{plan['verdict']}[/]")
 
@@ -372,6 +378,11 @@ def dry_run(
     if not cluster_yaml and os.environ.get("RAY_ADDRESS") and os.path.exists(bootstrap):
         cluster_yaml = bootstrap
     plan = build_plan(cfg, gpu_memory_gb, cluster_from_yaml(cluster_yaml) if cluster_yaml else None)
+    if cluster_yaml:
+        import yaml
+
+        with open(cluster_yaml, encoding="utf-8") as f:
+            plan["node_types"] = launch_plan(cfg, yaml.safe_load(f))
     if as_json:
         print(json.dumps(plan, indent=1))
     else:
