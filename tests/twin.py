@@ -45,7 +45,7 @@ def launcher_node_types(path: str) -> tuple[str, dict[str, dict]]:
     def pod_resources(group: dict) -> dict[str, float]:
         (c, *_) = group["template"]["spec"]["containers"]
         limits = c["resources"]["limits"]
-        res = {"CPU": float(limits["cpu"]), **({"GPU": int(limits["nvidia.com/gpu"])} if "nvidia.com/gpu" in limits else {})}
+        res = {"CPU": int(limits["cpu"]), **({"GPU": int(limits["nvidia.com/gpu"])} if "nvidia.com/gpu" in limits else {})}
         custom = (group.get("rayStartParams") or {}).get("resources")
         return {**res, **(json.loads(json.loads(custom)) if custom else {})}
 
@@ -101,12 +101,14 @@ class TwinCluster:
             json.dump(self.config, f)
         head = dict(self.types[self.head_type]["resources"])
         cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={self.port}",
-               f"--autoscaling-config={cfg}", f"--num-cpus={head.pop('CPU', 0)}", f"--num-gpus={head.pop('GPU', 0)}",
+               f"--autoscaling-config={cfg}", f"--num-cpus={int(head.pop('CPU', 0))}", f"--num-gpus={int(head.pop('GPU', 0))}",
                f"--object-store-memory={OBJECT_STORE}", "--include-dashboard=false",
                f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"]  # fmt: skip
         if head:
             cmd.append(f"--resources={json.dumps(head)}")
-        subprocess.run(cmd, env=self.env, check=True, capture_output=True, text=True)
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"ray start for the twin of {self.path} failed:\n{out.stderr[-3000:]}")
         return self
 
     def shutdown(self) -> None:
