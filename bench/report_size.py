@@ -38,7 +38,7 @@ from rise_ray.rollout.episodes import Trajectory, Turn
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MAX_MB, MAX_FIRST_DRAW_MS = 25.0, 2000.0
-WORDS = (
+WORDS = (  # noqa: SIM905 - a word list reads better as text
     "the a of to and in is it that for on with as was at by an be this from or have are not but had his "
     "they which one you were her all she there would their we him been has when who will more no if out so "
     "said what up its about into than them can only other new some could time these two may then do first "
@@ -48,7 +48,7 @@ WORDS = (
     "last might us great old year off come since against go came right used take three total cost each per "
     "apples dollars hours minutes miles pages eggs cookies tickets students books marbles cups boxes week month "
     "half twice price left spent earned bought sold gave shared remaining altogether difference sum product"
-).split()  # noqa: SIM905 - a word list reads better as text
+).split()
 
 
 def _gsm8k_sentences(path: str) -> tuple[list[str], list[str]]:
