@@ -187,10 +187,10 @@ def test_an_unreadable_records_file_costs_the_browser_view_not_the_report(tmp_pa
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def render(page: Path, fragment: str, profile: Path) -> tuple[str, str]:
+def render(page: Path, fragment: str, profile: Path, budget_ms: int = 3000) -> tuple[str, str]:
     """The DOM after the page's script ran (Chromium headless), and Chromium's log (console errors)."""
     cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-           f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", page.as_uri() + fragment]
+           f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", page.as_uri() + fragment]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout, out.stderr
@@ -246,7 +246,7 @@ def test_a_gsm8k_size_run_gives_a_page_under_25_mb_that_draws_its_first_view(tmp
     write_report(run_dir)
     page = Path(run_dir) / "report.html"
     assert page.stat().st_size < 25e6, page.stat().st_size
-    dom, log = render(page, "", tmp_path / "profile")
+    dom, log = render(page, "", tmp_path / "profile", budget_ms=30000)
     assert 'data-ready="1"' in dom and script_errors(log) == [], script_errors(log) or log[-2000:]
     assert len(shown(dom)) == 50 and "data-first-draw-ms=" in dom  # the first page of the last evaluation
     assert "showing 1\u201350 of 1319 matching" in dom
