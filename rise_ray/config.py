@@ -227,6 +227,10 @@ class ClusterConfig(_Strict):
     # How long a stage waits for Ray to place its engines or trainer workers before failing: on a
     # cluster that scales from zero the autoscaler is launching their nodes (boot, image, setup).
     scale_up_timeout_s: float = Field(1800.0, gt=0)
+    # Ray's accelerator type of the GPUs every GPU actor asks for (engines, teacher, trainer workers,
+    # NCCL sender, serve replicas), e.g. A100-80G: an autoscaler then launches only the node type
+    # that declares `accelerator_type:<X>` in its resources (cluster/*.yaml). null: any GPU node.
+    accelerator_type: str | None = None
 
 
 class ObserveConfig(_Strict):

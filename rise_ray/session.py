@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rise_ray.config import EnvConfig, ModelConfig, RolloutConfig
+from rise_ray.config import ClusterConfig, EnvConfig, ModelConfig, RolloutConfig
 
 # Imported from here by cli.py; they live lower down, where the layers below the session reach them
 # (rise_ray.data and rise_ray.serve read env_options, rise_ray.train and rise_ray.serve the others).
@@ -73,9 +73,14 @@ def make_pool(
     seed: int,
     pointer_path: str | None = None,
     sync_method: str | None = "auto",
-    scale_up_timeout_s: float = 1800.0,
+    cluster: ClusterConfig | None = None,
+    storage: tuple[str, str] | None = None,
 ):
+    """The engine actors of `rollout`, placed as one group on the nodes `cluster` asks for;
+    `storage`: the run's marker (path, token) each engine checks on its node."""
     from rise_ray.rollout.pool import RolloutPool
+
+    cluster = cluster or ClusterConfig()
 
     return RolloutPool(
         rollout.engine,
@@ -86,5 +91,7 @@ def make_pool(
         engine_kwargs=engine_kwargs(rollout, model, seed, sync_method, model_path),
         pointer_path=pointer_path,
         cpu_threads=rollout.cpu_threads,
-        scale_up_timeout_s=scale_up_timeout_s,
+        scale_up_timeout_s=cluster.scale_up_timeout_s,
+        accelerator_type=cluster.accelerator_type,
+        storage=storage,
     )

@@ -147,6 +147,51 @@ def check_model_on_nodes(
     return [n["NodeID"] for n in nodes]
 
 
+# --- every actor checks the run's storage on its own node --------------------------------------------
+
+MARKER = ".rise-storage-marker.json"
+
+
+def write_run_marker(run_dir: str) -> tuple[str, str]:
+    """A file only this run's driver wrote, in its run directory: (its path, its token). An actor
+    that reads the same token there sees the same storage as the driver."""
+    import uuid
+
+    from rise_ray.files import atomic_write_json
+
+    path, token = os.path.join(os.path.abspath(run_dir), MARKER), uuid.uuid4().hex
+    atomic_write_json(path, {"token": token})
+    return path, token
+
+
+def check_run_storage(storage: tuple[str, str] | None, model_path: str | None) -> None:
+    """Run at the start of every actor that reads the run directory (engine, trainer worker, NCCL
+    sender, serve replica), on its own node: it must see the driver's marker (the same token) and,
+    given one, read the model directory. Nodes an autoscaler launches later are checked when their
+    first actor starts. Raises RuntimeError naming this node's address and the path."""
+    if storage is None and model_path is None:
+        return
+    import ray
+
+    where = ray.util.get_node_ip_address() if ray.is_initialized() else "this node"
+    if storage is not None:
+        path, token = storage
+        try:
+            with open(path, encoding="utf-8") as f:
+                seen = json.load(f).get("token")
+            state = "another run's marker" if seen != token else ""
+        except (OSError, ValueError) as e:
+            state = f"missing or unreadable here ({type(e).__name__}: {e})"
+        if state:
+            raise RuntimeError(
+                f"node {where} does not see the run directory the driver writes: {path} is {state}. "
+                "Mount the shared storage at the same path on every node (cluster/README.md, "
+                "'Shared storage'), or set run_dir to a path on it."
+            )
+    if model_path is not None and os.path.isabs(model_path) and (why := probe_model_dir(model_path)):
+        raise RuntimeError(f"node {where} cannot read the model at {model_path}: {why}")
+
+
 def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
     """The model directory: cfg.path (any source `rise model get` takes), or the tiny model built
     (once) under work_dir; with a chat template either way (model.chat_template).

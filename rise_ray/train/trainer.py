@@ -98,9 +98,13 @@ def _pad_id(model_path: str) -> int:
     return 0
 
 
-def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, engine_nodes: list[str] | None = None) -> str:
+def train(
+    cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, engine_nodes: list[str] | None = None,
+    storage: tuple[str, str] | None = None,
+) -> str:
     """Train on the data set directory from `init_model_path`; returns `out_dir/model`.
-    `engine_nodes`: colocated, the node of each policy engine (rise_ray.train.placement)."""
+    `engine_nodes`: colocated, the node of each policy engine (rise_ray.train.placement).
+    `storage`: the run's marker, which every worker checks on its own node."""
     import ray
     import ray.train
     from ray.data import ExecutionOptions
@@ -132,7 +136,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
         raise TrainError(str(e)) from None
 
     log_path = os.path.join(out_dir, TRAIN_LOG_FILE)
-    job = WorkerConfig(os.path.abspath(init_model_path), tcfg, plan, _pad_id(init_model_path), log_path)
+    job = WorkerConfig(os.path.abspath(init_model_path), tcfg, plan, _pad_id(init_model_path), log_path, storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dict(job.__dict__),
