@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rise_ray.serve.config import ServeConfig
+from rise_ray.serve_config import ServeConfig
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "demo", "default.yaml")  # the embedded default
 

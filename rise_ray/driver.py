@@ -109,7 +109,7 @@ def build_base(cfg: RunConfig, env, run_dir: str) -> str:
     path = resolve_model(cfg.model, run_dir)
     if not warmup_enabled(cfg):
         return path
-    from rise_ray.demo.warmup import warmup
+    from rise_ray.train.warmup import warmup
 
     return warmup(cfg, env, path, os.path.join(run_dir, "warmup"))
 

@@ -2,7 +2,8 @@
 check, run on every node that may host an engine or a trainer, that it reads the directory.
 
 The user's caches (the hub's, ~/.cache/rise-ray) are node-private download caches; a run hands
-engines, trainers and tasks on other nodes the placed copy.
+engines, trainers and tasks on other nodes the placed copy. resolve_model: a run's model directory
+(its model.path so placed, or the embedded tiny model).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import os
 import shutil
 from collections.abc import Callable
 
-from rise_ray.config import ConfigError
-from rise_ray.models.source import _cached, weight_files
+from rise_ray.config import ConfigError, ModelConfig
+from rise_ray.models.source import _cached, get_model, weight_files, with_chat_template
 
 # --- the model on shared storage ------------------------------------------------------------------
 
@@ -189,3 +190,29 @@ def check_run_storage(storage: tuple[str, str] | None, model_path: str | None) -
             )
     if model_path is not None and os.path.isabs(model_path) and (why := probe_model_dir(model_path)):
         raise RuntimeError(f"node {where} cannot read the model at {model_path}: {why}")
+
+
+def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
+    """The model directory: cfg.path (any source `rise model get` takes), or the tiny model built
+    (once) under work_dir; with a chat template either way (model.chat_template).
+
+    Every node reads the same directory: a model that was fetched or converted (the hub's cache,
+    ~/.cache/rise-ray: download caches on this node) is placed under work_dir's models/ (or
+    $RISE_MODELS_DIR), on the run's storage; a local HF directory the user named stays as it is.
+    With Ray up, every node that may host an engine or trainer is then checked to read it."""
+    if cfg.path:
+        path = with_chat_template(get_model(cfg.path), cfg.chat_template)
+        own = os.path.isdir(cfg.path) and os.path.abspath(path) == os.path.abspath(cfg.path)
+        if work_dir and not own:
+            path = place_model(path, os.path.join(models_dir(work_dir), model_slug(cfg.path, path)))
+        check_model_on_nodes(path)
+        return path
+    from rise_ray.demo.tiny import build_tiny_model
+
+    out = os.path.join(work_dir, "base_model")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        tmp = out + ".tmp"
+        build_tiny_model(tmp, **cfg.tiny.model_dump())
+        os.replace(tmp, out)
+    check_model_on_nodes(out)
+    return out

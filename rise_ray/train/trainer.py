@@ -126,7 +126,7 @@ def train(
         log.info("train: %s is already trained", model_dir)
         return model_dir
     if not ray.is_initialized():
-        from rise_ray.session import init_ray
+        from rise_ray.ray_init import init_ray
 
         init_ray()
     resources, labels = worker_placement(cfg, engine_nodes)
@@ -225,7 +225,8 @@ def train_command(cfg: RunConfig, data_path: str, out_dir: str) -> str:
     recursively), built first into out_dir/dataset. Trains from model.path (or the tiny model)
     and returns the final model directory; out_dir gets train_log.jsonl and train_summary.json."""
     from rise_ray.data.builder import is_dataset_dir, prepare_dataset
-    from rise_ray.session import init_ray, resolve_model
+    from rise_ray.models.placement import resolve_model
+    from rise_ray.ray_init import init_ray
 
     init_ray()  # first: resolve_model checks that every node reads the model
     model_path = resolve_model(cfg.model, os.path.join(cfg.run_dir, cfg.name))
