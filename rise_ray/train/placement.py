@@ -34,6 +34,8 @@ def worker_placement(cfg: Any, engine_nodes: list[str] | None = None) -> tuple[d
     res: dict[str, float] = {"CPU": t.cpus_per_worker}
     if not t.use_gpu:
         return res, None
+    if cfg.cluster.accelerator_type:  # as cluster.gpu_bundle adds it: the node type meant for the config
+        res[f"accelerator_type:{cfg.cluster.accelerator_type}"] = 0.001
     if r.colocate_with_trainer and engine_nodes:
         if len(engine_nodes) < t.num_workers:
             raise ValueError(f"colocation pairs each of train.num_workers={t.num_workers} with an engine, "
