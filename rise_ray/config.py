@@ -307,6 +307,11 @@ class RunConfig(_Strict):
         return self
 
 
+def warmup_enabled(cfg: RunConfig) -> bool:
+    """The base model is warmed up: warmup.enabled, or by default when the tiny model is built here."""
+    return cfg.warmup.enabled if cfg.warmup.enabled is not None else cfg.model.path is None
+
+
 def train_gpus_per_worker(cfg: RunConfig) -> float:
     """GPUs a Ray Train worker asks for. Colocated, it takes what the engine leaves of a GPU, so Ray
     packs an engine and a worker onto each GPU (the engine sleeps while the worker trains)."""

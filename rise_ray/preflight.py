@@ -8,11 +8,10 @@ checked when the run reads them.
 
 from __future__ import annotations
 
-from rise_ray.config import ConfigError, RunConfig
+from rise_ray.config import ConfigError, RunConfig, warmup_enabled
+from rise_ray.envs import make_env
 from rise_ray.envs.base import is_hub_name
-from rise_ray.manifest import warmup_enabled
 from rise_ray.models.source import source_kind
-from rise_ray.session import make_env
 from rise_ray.tracking import check_installed
 
 
@@ -41,7 +40,8 @@ def check_run(cfg: RunConfig, training: bool = True) -> None:
             where = {"test": ": set env.test_path", "train": ": set env.train_path"}.get(split, "")
             raise ConfigError(f"{why}: env {env.name!r} has no {split} problems{where}")
     if warmup and (env.train or not hasattr(env, "demo_attempt")):  # hub data: an env that has them
-        from rise_ray.demo.warmup import demonstrations, warmup_train_config  # pyarrow: loaded only here
+        from rise_ray.demo.warmup import warmup_train_config
+        from rise_ray.train.warmup import demonstrations  # pyarrow: loaded only here
 
         warmup_train_config(cfg)
         try:
