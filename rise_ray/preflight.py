@@ -31,6 +31,8 @@ def check_run(cfg: RunConfig, training: bool = True) -> None:
     tracking package. `rise eval`: training=False (no train split, warm-up, teacher or tracking)."""
     hub = {k for k in ("train_path", "test_path") if (p := getattr(cfg.env, k)) and is_hub_name(p)}
     env = make_env(cfg.env.model_copy(update=dict.fromkeys(hub)))  # hub data: read when the run starts
+    if any(getattr(env, k.removesuffix("_path")) for k in hub):  # it makes its own problems, reads no data:
+        env = make_env(cfg.env)  # it gets the paths as the run's does (the arithmetic env refuses them)
     uses = {cfg.eval.split: f"eval.split={cfg.eval.split}"}
     warmup = training and warmup_enabled(cfg)
     if training and (cfg.iterations > 0 or warmup):

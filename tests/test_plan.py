@@ -423,6 +423,7 @@ def test_the_solver_teacher_is_planned_as_an_engine_with_no_model_and_no_gpu(cap
     ["env.name=gsm8k", "env.options={}", "env.test_path=openai/gsm8k", "model.path=someone/model"],  # no train data
     ["env.name=gsm8k", "env.options={}", "env.test_path=openai/gsm8k", "env.train_path=openai/gsm8k"],  # warm-up
     ["env.options.num_val=0", "eval.split=val", "model.path=someone/model"],
+    ["env.name=arithmetic", "env.options={}", "env.train_path=openai/gsm8k"],  # it generates its problems
     *([["observe.tracking=mlflow"]] if importlib.util.find_spec("mlflow") is None else []),
 ], ids=lambda b: b[-1])
 def test_dry_run_refuses_what_rise_run_refuses_with_the_same_line(broken, capsys, monkeypatch, tmp_path):
