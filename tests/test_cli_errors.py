@@ -115,7 +115,7 @@ def test_a_broken_argument_exits_2_with_one_line(case, paths, no_ray, capsys):
 
 
 PROCESSES = {  # one real process per subcommand: its whole output, Ray's and Python's included
-    "run": ["run", "model.path={not_a_model}"],
+    "run": ["run", "rollout.tunrs=3"],
     "run --dry-run": ["run", "env.options.bogus=1", "--dry-run"],
     "eval": ["eval", "rollout.turns=many"],
     "train": ["train", "data={data}", "model.path={missing}"],
