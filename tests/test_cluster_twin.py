@@ -19,11 +19,11 @@ import time
 import pytest
 import ray
 import yaml
+from twin import REPO, TwinCluster, node_type_of
 
 from rise_ray.cluster import place, release
 from rise_ray.config import load_config
 from rise_ray.plan import launch_plan, stage_demands
-from twin import REPO, TwinCluster, node_type_of
 
 pytestmark = pytest.mark.slow
 
