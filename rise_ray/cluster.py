@@ -10,7 +10,8 @@ bundle i (`in_bundle`), as OpenRLHF does, and the owner removes the group at shu
 deadlines (engine start-up, sync) start only once placed.
 
 Ray Train builds its own placement group for its workers and cannot join ours: for it
-`wait_for_placement` reserves the same bundles, waits, and releases them just before Ray Train asks.
+rise_ray.train.placement.reserve places the same bundles, waits, and releases them just before
+Ray Train asks.
 
 `cluster.accelerator_type` (e.g. A100-80G) adds Ray's `accelerator_type:<X>` resource to every GPU
 bundle, so an autoscaler launches the node type that declares it (cluster/*.yaml) and no other.
@@ -128,18 +129,6 @@ def release(pg: Any) -> None:
 
     with contextlib.suppress(Exception):
         remove_placement_group(pg)
-
-
-def wait_for_placement(
-    bundles: list[dict[str, float]],
-    what: str,
-    timeout: float,
-    labels: list[dict[str, str]] | None = None,
-    strategy: str = "PACK",
-) -> None:
-    """For a library that places its own actors (Ray Train): wait until Ray can place `bundles`,
-    then release them for it to take."""
-    release(place(bundles, what, timeout, labels, strategy))
 
 
 def unplaceable(bundles: list[dict[str, float]]) -> str | None:
