@@ -169,7 +169,9 @@ def cluster_from_yaml(path: str) -> dict[str, Any]:
     max_workers (within the file's max_workers), by the resources each type declares. A cluster
     that starts its workers at zero is planned at the size its autoscaler may reach, not the nodes
     up now."""
-    spec = read_yaml(path)  # a missing or invalid file: a ConfigError naming it (and the line)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--cluster-yaml {path}: no such file")
+    spec = read_yaml(path)  # not YAML, or not a mapping: a ConfigError naming the file (and the line)
     types, head = spec.get("available_node_types") or {}, spec.get("head_node_type")
     if not types or head not in types:
         raise ConfigError(f"--cluster-yaml {path}: no available_node_types with the head_node_type {head!r}: not a Ray cluster file")

@@ -55,7 +55,7 @@ OTHER = {
                                                           "config.json is not a model config"),
     "run --resume: not a run directory": (["run", "--resume", "{not_a_model}"], "not a run directory"),
     "run --dry-run: no such cluster file": (["run", "--dry-run", "--cluster-yaml", "{missing}.yaml"],
-                                            "config file not found"),
+                                            "--cluster-yaml {missing}.yaml: no such file"),
     "run --dry-run: not a cluster file": (["run", "--dry-run", "--cluster-yaml", "{not_a_model}/c.yaml"],
                                           "not a Ray cluster file"),
 }
