@@ -279,14 +279,12 @@ class RunConfig(_Strict):
             raise ValueError("teacher.engine 'solver' runs no model: set teacher.num_gpus_per_engine=0")
         task = self.env.options.get("task", "linear")  # the arithmetic env's default task
         if self.teacher.engine == "solver" and task not in SOLVER_TASKS:
-            raise ValueError(f"teacher.engine 'solver' reads only 'What is a*b?' / 'What is a+b?' (env.options.task "
-                             f"{' or '.join(SOLVER_TASKS)}), not env.options.task {task!r}: every answer would be "
-                             f"graded wrong")
+            raise ValueError(f"teacher.engine 'solver' reads only 'What is a*b?' / 'a+b' (env.options.task mul or add),"
+                             f" not env.options.task {task!r}: every answer would be graded wrong")
         lora = self.train.lora
         if lora.enabled and not lora.merge and self.iterations > 0:
-            raise ValueError(f"train.lora.merge=false saves the adapter alone, which the engines cannot load at the "
-                             f"sync of each of the {self.iterations} iterations: set train.lora.merge=true "
-                             f"(or iterations=0; `rise train` writes an adapter with iterations=0)")
+            raise ValueError(f"train.lora.merge=false saves an adapter, which the engines cannot load at the sync of "
+                             f"each of the {self.iterations} iterations: set train.lora.merge=true (or iterations=0)")
         if self.train.offload and self.train.zero_stage == 0:
             raise ValueError("train.offload is DeepSpeed ZeRO's offload: set train.zero_stage to 1, 2 or 3")
         r = self.rollout
@@ -302,8 +300,7 @@ class RunConfig(_Strict):
             raise ValueError(f"sync.method '{self.sync.method}' is vLLM's weight transfer between GPUs: set "
                              f"rollout.engine=vllm and rollout.num_gpus_per_engine > 0, or sync.method=files")
         if self.sync.method == "ipc" and r.tensor_parallel_size > 1:
-            raise ValueError("sync.method 'ipc' sends each engine's weights from one GPU: set "
-                             "rollout.tensor_parallel_size=1, or sync.method=nccl")
+            raise ValueError("sync.method 'ipc' needs rollout.tensor_parallel_size=1 (or sync.method=nccl)")
         return self
 
 
