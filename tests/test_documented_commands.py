@@ -199,7 +199,7 @@ def test_the_docs_hold_the_commands_listed_here():
     assert not unused, f"PLACEHOLDERS the docs no longer use: {unused}"
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", list(COMMANDS), ids=[where[0] for where in COMMANDS.values()])  # file:line
 def test_documented_command(command, mirror, tiny_model_dir, capsys, monkeypatch):
     where = ", ".join(COMMANDS[command])
     monkeypatch.chdir(mirror)
