@@ -1,26 +1,13 @@
-"""Request limits of the HTTP API: body size, seeds, special tokens, and solve work in flight."""
+"""Request limits of the HTTP API: body size, seeds, special tokens."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 from collections.abc import Iterable
-from concurrent.futures import CancelledError, Future
-from typing import Any, Protocol
 
 from fastapi import Request
 
-from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
 from rise_ray.serve.schemas import SEED_MAX, ApiError
-
-
-class _Generates(Protocol):
-    """What LoopEngine needs of the ingress (RiseIngress): prompt lengths and its async generate."""
-
-    def prompt_len(self, model: str, conversation: Conversation) -> int: ...
-
-    def generate(self, model: str, conversations: list[Conversation], n: int, params: SamplingParams) -> Any: ...
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -61,79 +48,3 @@ class TextOnly:
         while self._re.search(text):  # inserting never forms a token, but overlaps can hide one
             text = self._re.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
         return text
-
-
-class Cancelled(Exception):
-    """The client of a solve request went away: its episode stops at the next engine call."""
-
-
-class SolveSlots:
-    """The solve threads' work, counted while it really runs (a cancelled request's thread counts
-    until it stops), so a full replica answers 503 instead of queueing without bound."""
-
-    def __init__(self, size: int, retry_after_s: float) -> None:
-        self.size = size
-        self.in_flight = 0
-        self.cancelled = 0  # episodes stopped early because their client went away
-        self._lock = threading.Lock()
-        self._retry = str(int(retry_after_s)) if float(retry_after_s).is_integer() else str(retry_after_s)
-
-    def take(self) -> None:
-        with self._lock:
-            if self.in_flight >= self.size:
-                raise ApiError(503, f"this replica is running {self.size} solve requests already; retry later",
-                               None, "overloaded", headers={"Retry-After": self._retry})
-            self.in_flight += 1
-
-    def give(self, cancelled: bool) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            self.cancelled += cancelled
-
-
-class CancelToken:
-    """Shared by a solve handler and its thread: set when the client goes away; cancels the engine
-    call the thread waits on (its queued batch job is then dropped) and refuses further calls."""
-
-    def __init__(self) -> None:
-        self.event = self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._current: Future[Any] | None = None
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._event.set()
-            if self._current is not None:
-                self._current.cancel()
-
-    def run(self, coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
-        """Run `coro` on `loop` from a worker thread, unless cancelled."""
-        with self._lock:
-            if self._event.is_set():
-                coro.close()
-                raise Cancelled()
-            fut = self._current = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return fut.result()
-        except (CancelledError, asyncio.CancelledError):
-            raise Cancelled() from None
-        finally:
-            with self._lock:
-                self._current = None
-
-
-class LoopEngine:
-    """The Engine protocol for run_episodes on a worker thread: generate() runs the ingress's async
-    generate for `model` on its event loop, cancelled with the request."""
-
-    def __init__(self, server: _Generates, model: str, max_model_len: int, loop: asyncio.AbstractEventLoop,
-                 cancel: CancelToken) -> None:
-        self.server, self.model, self.max_model_len = server, model, max_model_len
-        self.loop = loop
-        self.cancel = cancel
-
-    def prompt_len(self, conversation: Conversation) -> int:
-        return self.server.prompt_len(self.model, conversation)
-
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
-        return self.cancel.run(self.server.generate(self.model, conversations, n, params), self.loop)
