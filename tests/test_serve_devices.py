@@ -52,14 +52,14 @@ def test_a_cluster_with_gpus_gets_gpu_replicas_and_a_cpu_cluster_cpu_replicas():
 
 
 @pytest.mark.slow
-def test_rise_serve_app_asks_ray_serve_for_a_gpu_bundle_on_a_ray_with_declared_gpus(tmp_path):
+def test_rise_serve_app_asks_ray_serve_for_a_gpu_bundle_on_a_ray_with_declared_gpus(tmp_path, monkeypatch):
     """A real Ray declaring a GPU this machine does not have: the app built here asks Serve for a GPU
     bundle per engine replica and gives the ingress a CPU. Nothing is deployed (a GPU replica would
-    wait for a GPU forever)."""
+    wait for a GPU forever). The same Ray is one node that stays one; joined at RAY_ADDRESS it is not."""
     import ray
 
     from rise_ray.demo.tiny import build_tiny_model
-    from rise_ray.serve.deploy import make_app
+    from rise_ray.serve.deploy import make_app, single_node_cluster
     from rise_ray.serve.llm_server import RiseLLMServer
 
     model = build_tiny_model(str(tmp_path / "tiny"), hidden_size=32, num_layers=1, num_heads=1, intermediate_size=64)
@@ -78,6 +78,9 @@ def test_rise_serve_app_asks_ray_serve_for_a_gpu_bundle_on_a_ray_with_declared_g
         assert ingress.ray_actor_options["num_cpus"] == 1
         (engine,) = ingress.init_kwargs["llm_deployments"].values()
         assert engine._bound_deployment._replica_config.placement_group_bundles == [{"GPU": 1.0, "CPU": 1.0}]
+        assert single_node_cluster()
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as a Ray job's driver on a cluster sees it
+        assert not single_node_cluster()
     finally:
         ray.shutdown()
 
