@@ -77,7 +77,6 @@ class Solve:
     spec: EpisodeSpec
     grader: RequestGrader
     graded: bool  # the request gave the gold answer
-    oracle: bool
 
 
 def sse(obj: Any) -> str:
@@ -234,7 +233,7 @@ class RiseIngress(OpenAiIngress):
         spec = EpisodeSpec(turns=turns, params=params, choose="first", oracle=req.oracle,
                            context_window=req.context_window)
         grader = RequestGrader(env, self._grader, s.grade_timeout_s)
-        return Solve(model, env_name, problem, spec, grader, req.answer is not None, req.oracle)
+        return Solve(model, env_name, problem, spec, grader, req.answer is not None)
 
     async def _solve(self, run: Solve) -> AsyncIterator[dict[str, Any]]:
         """The episode (rise_ray.rollout.episodes.episode), driven from the event loop: each turn's
@@ -258,7 +257,7 @@ class RiseIngress(OpenAiIngress):
             for answer in {t.answer for t in traj.turns}:
                 await run.grader.key(answer)
             out = solve_result(traj, run.grader, run.spec.turns, run.graded)
-            self.metrics.solved(run.env_name, run.oracle, out)
+            self.metrics.solved(run.env_name, run.spec.oracle, out)
             yield {"id": run.problem.id, "model": run.model, "env": run.env_name, **out}
         except (asyncio.CancelledError, GeneratorExit):
             self.abandoned += 1
