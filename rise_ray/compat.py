@@ -85,10 +85,35 @@ def inspect_models_in_process() -> None:
     registry._run_in_subprocess = lambda fn: fn()
 
 
+def autoscaler_nodes_for(
+    node_types: dict[str, dict], existing: dict[str, int], head_type: str, max_to_add: int, bundles: list[dict]
+) -> tuple[dict[str, int], list[dict]]:
+    """The node types Ray's autoscaler (v1's resource demand scheduler) launches for `bundles`:
+    (count per type, bundles no type can hold). A PACK placement group reaches it as its bundles
+    one by one, so this is asked with the bundles themselves."""
+    import functools
+
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    scorer = functools.partial(_default_utilization_scorer,
+                               node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))
+    to_add, left = get_nodes_for(node_types, existing, head_type, max_to_add, [dict(b) for b in bundles], scorer)
+    return dict(to_add), left
+
+
+def bin_pack_residual(nodes: list[dict], bundles: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Ray's autoscaler's packing of `bundles` onto free `nodes` resources: (what does not fit,
+    the nodes' resources left)."""
+    from ray.autoscaler._private.resource_demand_scheduler import get_bin_pack_residual
+
+    return get_bin_pack_residual(nodes, [dict(b) for b in bundles])
+
+
 # --- Ray Serve / Serve LLM --------------------------------------------------------------------------
 # rise_ray/serve builds on Ray Serve LLM's public API (ray.serve.llm: LLMConfig, LLMServer,
-# OpenAiIngress, make_fastapi_ingress). What that API does not export is below. Every function
-# checks vLLM first (Ray Serve LLM's engine is vLLM's; Ray itself was checked at import).
+# OpenAiIngress, make_fastapi_ingress). What that API does not export is below. Those reaching into
+# Ray Serve LLM check vLLM first (its engine is vLLM's; Ray itself was checked at import).
 
 
 def serve_worker_setup_hook_env() -> str:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rise_ray.serve.config import ServeConfig
+from rise_ray.serve_config import ServeConfig
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "demo", "default.yaml")  # the embedded default
 
@@ -227,6 +227,10 @@ class ClusterConfig(_Strict):
     # How long a stage waits for Ray to place its engines or trainer workers before failing: on a
     # cluster that scales from zero the autoscaler is launching their nodes (boot, image, setup).
     scale_up_timeout_s: float = Field(1800.0, gt=0)
+    # Ray's accelerator type of the GPUs every GPU actor asks for (engines, teacher, trainer workers,
+    # NCCL sender, serve replicas), e.g. A100-80G: an autoscaler then launches only the node type
+    # that declares `accelerator_type:<X>` in its resources (cluster/*.yaml). null: any GPU node.
+    accelerator_type: str | None = None
 
 
 class ObserveConfig(_Strict):

@@ -164,7 +164,7 @@ def serve_command(
     host:port (default cfg.serve.host/port: 127.0.0.1:8000) and the app at "/" once every model's
     engine is up. Blocking: until Ctrl-C or SIGTERM (`ray job stop`), then the app is deleted.
     Returns the base URL."""
-    from rise_ray.session import init_ray
+    from rise_ray.ray_init import init_ray
 
     for checkpoint in models.values():
         check_checkpoint(checkpoint)

@@ -124,7 +124,7 @@ def serve_env(cfg: RunConfig, name: str) -> Env:
     options (the prompts and feedback it was trained on), any other with the shared ones."""
     from rise_ray.envs import REGISTRY, get_env
     from rise_ray.envs import accepted_options as env_options
-    from rise_ray.session import env_options as cfg_env_options
+    from rise_ray.envs import env_options as cfg_env_options
 
     if name not in REGISTRY:
         raise ApiError(400, f"env: unknown env {name!r}; known: {sorted(REGISTRY)}", "env", "unknown_env")
