@@ -12,6 +12,7 @@ Public API (`ray.util`, `ray.serve.llm`, `vllm.LLM`, ...) is used directly every
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import json
 from typing import Any
@@ -107,3 +108,68 @@ def bin_pack_residual(nodes: list[dict], bundles: list[dict]) -> tuple[list[dict
     from ray.autoscaler._private.resource_demand_scheduler import get_bin_pack_residual
 
     return get_bin_pack_residual(nodes, [dict(b) for b in bundles])
+
+
+# --- Ray Serve / Serve LLM --------------------------------------------------------------------------
+# rise_ray/serve builds on Ray Serve LLM's public API (ray.serve.llm: LLMConfig, LLMServer,
+# OpenAiIngress, make_fastapi_ingress). What that API does not export is below. Those reaching into
+# Ray Serve LLM check vLLM first (its engine is vLLM's; Ray itself was checked at import).
+
+
+def serve_worker_setup_hook_env() -> str:
+    """The environment variable through which Ray runs a `worker_process_setup_hook` in an actor's
+    processes (Ray honours the runtime_env key only in a job's runtime_env, not an actor's)."""
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    return WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+
+def serve_model_card(model_id: str, llm_config: Any) -> Any:
+    """The /v1/models entry of an LLMConfig, as Ray Serve LLM's own builder makes it (its docs
+    import it from the same internal module)."""
+    _check_vllm()
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
+    return to_model_metadata(model_id, llm_config)
+
+
+def serve_openai_app() -> Any:
+    """Ray Serve LLM's FastAPI app for OpenAiIngress: its error, CORS and request-id middleware."""
+    _check_vllm()
+    from ray.llm._internal.serve.core.ingress.ingress import init
+
+    return init()
+
+
+def serve_openai_routes() -> dict[str, Any]:
+    """OpenAiIngress's routes ({method name: route decorator}), for an ingress adding its own."""
+    _check_vllm()
+    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+
+    return dict(DEFAULT_ENDPOINTS)
+
+
+def serve_haproxy_binary() -> str:
+    """The HAProxy binary Ray Serve's HAProxy mode would run (Ray's own lookup: the one ray[serve]
+    bundles, RAY_SERVE_HAPROXY_BINARY_PATH, or `haproxy` on PATH); FileNotFoundError when none."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    return get_haproxy_binary()
+
+
+@functools.cache
+def serve_tokenizing_engine() -> type:
+    """Ray Serve LLM's VLLMEngine with /tokenize working. Ray 2.60 looks for vLLM's tokenization
+    server as `state.openai_serving_tokenization`; vLLM 0.32 names it `state.serving_tokenization`,
+    so /tokenize and /detokenize answer "This model does not support the 'tokenization' task"
+    (docs/serve_llm.md). This engine takes vLLM's name when Ray's finds nothing."""
+    _check_vllm()
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    class TokenizingVLLMEngine(VLLMEngine):
+        async def start(self) -> None:
+            await super().start()
+            if self._oai_serving_tokenization is None:
+                self._oai_serving_tokenization = getattr(self._app_state, "serving_tokenization", None)
+
+    return TokenizingVLLMEngine
