@@ -394,9 +394,11 @@ def dry_run(
 def stage_demands(cfg: RunConfig) -> list[tuple[str, list[dict[str, float]], bool]]:
     """(what, its placement bundles, held for the run) in the order the driver asks: the policy's
     and the teacher's engines (held), Ray Train's workers and the NCCL sender (each while its stage
-    runs, beside the engines). The bundles are those the code asks Ray for."""
+    runs, beside the engines), then `rise serve`'s engine replicas. The bundles are those the code
+    asks Ray for."""
     from rise_ray.cluster import gpu_bundle
     from rise_ray.rollout.weight_transfer import resolve_method
+    from rise_ray.serve.llm_config import serve_devices
     from rise_ray.train.placement import worker_placement
 
     r, t, tc, acc = cfg.rollout, cfg.train, cfg.teacher, cfg.cluster.accelerator_type
@@ -414,6 +416,10 @@ def stage_demands(cfg: RunConfig) -> list[tuple[str, list[dict[str, float]], boo
             nccl = False
         if nccl:
             out.append(("nccl weight sender", [gpu_bundle({"CPU": 0.1, "GPU": 1}, acc)], False))
+    # `rise serve RUN_DIR` afterwards, on the same cluster: its first replicas, as decided on the
+    # GPU-less head (the config and the cluster, never the head's hardware)
+    devices = serve_devices(cfg, {})
+    out.append(("serve replicas (rise serve)", devices.bundles() * max(1, cfg.serve.min_replicas), False))
     return out
 
 

@@ -135,3 +135,34 @@ def test_a_small_rise_run_on_the_aws_twin_from_its_gpu_less_head(twin_of, tmp_pa
     with capsys.disabled():
         print(f"\ntwin rise run: {wall:.0f} s, nodes up {live}")
     assert os.path.exists(run / "report.html")
+
+
+@pytest.mark.timeout(600)
+def test_rise_serve_built_on_the_gpu_less_head_asks_for_gpu_bundles_the_autoscaler_launches(
+    twin_of, tiny_model_dir, monkeypatch
+):
+    """`rise serve` builds its app on the head (no GPU, no GPU node up yet): the engine replicas'
+    placement bundles it hands Ray Serve LLM ask for a GPU of the config's accelerator type, and
+    Ray's autoscaler launches the node type that has it for them."""
+    from rise_ray.serve import deploy, llm_config
+
+    twin = twin_of("cluster/aws.yaml")
+    assert ray.cluster_resources().get("GPU", 0) == 0  # only the head is up
+    built, real = [], llm_config.llm_config
+
+    def spy(*args, **kw):  # the real llm_config; the test keeps what make_app built
+        built.append(real(*args, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(llm_config, "llm_config", spy)
+    for overrides, meant in ((["rollout.num_gpus_per_engine=1"], "gpu1"),
+                             (["rollout.num_gpus_per_engine=1", "cluster.accelerator_type=A100-80G"], "gpu8")):
+        cfg = load_config(None, overrides)
+        deploy.make_app({"m": tiny_model_dir}, cfg)  # what `rise serve RUN_DIR` builds, here on the head
+        (bundle,) = built[-1].placement_group_config["bundles"]
+        assert bundle["GPU"] == 1 and (meant == "gpu1" or bundle["accelerator_type:A100-80G"] > 0), bundle
+        pg = place([bundle], f"serve replica ({meant})", timeout=300)
+        try:
+            assert _bundle_node_types(pg, twin) == [meant]
+        finally:
+            release(pg)

@@ -19,6 +19,8 @@ For CPU replicas the CPU levers are applied (docs/serve_llm.md says why each is 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,10 +43,23 @@ def setup_worker() -> None:
     worker script: naming rise_ray.rollout.spawn_main as that module makes the child import rise_ray
     before it unpickles anything of vLLM's. vLLM's model inspection runs in this process
     (`inspect_models_in_process`: its own fresh process would import the CUDA-built torchvision)."""
+    check_model_dirs_here()
     inspect_models_in_process()
     main = sys.modules.get("__main__")
     if main is not None and getattr(main, "__spec__", None) is None:
         main.__spec__ = importlib.util.find_spec("rise_ray.rollout.spawn_main")
+
+
+MODEL_DIRS_ENV = "RISE_SERVE_MODEL_DIRS"  # the served model directories, which every replica checks
+
+
+def check_model_dirs_here() -> None:
+    """A replica on a node that does not mount the run's storage fails at start naming the node and
+    the path (rise_ray.models.placement.check_run_storage), not at its engine's first load."""
+    from rise_ray.models.placement import check_run_storage
+
+    for d in json.loads(os.environ.get(MODEL_DIRS_ENV, "[]")):
+        check_run_storage(None, d)
 
 
 def runtime_env(**env: str) -> dict[str, Any]:
@@ -68,6 +83,7 @@ class ServeDevices:
 
     gpus: float
     cpus: float
+    accelerator_type: str | None = None  # cluster.accelerator_type: the node type meant for the model
 
     @property
     def cpu(self) -> bool:
@@ -75,7 +91,9 @@ class ServeDevices:
 
     def bundles(self) -> list[dict[str, float]]:
         """The engine replica's placement group bundles."""
-        return [{"CPU": self.cpus} if self.cpu else {"GPU": self.gpus, "CPU": self.cpus}]
+        from rise_ray.cluster import gpu_bundle
+
+        return [gpu_bundle({"GPU": self.gpus, "CPU": self.cpus}, self.accelerator_type)]
 
 
 def serve_devices(cfg: RunConfig, cluster_resources: Mapping[str, float]) -> ServeDevices:
@@ -91,7 +109,7 @@ def serve_devices(cfg: RunConfig, cluster_resources: Mapping[str, float]) -> Ser
         gpus = 1.0
     else:
         gpus = 0.0
-    return ServeDevices(gpus=gpus, cpus=s.num_cpus_per_replica)
+    return ServeDevices(gpus=gpus, cpus=s.num_cpus_per_replica, accelerator_type=cfg.cluster.accelerator_type)
 
 
 def llm_config(model_dir: str, model_id: str, cfg: RunConfig, devices: ServeDevices) -> LLMConfig:
@@ -129,7 +147,9 @@ def llm_config(model_dir: str, model_id: str, cfg: RunConfig, devices: ServeDevi
         engine_kwargs=engine,
         deployment_config=deployment,
         # vLLM's own bound on a request's n (chat, completions) at serve.max_n
-        runtime_env=runtime_env(VLLM_MAX_N_SEQUENCES=str(s.max_n)),
+        # the replica checks, on its node, that it reads its model (a path on the run's storage)
+        runtime_env=runtime_env(VLLM_MAX_N_SEQUENCES=str(s.max_n),
+                                **({MODEL_DIRS_ENV: json.dumps([model_dir])} if os.path.isabs(model_dir) else {})),
         server_cls="rise_ray.serve.llm_server.RiseLLMServer",  # Ray Serve LLM's, with /tokenize working
         **extra,
     )
