@@ -29,6 +29,7 @@ from rise_ray.eval.evaluate import eval_problems, evaluate
 from rise_ray.manifest import STAGE_KINDS, Manifest, RunLock, open_run_dir, warmup_enabled
 from rise_ray.models.placement import check_model_on_nodes, write_run_marker
 from rise_ray.observe import Observer
+from rise_ray.preflight import check_run
 from rise_ray.protocol import describe_departures
 from rise_ray.report import write_report
 from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
@@ -51,6 +52,7 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
     observer = Observer(cfg, run_dir)  # Ray metrics and experiment tracking of every stage that runs
     manifest.on_stage = observer.stage
     wall_start = time.perf_counter() - manifest.data.get("wall_s", 0.0)
+    check_run(cfg)  # what `rise run --dry-run` refuses is refused here, past the run directory's checks
     env = make_env(cfg.env)
     grader_opts = env_options(cfg.env, with_data=False)
     init_ray()

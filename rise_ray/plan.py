@@ -1,8 +1,9 @@
 """`rise run CONFIG --dry-run`: what a run would do and need, without doing any of it.
 
-The config is validated (load_config), then the plan is printed: the stages in order, the actors
-and their resources, the memory each GPU is expected to hold, and whether that fits the cluster it
-sees (RAY_ADDRESS: joined only to read its resources; else this machine). Nothing is started: no
+The config is checked as `rise run` checks it before it starts (load_config, then
+preflight.check_run: the same refusals, the same messages), then the plan is printed: the stages
+in order, the actors and their resources, the memory each GPU is expected to hold, and whether
+that fits the cluster it sees (RAY_ADDRESS: joined only to read its resources; else this machine). Nothing is started: no
 Ray without RAY_ADDRESS, no vLLM, no download (shapes come from a local config.json, the built-in
 table below, or model.tiny). Memory figures are estimates (no CUDA context, allocator slack or
 DeepSpeed buffers): leave a few GiB of headroom.
@@ -17,7 +18,7 @@ import re
 import sys
 from typing import Any
 
-from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
+from rise_ray.config import ConfigError, RunConfig, TrainConfig, read_yaml, train_gpus_per_worker
 
 GiB = 2**30
 # Shapes of the hub ids used in configs/ (their config.json): layers, hidden, heads, kv heads,
@@ -168,13 +169,12 @@ def cluster_from_yaml(path: str) -> dict[str, Any]:
     max_workers (within the file's max_workers), by the resources each type declares. A cluster
     that starts its workers at zero is planned at the size its autoscaler may reach, not the nodes
     up now."""
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        spec = yaml.safe_load(f) or {}
+    if not os.path.isfile(path):
+        raise ConfigError(f"--cluster-yaml {path}: no such file")
+    spec = read_yaml(path)  # not YAML, or not a mapping: a ConfigError naming the file (and the line)
     types, head = spec.get("available_node_types") or {}, spec.get("head_node_type")
     if not types or head not in types:
-        raise ValueError(f"{path}: no available_node_types with the head_node_type {head!r}: not a Ray cluster file")
+        raise ConfigError(f"--cluster-yaml {path}: no available_node_types with the head_node_type {head!r}: not a Ray cluster file")
     room = int(spec.get("max_workers", sum(int(t.get("max_workers", 0)) for t in types.values())))
     nodes: list[tuple[str, dict]] = [(head, types[head].get("resources") or {})]
     for name, t in types.items():
@@ -218,8 +218,7 @@ def place_on_nodes(node_gpus: list[int], groups: list[tuple[str, int, float]]) -
     return problems
 
 
-def _actor(name: str, model: str | None, count: int, gpus: float, tp: int, cpus: float) -> dict:
-    model = model or "tiny (model.tiny)"
+def _actor(name: str, model: str, count: int, gpus: float, tp: int, cpus: float) -> dict:
     return dict(actor=name, model=model, count=count, gpus_each=gpus, tp=tp, cpus_each=cpus, memory=None)
 
 
@@ -236,10 +235,7 @@ def plan_stages(cfg: RunConfig, policy_gpus: float, teacher_gpus: float, train_g
 
     t, r = cfg.train, cfg.rollout
     wt = warmup_train_config(cfg) if warmup_enabled(cfg) else None
-    try:
-        sync = resolve_method(cfg.sync.method, r)
-    except ValueError as e:
-        sync = f"{cfg.sync.method}: {e}"
+    sync = resolve_method(cfg.sync.method, r)  # what cannot work was refused at load (RunConfig)
     on = _on("policy engines", policy_gpus)
     collect = on + (" + " + _on("teacher engines", teacher_gpus) if r.improve_with == "teacher" else "")
     base = "warm-up SFT on Ray Train workers" if wt else f"model.path {cfg.model.path}: no work"
@@ -268,7 +264,8 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
         tp = tp if e.engine == "vllm" else 1
         max_len = max_len or (shape or {}).get("context") or DEFAULT_CONTEXT  # None: the model's own
         name = f"{role} engines ({e.engine})"
-        a = _actor(name, path, e.num_engines, e.num_gpus_per_engine, tp, e.num_cpus_per_engine)
+        model = "none (programmatic solver)" if e.engine == "solver" else path or "tiny (model.tiny)"
+        a = _actor(name, model, e.num_engines, e.num_gpus_per_engine, tp, e.num_cpus_per_engine)
         if shape and e.num_gpus_per_engine > 0:
             nbytes = 4 if dtype == "float32" else 2  # auto: bf16 on GPU
             if e.engine == "vllm":
@@ -280,10 +277,11 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
 
     shape = model_shape(m.path, m.tiny)
     actors = [engines("policy", r, m.path, shape, r.tensor_parallel_size, m.max_model_len, m.dtype)]
-    t_shape = model_shape(tc.path) if distill else None
+    teacher_model = distill and tc.engine != "solver"  # the solver has no model: no shape, no memory
+    t_shape = model_shape(tc.path) if teacher_model else None
     if distill:
         actors.append(engines("teacher", tc, tc.path, t_shape, tc.tensor_parallel_size, tc.max_model_len, "auto"))
-    trainer = _actor("Ray Train workers", m.path, t.num_workers, train_gpus_per_worker(cfg), 1, t.cpus_per_worker)
+    trainer = _actor("Ray Train workers", m.path or "tiny (model.tiny)", t.num_workers, train_gpus_per_worker(cfg), 1, t.cpus_per_worker)
     if shape and t.use_gpu:
         trainer["memory"] = trainer_memory(shape, t, cfg.data.max_length)
     actors.append(trainer)
@@ -315,7 +313,7 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
     plan = dict(config=cfg.name, iterations=cfg.iterations, cluster=cluster, gpu_memory_gib=gpu_gib)
     plan.update(params=count_params(shape) if shape else None, stages=stages, actors=actors)
     plan.update(
-        gpus_needed=needed, cpus_needed=cpus, note=None if shape and (t_shape or not distill) else UNKNOWN
+        gpus_needed=needed, cpus_needed=cpus, note=None if shape and (t_shape or not teacher_model) else UNKNOWN
     )
     return {
         **plan,

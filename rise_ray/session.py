@@ -4,26 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from rise_ray.config import ClusterConfig, EnvConfig, ModelConfig, RolloutConfig
+from rise_ray.config import ClusterConfig, ModelConfig, RolloutConfig
 
 # Imported from here by cli.py; they live lower down, where the layers below the session reach them
-# (rise_ray.data and rise_ray.serve read env_options, rise_ray.train and rise_ray.serve the others).
+# (rise_ray.data and rise_ray.serve read env_options, rise_ray.preflight make_env, rise_ray.train and
+# rise_ray.serve the others).
 from rise_ray.envs import env_options as env_options
+from rise_ray.envs import make_env as make_env
 from rise_ray.models.placement import resolve_model as resolve_model
 from rise_ray.ray_init import init_ray as init_ray
-
-
-def make_env(cfg: EnvConfig):
-    """The environment with its problems; a bad name or option is a ConfigError naming it."""
-    from rise_ray.config import ConfigError
-    from rise_ray.envs import get_env
-
-    try:
-        return get_env(cfg.name, **env_options(cfg))
-    except (TypeError, ValueError) as e:
-        if type(e).__name__ == "DataError":
-            raise
-        raise ConfigError(f"env (name={cfg.name!r}, options={cfg.options}): {e}") from None
 
 
 def context_length(cfg_len: int | None, model_path: str | None) -> int:
