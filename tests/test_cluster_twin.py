@@ -23,7 +23,7 @@ from twin import REPO, TwinCluster, node_type_of
 
 from rise_ray.cluster import place, release
 from rise_ray.config import load_config
-from rise_ray.plan import launch_plan, stage_demands
+from rise_ray.plan_nodes import launch_plan, stage_demands
 
 pytestmark = pytest.mark.slow
 
