@@ -3,11 +3,15 @@
 Where the numbers travel:
   1. `run_episodes` counts into an `EpisodeTally` wherever it runs (a Ray Data task, inside an
      engine actor, or this process): the turn each live episode is on, episodes finished, samples
-     generated, their tokens (Completion.token_ids), and the work done (samples, plus the samples an
-     episode that ended early will never need);
+     generated, and the work done (samples, plus the samples an episode that ended early will never
+     need). Tokens are counted where the engine makes them, as it makes them (`made`): vLLM tells
+     its running requests' tokens every COUNT_EVERY_S (rise_ray/rollout/vllm.py), so the line moves
+     during a long turn; other engines count their replies' tokens when a call returns. An engine
+     actor answering a Ray Data task's call reports that call's tokens itself (its own tally, one
+     source per call), so the task's tally does not count them again;
   2. a tally with a sender sends its snapshot, when it changed, every SEND_EVERY_S from a daemon
      thread to one `ProgressBoard` actor per pool (fire and forget; the latest snapshot of each
-     source replaces the last, so a retried batch is not counted twice);
+     source replaces the last, so a retried batch or call is not counted twice);
   3. in the driver a `Reporter` thread polls the board's totals and prints: one updating line on a
      TTY (every TTY_REFRESH_S), else a plain line every LINE_EVERY_S (`ray job logs`, CI), and a
      last line when the run ends; it also sets the gauges below (Ray prefixes `ray_`, tag `stage`).
@@ -18,6 +22,16 @@ Where the numbers travel:
        rise_progress_eta_seconds          estimated seconds left (-1: not known yet)
        rise_progress_turn                 the highest turn in progress
 Progress never fails a run: what cannot be sent, polled or printed is skipped.
+
+What is a library's and what stays ours: the gauges are Ray's own metrics (ray.util.metrics, shown
+on Ray's dashboard and Prometheus endpoint). Ray's distributed tqdm (ray.experimental.tqdm_ray,
+Ray 2.60) was checked as the carrier of the line and does not fit: it draws one bar per tqdm object,
+grouped by the process that made it (a bar per Ray Data task and engine actor, not one line of their
+sums), travels through the workers' log stream (nothing where log_to_driver is off, and `\r`-drawn
+bars in `ray job logs`), sets no metric, and counts one number per bar where the line needs turns,
+problems, samples and tokens merged across sources. So the merge (board), the counting (tally) and
+the line (Reporter) stay ours; none of them is generic publish/subscribe beyond one actor holding the
+latest snapshot per source.
 This module imports nothing from rise_ray.
 """
 
@@ -29,6 +43,7 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -39,6 +54,7 @@ LINE_EVERY_S = float(os.environ.get("RISE_PROGRESS_EVERY_S", "10"))  # not a TTY
 TTY_REFRESH_S = 1.0  # a TTY: the line is redrawn this often
 SEND_EVERY_S = 1.0  # a tally sends its snapshot (when it changed) this often
 POLL_TIMEOUT_S = 10.0  # the driver's wait for the board's totals
+ENDED_KEPT = 1024  # the board remembers this many ended runs (to drop their late reports)
 
 
 class EpisodeTally:
@@ -62,11 +78,15 @@ class EpisodeTally:
             self._version += 1
 
     def answered(self, k: int, cands: list) -> None:
-        """Episode k got its candidates (Completion records): samples and their generated tokens."""
-        tokens = sum(len(c.token_ids) for c in cands)
+        """Episode k got its candidates: samples (their tokens were counted by `made`)."""
         with self._lock:
             self.samples += len(cands)
             self.work += len(cands)
+            self._version += 1
+
+    def made(self, tokens: int) -> None:
+        """The engine generated `tokens` more (told while it generates, or when its call returns)."""
+        with self._lock:
             self.tokens += tokens
             self._version += 1
 
@@ -132,12 +152,15 @@ class ProgressBoard:
     """The latest snapshot of every source of each run (a Ray actor in a pool: `start_board`).
     Keyed by run, so no call has to come first: reports from other processes arrive in any order."""
 
-    def __init__(self) -> None:
+    def __init__(self, ended_kept: int = ENDED_KEPT) -> None:
         self._runs: dict[str, dict[Any, dict]] = {}
-        self._ended: set[str] = set()
+        # The latest ended runs, oldest first: a late report (fire and forget, sent before the end)
+        # of one of them is dropped. Only the latest are kept: the board lives as long as its pool.
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._ended_kept = ended_kept
 
     def report(self, run: str, source: Any, snapshot: dict) -> None:
-        if run not in self._ended:  # a late report of a finished run is dropped
+        if run not in self._ended:
             self._runs.setdefault(run, {})[source] = snapshot
 
     def totals(self, run: str) -> dict[str, Any]:
@@ -145,7 +168,9 @@ class ProgressBoard:
 
     def end(self, run: str) -> None:
         self._runs.pop(run, None)
-        self._ended.add(run)
+        self._ended[run] = None
+        while len(self._ended) > self._ended_kept:
+            self._ended.popitem(last=False)
 
 
 @functools.lru_cache(maxsize=1)

@@ -69,8 +69,9 @@ def test_the_tally_sends_changed_snapshots_and_the_last_on_exit():
         tally.flush()
         tally.flush()  # nothing changed: nothing sent
         tally.answered(0, [ids("a", 2)])
+        tally.made(2)
         tally.ended(0)
-    assert [s["samples"] for s in sent] == [0, 1]
+    assert [s["samples"] for s in sent] == [0, 1]  # one send for the three changes
     assert sent[-1] == {"finished": 1, "samples": 1, "tokens": 2, "work": 1, "turns": {}}
 
 
@@ -93,6 +94,19 @@ def test_the_board_sums_sources_keeps_the_latest_and_drops_ended_runs():
     board.end("r1")
     board.report("r1", 2, {"finished": 5, "samples": 5, "tokens": 5, "work": 5, "turns": {}})  # late: dropped
     assert board.totals("r1") == merge([]) and board.totals("r2")["finished"] == 9
+
+
+def test_the_board_remembers_only_the_latest_ended_runs():
+    """A pool's board lives as long as the pool: what it keeps of ended runs stays bounded, and
+    the latest still drop their late reports."""
+    board = ProgressBoard(ended_kept=3)
+    for k in range(50):
+        board.report(f"r{k}", 0, {"finished": 1, "samples": 1, "tokens": 1, "work": 1, "turns": {}})
+        board.end(f"r{k}")
+    assert list(board._ended) == ["r47", "r48", "r49"] and board._runs == {}
+    board.report("r49", 1, {"finished": 5, "samples": 5, "tokens": 5, "work": 5, "turns": {}})  # late: dropped
+    assert board.totals("r49") == merge([])
+    assert ProgressBoard()._ended_kept == progress.ENDED_KEPT  # the default bound
 
 
 # -- the reporter ------------------------------------------------------------------------------------

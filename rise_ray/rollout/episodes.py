@@ -18,7 +18,9 @@ either way; seeded sampling may not (a wave's i-th conversation is seeded seed +
 conversations share a wave changes as episodes end).
 
 Progress: `progress` (rise_ray.progress.EpisodeTally) is told the turn each episode waits on, the
-candidates it got and when it ends, whichever the schedule; a pool sends it to the driver.
+candidates it got and when it ends, whichever the schedule, and the tokens the engine generates:
+as it makes them where the engine can tell them (`counts_tokens`: VLLMEngine, and RemoteEngine,
+whose actor reports them itself), else when its call returns. A pool sends it to the driver.
 """
 
 from __future__ import annotations
@@ -136,12 +138,28 @@ def run_episodes(
     episodes = [_episode(env, p, t, spec, engine, improver, tally, k)
                 for k, (p, t) in enumerate(zip(problems, trajs, strict=True))]
     if spec.schedule == "waves":
-        _run_in_waves(episodes)
+        _run_in_waves(episodes, tally)
     elif on_threads:
-        _run_on_threads(episodes)
+        _run_on_threads(episodes, tally)
     else:
-        _run_continuously(engine, episodes)
+        _run_continuously(engine, episodes, tally)
     return trajs
+
+
+def generate_counting(
+    engine: Engine, conversations: list[Conversation], n: int, params: SamplingParams, tally: EpisodeTally
+) -> list[list[Completion]]:
+    """engine.generate, its tokens told to the tally: while it generates where the engine can tell
+    them (`counts_tokens`, with an `on_tokens` argument), else when the call returns."""
+    if getattr(engine, "counts_tokens", False):
+        return engine.generate(conversations, n, params, on_tokens=tally.made)
+    outputs = engine.generate(conversations, n, params)
+    tally.made(sum(_tokens(cands) for cands in outputs))
+    return outputs
+
+
+def _tokens(cands: list[Completion]) -> int:
+    return sum(len(c.token_ids) for c in cands)
 
 
 # A turn's request: the engine that answers it, the conversation, its samples, their settings.
@@ -196,29 +214,35 @@ def _advance(episode: Generator[TurnRequest, list[Completion], None], cands: lis
         return None
 
 
-def _run_in_waves(episodes: list) -> None:
+def _run_in_waves(episodes: list, tally: EpisodeTally) -> None:
     """schedule="waves": every live episode's turn in one engine call; the next turn starts when
     the whole wave is back. Conversation i of a wave is seeded seed + i*n (the engine's rule)."""
     pending = {i: r for i, e in enumerate(episodes) if (r := _advance(e, None)) is not None}
     while pending:
         producer, _, n, params = next(iter(pending.values()))  # one turn: the same for all
         live = list(pending)
-        outputs = producer.generate([pending[i][1] for i in live], n, params)
+        outputs = generate_counting(producer, [pending[i][1] for i in live], n, params, tally)
         pending = {i: r for i, cands in zip(live, outputs, strict=True)
                    if (r := _advance(episodes[i], cands)) is not None}
 
 
-def _run_continuously(engine: Engine, episodes: list) -> None:
+def _run_continuously(engine: Engine, episodes: list, tally: EpisodeTally) -> None:
     """schedule="async" on an engine that batches continuously in this process (VLLMEngine): an
     episode's next turn joins the running batch as soon as its reply is graded."""
     first = [(k, r) for k, e in enumerate(episodes) if (r := _advance(e, None)) is not None]
     index = [k for k, _ in first]  # the engine numbers the requests it was given first 0..m-1
+    counts = getattr(engine, "counts_tokens", False)
 
     def follow_up(j: int, cands: list[Completion]) -> tuple | None:
+        if not counts:
+            tally.made(_tokens(cands))
         r = _advance(episodes[index[j]], cands)
         return None if r is None else r[1:]
 
-    engine.generate_continuous([r[1:] for _, r in first], follow_up)
+    if counts:
+        engine.generate_continuous([r[1:] for _, r in first], follow_up, on_tokens=tally.made)
+    else:
+        engine.generate_continuous([r[1:] for _, r in first], follow_up)
 
 
 class _OneAtATime:
@@ -226,17 +250,18 @@ class _OneAtATime:
 
     def __init__(self, engine: Engine) -> None:
         self.engine, self.max_model_len, self._lock = engine, engine.max_model_len, threading.Lock()
+        self.counts_tokens = getattr(engine, "counts_tokens", False)
 
     def prompt_len(self, conversation: Conversation) -> int:
         with self._lock:
             return self.engine.prompt_len(conversation)
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
-        with self._lock:
-            return self.engine.generate(conversations, n, params)
+    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams, **kw) -> list[list[Completion]]:
+        with self._lock:  # kw: on_tokens, where the engine counts tokens
+            return self.engine.generate(conversations, n, params, **kw)
 
 
-def _run_on_threads(episodes: list, max_threads: int = 256) -> None:
+def _run_on_threads(episodes: list, tally: EpisodeTally, max_threads: int = 256) -> None:
     """schedule="async" otherwise: one thread per episode (up to max_threads), each turn one engine
     call (the engines take one call at a time)."""
 
@@ -246,7 +271,7 @@ def _run_on_threads(episodes: list, max_threads: int = 256) -> None:
             producer, conv, n, params = r
             if params.seed is not None:  # as a wave seeds its k-th conversation: distinct per episode
                 params = params.with_(seed=params.seed + k * n)
-            (cands,) = producer.generate([conv], n, params)  # one list for one conversation
+            (cands,) = generate_counting(producer, [conv], n, params, tally)  # one list for one conversation
             r = _advance(episode, cands)
 
     if not episodes:
