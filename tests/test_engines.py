@@ -173,6 +173,16 @@ def test_hf_seeded_generation_is_reproducible(hf):
     assert hf.generate([], 3, params) == []
 
 
+def test_hf_tells_tokens_while_it_generates(hf):
+    """on_tokens hears of each step's tokens (one per row still generating) through generate()'s
+    streamer hook; they add up to the replies' ids, with no correction at the end."""
+    told: list[int] = []
+    out = hf.generate(CONVS, 2, SamplingParams(temperature=1.0, max_tokens=30, seed=0), on_tokens=told.append)
+    assert sum(told) == sum(len(c.token_ids) for cands in out for c in cands)
+    assert told[0] == 4 and len(told) >= 10 and min(told) > 0  # 4 rows at the first step, then step by step
+    assert hf.generate(CONVS, 2, SamplingParams(temperature=1.0, max_tokens=30, seed=0)) == out  # the same replies
+
+
 def test_hf_micro_batches_keep_order(tiny_dir, hf):
     small = HFEngine(tiny_dir, max_batch_size=3)
     greedy = SamplingParams(temperature=0.0, max_tokens=6)
