@@ -293,7 +293,7 @@ class Reporter:
             turn = f"turn {next(iter(st.turns))}/{self.turns}"
         else:  # episodes on different turns (async schedule, or batches apart)
             turn = "turns " + " ".join(f"{t}:{n}" for t, n in sorted(st.turns.items())) + f" of {self.turns}"
-        rate = f"{st.tokens_per_s:,.0f} tok/s" if st.tokens_per_s else "tok/s -"
+        rate = f"{st.tokens:,} tokens, {st.tokens_per_s:,.0f} tok/s" if st.tokens_per_s else "tok/s -"
         return (
             f"[rise {self.label}] {st.fraction:4.0%} | {turn} | problems {st.finished}/{st.problems} done, "
             f"{running} running | {st.samples:,} samples | {rate} | {fmt_duration(st.elapsed_s)} | "
