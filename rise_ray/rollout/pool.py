@@ -8,8 +8,9 @@ Steps of `RolloutPool.run`:
      rollout.schedule=async (and no teacher) it hands the batch to the actor, whose engine runs
      each episode's next turn as soon as its reply is graded (no round trip per turn);
   4. the trajectory records come back as Arrow rows with a fixed schema.
-While it runs, each batch's episodes report to a ProgressBoard actor (rise_ray.progress) and a
-driver thread prints their progress: turn, problems finished, samples, tokens/s, ETA. Ray Data's
+While it runs, each batch's episodes report to a ProgressBoard actor (rise_ray.progress), the
+engine actors report each call's tokens there as they make them, and a driver thread prints their
+progress: turn, problems finished, samples, tokens and tokens/s, ETA. Ray Data's
 own progress block (which shows only batches, and a batch ends with its last turn) is turned off.
 
 The actors live across RISE iterations (engines are never rebuilt per round): new weights are
