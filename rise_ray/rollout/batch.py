@@ -44,8 +44,6 @@ class RemoteEngine:
     (board, run, source): the actor reports each call's tokens there itself, as its engine makes
     them, as source (source, call number); a retried call replaces its own report."""
 
-    counts_tokens = True
-
     def __init__(self, actor, model_path: str | None, max_model_len: int, progress: tuple | None = None):
         self.actor = actor
         self.model_path = model_path

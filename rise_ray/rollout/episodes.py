@@ -19,15 +19,16 @@ conversations share a wave changes as episodes end).
 
 Progress: `progress` (rise_ray.progress.EpisodeTally) is told the turn each episode waits on, the
 candidates it got and when it ends, whichever the schedule, and the tokens the engine generates:
-as it makes them where the engine can tell them (`counts_tokens`: VLLMEngine, and RemoteEngine,
-whose actor reports them itself), else when its call returns. A pool sends it to the driver.
+as it makes them where the engine's generate takes `on_tokens` (VLLMEngine, HFEngine, and
+RemoteEngine, whose actor reports them itself), else when its call returns. A pool sends it to the driver.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -146,16 +147,24 @@ def run_episodes(
     return trajs
 
 
-def generate_counting(
-    engine: Engine, conversations: list[Conversation], n: int, params: SamplingParams, tally: EpisodeTally
+def generate_telling(
+    engine: Engine, conversations: list[Conversation], n: int, params: SamplingParams, on_tokens: Callable[[int], None]
 ) -> list[list[Completion]]:
-    """engine.generate, its tokens told to the tally: while it generates where the engine can tell
-    them (`counts_tokens`, with an `on_tokens` argument), else when the call returns."""
-    if getattr(engine, "counts_tokens", False):
-        return engine.generate(conversations, n, params, on_tokens=tally.made)
+    """engine.generate, with on_tokens told the tokens it generates: as it makes them where its
+    generate takes `on_tokens`, else when the call returns."""
+    if takes_on_tokens(engine.generate):
+        return engine.generate(conversations, n, params, on_tokens=on_tokens)
     outputs = engine.generate(conversations, n, params)
-    tally.made(sum(_tokens(cands) for cands in outputs))
+    on_tokens(sum(_tokens(cands) for cands in outputs))
     return outputs
+
+
+def takes_on_tokens(method: Callable) -> bool:
+    """Whether an engine method takes `on_tokens` (a subclass that overrides it may not)."""
+    try:
+        return "on_tokens" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _tokens(cands: list[Completion]) -> int:
@@ -221,7 +230,7 @@ def _run_in_waves(episodes: list, tally: EpisodeTally) -> None:
     while pending:
         producer, _, n, params = next(iter(pending.values()))  # one turn: the same for all
         live = list(pending)
-        outputs = generate_counting(producer, [pending[i][1] for i in live], n, params, tally)
+        outputs = generate_telling(producer, [pending[i][1] for i in live], n, params, tally.made)
         pending = {i: r for i, cands in zip(live, outputs, strict=True)
                    if (r := _advance(episodes[i], cands)) is not None}
 
@@ -231,7 +240,7 @@ def _run_continuously(engine: Engine, episodes: list, tally: EpisodeTally) -> No
     episode's next turn joins the running batch as soon as its reply is graded."""
     first = [(k, r) for k, e in enumerate(episodes) if (r := _advance(e, None)) is not None]
     index = [k for k, _ in first]  # the engine numbers the requests it was given first 0..m-1
-    counts = getattr(engine, "counts_tokens", False)
+    counts = takes_on_tokens(engine.generate_continuous)
 
     def follow_up(j: int, cands: list[Completion]) -> tuple | None:
         if not counts:
@@ -250,15 +259,19 @@ class _OneAtATime:
 
     def __init__(self, engine: Engine) -> None:
         self.engine, self.max_model_len, self._lock = engine, engine.max_model_len, threading.Lock()
-        self.counts_tokens = getattr(engine, "counts_tokens", False)
 
     def prompt_len(self, conversation: Conversation) -> int:
         with self._lock:
             return self.engine.prompt_len(conversation)
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams, **kw) -> list[list[Completion]]:
-        with self._lock:  # kw: on_tokens, where the engine counts tokens
-            return self.engine.generate(conversations, n, params, **kw)
+    def generate(
+        self, conversations: list[Conversation], n: int, params: SamplingParams,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> list[list[Completion]]:
+        with self._lock:
+            if on_tokens is None:
+                return self.engine.generate(conversations, n, params)
+            return generate_telling(self.engine, conversations, n, params, on_tokens)
 
 
 def _run_on_threads(episodes: list, tally: EpisodeTally, max_threads: int = 256) -> None:
@@ -271,7 +284,7 @@ def _run_on_threads(episodes: list, tally: EpisodeTally, max_threads: int = 256)
             producer, conv, n, params = r
             if params.seed is not None:  # as a wave seeds its k-th conversation: distinct per episode
                 params = params.with_(seed=params.seed + k * n)
-            (cands,) = generate_counting(producer, [conv], n, params, tally)  # one list for one conversation
+            (cands,) = generate_telling(producer, [conv], n, params, tally.made)  # one list for one conversation
             r = _advance(episode, cands)
 
     if not episodes:

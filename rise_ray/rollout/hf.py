@@ -40,8 +40,6 @@ class HFEngine:
     """transformers generate() behind the Engine protocol (fp32 on CPU, bf16 on CUDA by default).
     Tokens are told (`on_tokens`) as generate() makes them, through its streamer hook."""
 
-    counts_tokens = True
-
     def __init__(
         self,
         model_path: str,

@@ -44,7 +44,7 @@ from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
 from rise_ray.rollout.episodes import (
     EpisodeSpec,
     Trajectory,
-    generate_counting,
+    generate_telling,
     run_episodes,
     samples_per_episode,
 )
@@ -103,7 +103,7 @@ class EngineActor:
         if progress is None:
             return self.engine.generate(conversations, n, params)
         with remote_tally(progress) as tally:
-            return generate_counting(self.engine, conversations, n, params, tally)
+            return generate_telling(self.engine, conversations, n, params, tally.made)
 
     def prompt_len(self, conversation: Conversation) -> int:
         return self.engine.prompt_len(conversation)

@@ -120,8 +120,6 @@ class VLLMEngine:
     """vllm.LLM with in-place weight sync (engine arguments: `vllm_engine_args`). Generation steps
     vLLM's engine here, so the tokens it makes can be told while a call runs (`on_tokens`)."""
 
-    counts_tokens = True
-
     def __init__(
         self,
         model_path: str,
