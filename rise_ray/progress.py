@@ -5,10 +5,11 @@ Where the numbers travel:
      engine actor, or this process): the turn each live episode is on, episodes finished, samples
      generated, and the work done (samples, plus the samples an episode that ended early will never
      need). Tokens are counted where the engine makes them, as it makes them (`made`): vLLM tells
-     its running requests' tokens every COUNT_EVERY_S (rise_ray/rollout/vllm.py), so the line moves
-     during a long turn; other engines count their replies' tokens when a call returns. An engine
-     actor answering a Ray Data task's call reports that call's tokens itself (its own tally, one
-     source per call), so the task's tally does not count them again;
+     its running requests' tokens every COUNT_EVERY_S (rise_ray/rollout/vllm.py), transformers
+     each step (its streamer hook), so the line moves during a long turn; an engine whose generate
+     takes no `on_tokens` is counted when its call returns. An engine actor answering a Ray Data
+     task's call reports that call's tokens itself (a tally of its own, one source per call), so
+     the task's tally does not count them again;
   2. a tally with a sender sends its snapshot, when it changed, every SEND_EVERY_S from a daemon
      thread to one `ProgressBoard` actor per pool (fire and forget; the latest snapshot of each
      source replaces the last, so a retried batch or call is not counted twice);
