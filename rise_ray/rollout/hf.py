@@ -26,9 +26,10 @@ def checkpoint_files(path: str) -> list[str]:
     return files
 
 
-def check_fits(prompt_lens: list[int], max_tokens: int, max_model_len: int) -> None:
-    """Raise PromptTooLong for the first prompt that leaves no room for max_tokens."""
-    for i, n in enumerate(prompt_lens):
+def check_fits(prompt_lens: list[int], max_tokens: int, max_model_len: int, first: int = 0) -> None:
+    """Raise PromptTooLong for the first prompt that leaves no room for max_tokens (the prompts are
+    conversations first, first + 1, ... of the call)."""
+    for i, n in enumerate(prompt_lens, start=first):
         if n + max_tokens > max_model_len:
             raise PromptTooLong(
                 f"conversation {i}: prompt of {n} tokens + max_tokens {max_tokens} "

@@ -117,8 +117,8 @@ def vllm_engine_args(
 
 
 class VLLMEngine:
-    """vllm.LLM with in-place weight sync (engine arguments: `vllm_engine_args`). Generation steps
-    vLLM's engine here, so the tokens it makes can be told while a call runs (`on_tokens`)."""
+    """vllm.LLM with in-place weight sync (engine arguments: `vllm_engine_args`). Generating, it is
+    told (`on_tokens`) the tokens made since it was last told, while the call runs."""
 
     def __init__(
         self,
@@ -181,15 +181,12 @@ class VLLMEngine:
         self, conversations: list[Conversation], n: int, params: SamplingParams,
         on_tokens: Callable[[int], None] | None = None,
     ) -> list[list[Completion]]:
-        """on_tokens: told the tokens generated since it was last told, while the call runs."""
-        prompts = [self._ids(c) for c in conversations]
-        check_fits([len(p) for p in prompts], params.max_tokens, self.max_model_len)
-        if not prompts or n < 1:
-            return [[] for _ in prompts]
-        outs: dict[int, Any] = {}
-        self._step([(p, self._sampling(params, n, i)) for i, p in enumerate(prompts)],
-                   lambda i, out: outs.__setitem__(i, out), on_tokens)
-        return [_completions(outs[i], prompt, n, params) for i, prompt in enumerate(prompts)]
+        if n < 1:
+            check_fits([self.prompt_len(c) for c in conversations], params.max_tokens, self.max_model_len)
+            return [[] for _ in conversations]
+        outs: list[list[Completion]] = [[] for _ in conversations]
+        self.generate_continuous([(c, n, params) for c in conversations], outs.__setitem__, on_tokens)
+        return outs
 
     def _sampling(self, params: SamplingParams, n: int, i: int) -> Any:
         """vLLM's SamplingParams for the i-th conversation of a call. vLLM gives the j-th of a
@@ -209,59 +206,37 @@ class VLLMEngine:
         self, first: list[Request], follow_up: Callable[[int, list[Completion]], Request | None],
         on_tokens: Callable[[int], None] | None = None,
     ) -> None:
-        """Continuous batching in this process (rollout.schedule=async): conversation k starts as
-        first[k]; when all its samples are done, follow_up(k, completions) gives k's next request
-        (or None: k is done), which joins the running batch at the engine's next step, so nobody
-        waits for the slowest reply of a turn. Seeds as generate's, with k for i. on_tokens: as
-        generate's (a reply's tokens are told before its follow-up)."""
-        asked: dict[int, tuple[list[int], int, SamplingParams]] = {}
-
-        def request(k: int, r: Request) -> tuple[list[int], Any]:
-            conversation, n, params = r
-            ids = self._ids(conversation)
-            check_fits([len(ids)], params.max_tokens, self.max_model_len)
-            asked[k] = (ids, n, params)
-            return ids, self._sampling(params, n, k)
-
-        def done(k: int, out: Any) -> tuple[list[int], Any] | None:
-            ids, n, params = asked[k]
-            nxt = follow_up(k, _completions(out, ids, n, params))
-            return None if nxt is None else request(k, nxt)
-
-        self._step([request(k, r) for k, r in enumerate(first)], done, on_tokens)
-
-    def _step(
-        self,
-        first: list[tuple[list[int], Any]],
-        done: Callable[[int, Any], tuple[list[int], Any] | None],
-        on_tokens: Callable[[int], None] | None,
-    ) -> None:
-        """Step vLLM's engine (as LLM.generate does) until every request is done. Request k starts
-        as first[k] (prompt ids, vLLM SamplingParams); done(k, output) gets its finished
-        RequestOutput and may give k's next request, which joins the running batch."""
+        """Continuous batching in this process (rollout.schedule=async; generate is one wave of it):
+        conversation k starts as first[k]; when all its samples are done, follow_up(k, completions)
+        gives k's next request (or None), which joins the running batch at the engine's next step.
+        Seeds as `_sampling`'s, k for i. A reply's tokens are told (on_tokens) before its follow-up."""
         from vllm.sampling_params import RequestOutputKind
 
         engine, live, ids_made = self.llm.llm_engine, {}, itertools.count()
         count = None if on_tokens is None else _TokenCount(engine, on_tokens)
 
-        def add(k: int, ids: list[int], sampling: Any) -> None:
+        def add(k: int, request: Request) -> None:
+            conversation, n, params = request
+            ids = self._ids(conversation)
+            check_fits([len(ids)], params.max_tokens, self.max_model_len, first=k)
+            sampling = self._sampling(params, n, k)
             sampling.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, at its end
             rid = f"rise-{k}-{next(ids_made)}"
             engine.add_request(rid, rendered_prompt(engine, ids), sampling)
-            live[rid] = k
+            live[rid] = (k, ids, n, params)
 
         try:
-            for k, (ids, sampling) in enumerate(first):
-                add(k, ids, sampling)
+            for k, request in enumerate(first):
+                add(k, request)
             while live:
                 ended = [out for out in engine.step() if out.finished]
                 if count is not None:
                     count.update(ended)
                 for out in ended:
-                    k = live.pop(out.request_id)
-                    nxt = done(k, out)
+                    k, ids, n, params = live.pop(out.request_id)
+                    nxt = follow_up(k, _completions(out, ids, n, params))
                     if nxt is not None:
-                        add(k, *nxt)
+                        add(k, nxt)
         finally:  # a request refused or a follow-up that raised leaves requests behind: not into the next call
             if live:
                 engine.abort_request(list(live))
@@ -361,29 +336,22 @@ class VLLMEngine:
 
 
 class _TokenCount:
-    """Tells on_tokens the tokens a call's requests have generated, as increments: every
-    COUNT_EVERY_S, and at each step where requests finished (before they are handed on). vLLM
-    returns a request's output only when it ends (FINAL_ONLY); the tokens of those still running
-    are read from its output processor (vLLM 0.32: request_states, each RequestState's
-    detokenizer.num_output_tokens(), which counts whether or not it detokenizes). The increments
-    add up to the tokens of the finished outputs (a greedy request's one sample once)."""
+    """Tells on_tokens a call's new tokens every COUNT_EVERY_S and at each step where requests ended
+    (before they are handed on). Outputs come only at a request's end (FINAL_ONLY): running ones'
+    tokens are read from vLLM 0.32's output processor (request_states; detokenizer.num_output_tokens())."""
 
     def __init__(self, engine: Any, on_tokens: Callable[[int], None]) -> None:
         self.states = engine.output_processor.request_states  # this call's requests only (one caller)
-        self.on_tokens = on_tokens
-        self.finished = self.told = 0
+        self.on_tokens, self.finished, self.told = on_tokens, 0, 0
         self.due = time.monotonic() + COUNT_EVERY_S
 
     def update(self, ended: list[Any]) -> None:
         self.finished += sum(len(c.token_ids) for out in ended for c in out.outputs)
-        now = time.monotonic()
-        if not ended and now < self.due:
+        if not ended and time.monotonic() < self.due:
             return
-        self.due = now + COUNT_EVERY_S
-        running = sum(s.detokenizer.num_output_tokens() for s in list(self.states.values()))
-        # A request's samples that ended before its others leave request_states while the
-        # request's output waits for the rest: the sum may dip, and what is told never goes back.
-        made = self.finished + running
+        self.due = time.monotonic() + COUNT_EVERY_S
+        # a request's samples that end early leave request_states before its output: the sum may dip
+        made = self.finished + sum(s.detokenizer.num_output_tokens() for s in list(self.states.values()))
         if made > self.told:
             self.on_tokens(made - self.told)
             self.told = made
