@@ -4,12 +4,10 @@ Where the numbers travel:
   1. `run_episodes` counts into an `EpisodeTally` wherever it runs (a Ray Data task, inside an
      engine actor, or this process): the turn each live episode is on, episodes finished, samples
      generated, and the work done (samples, plus the samples an episode that ended early will never
-     need). Tokens are counted where the engine makes them, as it makes them (`made`): vLLM tells
-     its running requests' tokens every COUNT_EVERY_S (rise_ray/rollout/vllm.py), transformers
-     each step (its streamer hook), so the line moves during a long turn; an engine whose generate
-     takes no `on_tokens` is counted when its call returns. An engine actor answering a Ray Data
-     task's call reports that call's tokens itself (a tally of its own, one source per call), so
-     the task's tally does not count them again;
+     need). Tokens are counted as the engine makes them (`made`; vLLM every COUNT_EVERY_S,
+     transformers each step), so the line moves during a long turn; an engine whose generate takes
+     no `on_tokens` is counted when its call returns. An engine actor answering a Ray Data task
+     reports each call's tokens itself (one source per call): the task's tally does not count them;
   2. a tally with a sender sends its snapshot, when it changed, every SEND_EVERY_S from a daemon
      thread to one `ProgressBoard` actor per pool (fire and forget; the latest snapshot of each
      source replaces the last, so a retried batch or call is not counted twice);
@@ -24,15 +22,13 @@ Where the numbers travel:
        rise_progress_turn                 the highest turn in progress
 Progress never fails a run: what cannot be sent, polled or printed is skipped.
 
-What is a library's and what stays ours: the gauges are Ray's own metrics (ray.util.metrics, shown
-on Ray's dashboard and Prometheus endpoint). Ray's distributed tqdm (ray.experimental.tqdm_ray,
-Ray 2.60) was checked as the carrier of the line and does not fit: it draws one bar per tqdm object,
-grouped by the process that made it (a bar per Ray Data task and engine actor, not one line of their
-sums), travels through the workers' log stream (nothing where log_to_driver is off, and `\r`-drawn
-bars in `ray job logs`), sets no metric, and counts one number per bar where the line needs turns,
-problems, samples and tokens merged across sources. So the merge (board), the counting (tally) and
-the line (Reporter) stay ours; none of them is generic publish/subscribe beyond one actor holding the
-latest snapshot per source.
+What is a library's and what stays ours: the gauges are Ray's metrics (ray.util.metrics: Ray's
+dashboard and Prometheus endpoint). Ray's distributed tqdm (ray.experimental.tqdm_ray, Ray 2.60)
+does not fit the line: it draws one bar per tqdm object grouped by process (a bar per Ray Data task
+and engine actor, not one line of their sums), travels in the workers' log stream (nothing with
+log_to_driver off), sets no metric, and counts one number per bar where the line merges turns,
+problems, samples and tokens across sources. So the counting (tally), the merge (board: one actor
+holding each source's latest snapshot) and the line (Reporter) stay ours.
 This module imports nothing from rise_ray.
 """
 
@@ -155,8 +151,7 @@ class ProgressBoard:
 
     def __init__(self, ended_kept: int = ENDED_KEPT) -> None:
         self._runs: dict[str, dict[Any, dict]] = {}
-        # The latest ended runs, oldest first: a late report (fire and forget, sent before the end)
-        # of one of them is dropped. Only the latest are kept: the board lives as long as its pool.
+        # Ended runs, oldest first, whose late reports are dropped: only the latest (a pool's board lives long).
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._ended_kept = ended_kept
 
@@ -186,14 +181,12 @@ def start_board():
     return _board_class().remote()
 
 
-def board_sender(board: Any, run: str, source: Any) -> Callable[[dict], Any]:
-    """`send` for an EpisodeTally: the snapshot to the board actor, not waited for."""
-    return lambda snapshot: board.report.remote(run, source, snapshot)
-
-
 def remote_tally(progress: tuple | None) -> EpisodeTally:
-    """The tally of a batch told to report to (board, run, source); without it, a local one."""
-    return EpisodeTally() if progress is None else EpisodeTally(board_sender(*progress))
+    """A tally that sends to (board, run, source), not waiting for the board; without it, a local one."""
+    if progress is None:
+        return EpisodeTally()
+    board, run, source = progress
+    return EpisodeTally(lambda snapshot: board.report.remote(run, source, snapshot))
 
 
 # -- the driver's side -------------------------------------------------------------------------------
