@@ -3,11 +3,14 @@
 Where the numbers travel:
   1. `run_episodes` counts into an `EpisodeTally` wherever it runs (a Ray Data task, inside an
      engine actor, or this process): the turn each live episode is on, episodes finished, samples
-     generated, their tokens (Completion.token_ids), and the work done (samples, plus the samples an
-     episode that ended early will never need);
+     generated, and the work done (samples, plus the samples an episode that ended early will never
+     need). Tokens are counted as the engine makes them (`made`; vLLM every COUNT_EVERY_S,
+     transformers each step), so the line moves during a long turn; an engine whose generate takes
+     no `on_tokens` is counted when its call returns. An engine actor answering a Ray Data task
+     reports each call's tokens itself (one source per call): the task's tally does not count them;
   2. a tally with a sender sends its snapshot, when it changed, every SEND_EVERY_S from a daemon
      thread to one `ProgressBoard` actor per pool (fire and forget; the latest snapshot of each
-     source replaces the last, so a retried batch is not counted twice);
+     source replaces the last, so a retried batch or call is not counted twice);
   3. in the driver a `Reporter` thread polls the board's totals and prints: one updating line on a
      TTY (every TTY_REFRESH_S), else a plain line every LINE_EVERY_S (`ray job logs`, CI), and a
      last line when the run ends; it also sets the gauges below (Ray prefixes `ray_`, tag `stage`).
@@ -18,6 +21,14 @@ Where the numbers travel:
        rise_progress_eta_seconds          estimated seconds left (-1: not known yet)
        rise_progress_turn                 the highest turn in progress
 Progress never fails a run: what cannot be sent, polled or printed is skipped.
+
+What is a library's and what stays ours: the gauges are Ray's metrics (ray.util.metrics: Ray's
+dashboard and Prometheus endpoint). Ray's distributed tqdm (ray.experimental.tqdm_ray, Ray 2.60)
+does not fit the line: it draws one bar per tqdm object grouped by process (a bar per Ray Data task
+and engine actor, not one line of their sums), travels in the workers' log stream (nothing with
+log_to_driver off), sets no metric, and counts one number per bar where the line merges turns,
+problems, samples and tokens across sources. So the counting (tally), the merge (board: one actor
+holding each source's latest snapshot) and the line (Reporter) stay ours.
 This module imports nothing from rise_ray.
 """
 
@@ -29,6 +40,7 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -39,6 +51,7 @@ LINE_EVERY_S = float(os.environ.get("RISE_PROGRESS_EVERY_S", "10"))  # not a TTY
 TTY_REFRESH_S = 1.0  # a TTY: the line is redrawn this often
 SEND_EVERY_S = 1.0  # a tally sends its snapshot (when it changed) this often
 POLL_TIMEOUT_S = 10.0  # the driver's wait for the board's totals
+ENDED_KEPT = 1024  # the board remembers this many ended runs (to drop their late reports)
 
 
 class EpisodeTally:
@@ -62,11 +75,15 @@ class EpisodeTally:
             self._version += 1
 
     def answered(self, k: int, cands: list) -> None:
-        """Episode k got its candidates (Completion records): samples and their generated tokens."""
-        tokens = sum(len(c.token_ids) for c in cands)
+        """Episode k got its candidates: samples (their tokens were counted by `made`)."""
         with self._lock:
             self.samples += len(cands)
             self.work += len(cands)
+            self._version += 1
+
+    def made(self, tokens: int) -> None:
+        """The engine generated `tokens` more (told while it generates, or when its call returns)."""
+        with self._lock:
             self.tokens += tokens
             self._version += 1
 
@@ -132,12 +149,14 @@ class ProgressBoard:
     """The latest snapshot of every source of each run (a Ray actor in a pool: `start_board`).
     Keyed by run, so no call has to come first: reports from other processes arrive in any order."""
 
-    def __init__(self) -> None:
+    def __init__(self, ended_kept: int = ENDED_KEPT) -> None:
         self._runs: dict[str, dict[Any, dict]] = {}
-        self._ended: set[str] = set()
+        # Ended runs, oldest first, whose late reports are dropped: only the latest (a pool's board lives long).
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._ended_kept = ended_kept
 
     def report(self, run: str, source: Any, snapshot: dict) -> None:
-        if run not in self._ended:  # a late report of a finished run is dropped
+        if run not in self._ended:
             self._runs.setdefault(run, {})[source] = snapshot
 
     def totals(self, run: str) -> dict[str, Any]:
@@ -145,7 +164,9 @@ class ProgressBoard:
 
     def end(self, run: str) -> None:
         self._runs.pop(run, None)
-        self._ended.add(run)
+        self._ended[run] = None
+        while len(self._ended) > self._ended_kept:
+            self._ended.popitem(last=False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,14 +181,12 @@ def start_board():
     return _board_class().remote()
 
 
-def board_sender(board: Any, run: str, source: Any) -> Callable[[dict], Any]:
-    """`send` for an EpisodeTally: the snapshot to the board actor, not waited for."""
-    return lambda snapshot: board.report.remote(run, source, snapshot)
-
-
 def remote_tally(progress: tuple | None) -> EpisodeTally:
-    """The tally of a batch told to report to (board, run, source); without it, a local one."""
-    return EpisodeTally() if progress is None else EpisodeTally(board_sender(*progress))
+    """A tally that sends to (board, run, source), not waiting for the board; without it, a local one."""
+    if progress is None:
+        return EpisodeTally()
+    board, run, source = progress
+    return EpisodeTally(lambda snapshot: board.report.remote(run, source, snapshot))
 
 
 # -- the driver's side -------------------------------------------------------------------------------
@@ -268,7 +287,7 @@ class Reporter:
             turn = f"turn {next(iter(st.turns))}/{self.turns}"
         else:  # episodes on different turns (async schedule, or batches apart)
             turn = "turns " + " ".join(f"{t}:{n}" for t, n in sorted(st.turns.items())) + f" of {self.turns}"
-        rate = f"{st.tokens_per_s:,.0f} tok/s" if st.tokens_per_s else "tok/s -"
+        rate = f"{st.tokens:,} tokens, {st.tokens_per_s:,.0f} tok/s" if st.tokens_per_s else "tok/s -"
         return (
             f"[rise {self.label}] {st.fraction:4.0%} | {turn} | problems {st.finished}/{st.problems} done, "
             f"{running} running | {st.samples:,} samples | {rate} | {fmt_duration(st.elapsed_s)} | "

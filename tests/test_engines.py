@@ -173,6 +173,16 @@ def test_hf_seeded_generation_is_reproducible(hf):
     assert hf.generate([], 3, params) == []
 
 
+def test_hf_tells_tokens_while_it_generates(hf):
+    """on_tokens hears of each step's tokens (one per row still generating) through generate()'s
+    streamer hook; they add up to the replies' ids, with no correction at the end."""
+    told: list[int] = []
+    out = hf.generate(CONVS, 2, SamplingParams(temperature=1.0, max_tokens=30, seed=0), on_tokens=told.append)
+    assert sum(told) == sum(len(c.token_ids) for cands in out for c in cands)
+    assert told[0] == 4 and len(told) >= 10 and min(told) > 0  # 4 rows at the first step, then step by step
+    assert hf.generate(CONVS, 2, SamplingParams(temperature=1.0, max_tokens=30, seed=0)) == out  # the same replies
+
+
 def test_hf_micro_batches_keep_order(tiny_dir, hf):
     small = HFEngine(tiny_dir, max_batch_size=3)
     greedy = SamplingParams(temperature=0.0, max_tokens=6)
@@ -323,6 +333,55 @@ def test_vllm_continuous_failure_leaves_no_request_behind(vllm_engine):
         vllm_engine.generate_continuous([short, too_long], lambda k, cands: None)
     assert not vllm_engine.llm.llm_engine.has_unfinished_requests()
     assert len(vllm_engine.generate([CONVS[0]], 1, short[2])[0]) == 1  # and the engine still serves
+
+
+@needs_vllm
+def test_vllm_tells_tokens_while_it_generates(vllm_engine, monkeypatch):
+    """on_tokens hears of the tokens as the engine makes them, not when the call returns: so the
+    progress line moves during a long turn. The increments add up to the replies' tokens."""
+    from rise_ray.rollout import vllm as vllm_module
+
+    monkeypatch.setattr(vllm_module, "COUNT_EVERY_S", 0.0)  # at every step (no clock in the test)
+    told: list[int] = []
+    out = vllm_engine.generate(CONVS, 3, SamplingParams(temperature=1.0, max_tokens=60, seed=0), on_tokens=told.append)
+    total = sum(len(c.token_ids) for cands in out for c in cands)
+    assert sum(told) == total and min(told) > 0
+    assert len(told) >= 10 and told[0] <= 6  # step by step from the first token of each of the 6 samples
+    greedy: list[int] = []
+    (g,) = vllm_engine.generate([CONVS[0]], 3, SamplingParams(temperature=0.0, max_tokens=20), on_tokens=greedy.append)
+    assert sum(greedy) == len(g[0].token_ids)  # a greedy request runs once: its tokens count once
+    cont: list[int] = []
+    long = (CONVS[1], 1, SamplingParams(temperature=1.0, max_tokens=60, seed=0))
+    seen: list[int] = []
+    vllm_engine.generate_continuous([long], lambda k, cands: seen.append(len(cands[0].token_ids)), on_tokens=cont.append)
+    assert sum(cont) == seen[0] and len(cont) > 1
+
+
+@needs_vllm
+@pytest.mark.parametrize("schedule", ["waves", "async"])
+def test_vllm_tokens_reach_the_tally_before_the_first_turn_returns(vllm_engine, monkeypatch, schedule):
+    """The tally (what the progress line shows) counts tokens while the first turn is still
+    generating, whichever the schedule; at the end, every reply's tokens once."""
+    from rise_ray.envs import get_env
+    from rise_ray.progress import EpisodeTally
+    from rise_ray.rollout import vllm as vllm_module
+    from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
+
+    monkeypatch.setattr(vllm_module, "COUNT_EVERY_S", 0.0)
+
+    class Recording(EpisodeTally):
+        def made(self, tokens):
+            super().made(tokens)
+            seen.append(self.snapshot())
+
+    seen: list[dict] = []
+    tally = Recording()
+    env = get_env("search", num_train=0, num_test=4)
+    spec = EpisodeSpec(turns=2, params=SamplingParams(temperature=1.0, max_tokens=40, seed=0), schedule=schedule)
+    trajs = run_episodes(vllm_engine, env, env.test, spec, progress=tally)
+    first_turn = [s["tokens"] for s in seen if s["samples"] == 0]  # no reply back yet
+    assert len(first_turn) >= 2 and 0 < first_turn[0] < first_turn[-1]
+    assert tally.snapshot()["tokens"] == sum(len(turn.token_ids) for t in trajs for turn in t.turns)
 
 
 @needs_vllm

@@ -69,8 +69,9 @@ def test_the_tally_sends_changed_snapshots_and_the_last_on_exit():
         tally.flush()
         tally.flush()  # nothing changed: nothing sent
         tally.answered(0, [ids("a", 2)])
+        tally.made(2)
         tally.ended(0)
-    assert [s["samples"] for s in sent] == [0, 1]
+    assert [s["samples"] for s in sent] == [0, 1]  # one send for the three changes
     assert sent[-1] == {"finished": 1, "samples": 1, "tokens": 2, "work": 1, "turns": {}}
 
 
@@ -93,6 +94,19 @@ def test_the_board_sums_sources_keeps_the_latest_and_drops_ended_runs():
     board.end("r1")
     board.report("r1", 2, {"finished": 5, "samples": 5, "tokens": 5, "work": 5, "turns": {}})  # late: dropped
     assert board.totals("r1") == merge([]) and board.totals("r2")["finished"] == 9
+
+
+def test_the_board_remembers_only_the_latest_ended_runs():
+    """A pool's board lives as long as the pool: what it keeps of ended runs stays bounded, and
+    the latest still drop their late reports."""
+    board = ProgressBoard(ended_kept=3)
+    for k in range(50):
+        board.report(f"r{k}", 0, {"finished": 1, "samples": 1, "tokens": 1, "work": 1, "turns": {}})
+        board.end(f"r{k}")
+    assert list(board._ended) == ["r47", "r48", "r49"] and board._runs == {}
+    board.report("r49", 1, {"finished": 5, "samples": 5, "tokens": 5, "work": 5, "turns": {}})  # late: dropped
+    assert board.totals("r49") == merge([])
+    assert ProgressBoard()._ended_kept == progress.ENDED_KEPT  # the default bound
 
 
 # -- the reporter ------------------------------------------------------------------------------------
@@ -141,7 +155,7 @@ def test_reporter_numbers_from_known_updates():
     assert st.eta_s == pytest.approx(20 * (15 / 40) / (25 / 40))  # 12 s at the rate so far
     line = r.line(st)
     assert "turns 2:3 3:2 of 3" in line and "problems 4/10 done, 5 running" in line
-    assert "12 samples" in line and "150 tok/s" in line and "| 50s | ETA 12s" in line and " 62%" in line
+    assert "| 12 samples | 3,000 tokens, 150 tok/s |" in line and "| 50s | ETA 12s" in line and " 62%" in line
     one = r.line(r.status({**totals[0], "turns": {2: 5}}, clock.now))
     assert "turn 2/3 |" in one
     assert "tok/s -" in r.line(r.status({**totals[0], "tokens": 0}, clock.now))  # engine without ids
@@ -226,4 +240,26 @@ def test_progress_arrives_from_the_engine_actor_during_a_pool_run(ray_local, tin
     assert mid, f"no line showed samples before the end:\n{err[-3000:]}"  # sent from the actor / task mid-run
     assert any(re.search(r"\| turns? \d", x) for x in lines[:-1])  # the turn in progress
     assert "Running Dataset" not in err and "MapBatches(episode_batch)" not in err  # Ray Data's block is off
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tokens_move_the_line_during_a_long_first_turn(ray_local, tiny_model_dir, monkeypatch, capfd):
+    """vLLM in an engine actor, one turn, one batch: no sample comes back before the end, yet the
+    lines meanwhile show tokens/s (the actor reports its call's tokens to the board as it makes them)."""
+    from rise_ray.envs import get_env
+    from rise_ray.rollout.pool import RolloutPool
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.5)
+    pool = RolloutPool("vllm", tiny_model_dir, num_engines=1, num_cpus=0.5, engine_kwargs={"max_model_len": 1024})
+    env = get_env("search", num_train=0, num_test=16)
+    spec = EpisodeSpec(turns=1, params=SamplingParams(max_tokens=800, seed=0), first_n=4)
+    capfd.readouterr()
+    trajs = pool.run(env.name, {}, env.test, spec, batch_size=16, progress="eval")
+    pool.shutdown()
+    err = capfd.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("[rise eval]")]
+    assert len(trajs) == 16 and lines[-1].startswith("[rise eval] done: 16/16 problems, 64 samples, "), err[-2000:]
+    moving = [x for x in lines[:-1] if "| 0 samples |" in x and re.search(r"\| [1-9][\d,]* tokens, [\d,]+ tok/s \|", x)]
+    assert moving, f"no line showed tokens before the first reply came back:\n{err[-3000:]}"
 

@@ -4,8 +4,10 @@ handles (RemoteEngine speaks the Engine protocol over an actor), with deadlines 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -38,16 +40,30 @@ def _tokenizer(path: str):
 
 
 class RemoteEngine:
-    """The Engine protocol over an EngineActor handle (used inside Ray Data tasks)."""
+    """The Engine protocol over an EngineActor handle (used inside Ray Data tasks). progress:
+    (board, run, source): the actor reports each call's tokens there itself, as its engine makes
+    them, as source (source, call number); a retried call replaces its own report."""
 
-    def __init__(self, actor, model_path: str | None, max_model_len: int):
+    def __init__(self, actor, model_path: str | None, max_model_len: int, progress: tuple | None = None):
         self.actor = actor
         self.model_path = model_path
         self.max_model_len = max_model_len
+        self.progress = progress
+        self._calls = itertools.count()
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
-        ref = self.actor.generate.remote(conversations, n, params)
-        return wait(ref, f"engine generate ({len(conversations)} conversations x {n})", CALL_TIMEOUT_S)
+    def generate(
+        self, conversations: list[Conversation], n: int, params: SamplingParams,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> list[list[Completion]]:
+        report_to = None
+        if self.progress is not None:
+            board, run, source = self.progress
+            report_to = (board, run, (source, next(self._calls)))
+        ref = self.actor.generate.remote(conversations, n, params, report_to)
+        outputs = wait(ref, f"engine generate ({len(conversations)} conversations x {n})", CALL_TIMEOUT_S)
+        if report_to is None and on_tokens is not None:  # not reported by the actor: counted here
+            on_tokens(sum(len(c.token_ids) for cands in outputs for c in cands))
+        return outputs
 
     def prompt_len(self, conversation: Conversation) -> int:
         # Tokenised here, not on the actor: one round trip per turn, not per conversation. An
@@ -86,11 +102,13 @@ def episode_batch(
         return to_table(wait(ref, f"engine episodes ({len(problems)} problems x {spec.turns} turns)",
                              CALL_TIMEOUT_S * spec.turns))
     env = cached_env(env_name, env_options)
-    engine = RemoteEngine(actor, model_path, max_model_len)
+    # the actors report their calls' tokens (sources (number, "policy" | "teacher", call))
+    engine = RemoteEngine(actor, model_path, max_model_len, report_to and (*progress, (number, "policy")))
     improver = None
     if teacher is not None:
         t_actors, t_path, t_len = teacher
-        improver = RemoteEngine(t_actors[number % len(t_actors)], t_path, t_len)
+        improver = RemoteEngine(t_actors[number % len(t_actors)], t_path, t_len,
+                                report_to and (*progress, (number, "teacher")))
     with remote_tally(report_to) as tally:
         trajs = run_episodes(engine, env, problems, spec, improver=improver, progress=tally)
     return to_table(trajs)

@@ -18,14 +18,17 @@ either way; seeded sampling may not (a wave's i-th conversation is seeded seed +
 conversations share a wave changes as episodes end).
 
 Progress: `progress` (rise_ray.progress.EpisodeTally) is told the turn each episode waits on, the
-candidates it got and when it ends, whichever the schedule; a pool sends it to the driver.
+candidates it got and when it ends, whichever the schedule, and the tokens the engine generates:
+as it makes them where the engine's generate takes `on_tokens` (VLLMEngine, HFEngine, and
+RemoteEngine, whose actor reports them itself), else when its call returns. A pool sends it to the driver.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -136,12 +139,36 @@ def run_episodes(
     episodes = [episode(env, p, t, spec, engine, improver, tally, k)
                 for k, (p, t) in enumerate(zip(problems, trajs, strict=True))]
     if spec.schedule == "waves":
-        _run_in_waves(episodes)
+        _run_in_waves(episodes, tally)
     elif on_threads:
-        _run_on_threads(episodes)
+        _run_on_threads(episodes, tally)
     else:
-        _run_continuously(engine, episodes)
+        _run_continuously(engine, episodes, tally)
     return trajs
+
+
+def generate_telling(
+    engine: Engine, conversations: list[Conversation], n: int, params: SamplingParams, on_tokens: Callable[[int], None]
+) -> list[list[Completion]]:
+    """engine.generate, with on_tokens told the tokens it generates: as it makes them where its
+    generate takes `on_tokens`, else when the call returns."""
+    if takes_on_tokens(engine.generate):
+        return engine.generate(conversations, n, params, on_tokens=on_tokens)
+    outputs = engine.generate(conversations, n, params)
+    on_tokens(sum(_tokens(cands) for cands in outputs))
+    return outputs
+
+
+def takes_on_tokens(method: Callable) -> bool:
+    """Whether an engine method takes `on_tokens` (a subclass that overrides it may not)."""
+    try:
+        return "on_tokens" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _tokens(cands: list[Completion]) -> int:
+    return sum(len(c.token_ids) for c in cands)
 
 
 # A turn's request: the engine that answers it, the conversation, its samples, their settings.
@@ -196,29 +223,35 @@ def advance(episode: Generator[TurnRequest, list[Completion], None], cands: list
         return None
 
 
-def _run_in_waves(episodes: list) -> None:
+def _run_in_waves(episodes: list, tally: EpisodeTally) -> None:
     """schedule="waves": every live episode's turn in one engine call; the next turn starts when
     the whole wave is back. Conversation i of a wave is seeded seed + i*n (the engine's rule)."""
     pending = {i: r for i, e in enumerate(episodes) if (r := advance(e, None)) is not None}
     while pending:
         producer, _, n, params = next(iter(pending.values()))  # one turn: the same for all
         live = list(pending)
-        outputs = producer.generate([pending[i][1] for i in live], n, params)
+        outputs = generate_telling(producer, [pending[i][1] for i in live], n, params, tally.made)
         pending = {i: r for i, cands in zip(live, outputs, strict=True)
                    if (r := advance(episodes[i], cands)) is not None}
 
 
-def _run_continuously(engine: Engine, episodes: list) -> None:
+def _run_continuously(engine: Engine, episodes: list, tally: EpisodeTally) -> None:
     """schedule="async" on an engine that batches continuously in this process (VLLMEngine): an
     episode's next turn joins the running batch as soon as its reply is graded."""
     first = [(k, r) for k, e in enumerate(episodes) if (r := advance(e, None)) is not None]
     index = [k for k, _ in first]  # the engine numbers the requests it was given first 0..m-1
+    counts = takes_on_tokens(engine.generate_continuous)
 
     def follow_up(j: int, cands: list[Completion]) -> tuple | None:
+        if not counts:
+            tally.made(_tokens(cands))
         r = advance(episodes[index[j]], cands)
         return None if r is None else r[1:]
 
-    engine.generate_continuous([r[1:] for _, r in first], follow_up)
+    if counts:
+        engine.generate_continuous([r[1:] for _, r in first], follow_up, on_tokens=tally.made)
+    else:
+        engine.generate_continuous([r[1:] for _, r in first], follow_up)
 
 
 class _OneAtATime:
@@ -231,12 +264,17 @@ class _OneAtATime:
         with self._lock:
             return self.engine.prompt_len(conversation)
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, conversations: list[Conversation], n: int, params: SamplingParams,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> list[list[Completion]]:
         with self._lock:
-            return self.engine.generate(conversations, n, params)
+            if on_tokens is None:
+                return self.engine.generate(conversations, n, params)
+            return generate_telling(self.engine, conversations, n, params, on_tokens)
 
 
-def _run_on_threads(episodes: list, max_threads: int = 256) -> None:
+def _run_on_threads(episodes: list, tally: EpisodeTally, max_threads: int = 256) -> None:
     """schedule="async" otherwise: one thread per episode (up to max_threads), each turn one engine
     call (the engines take one call at a time)."""
 
@@ -246,7 +284,7 @@ def _run_on_threads(episodes: list, max_threads: int = 256) -> None:
             producer, conv, n, params = r
             if params.seed is not None:  # as a wave seeds its k-th conversation: distinct per episode
                 params = params.with_(seed=params.seed + k * n)
-            (cands,) = producer.generate([conv], n, params)  # one list for one conversation
+            (cands,) = generate_telling(producer, [conv], n, params, tally.made)  # one list for one conversation
             r = advance(episode, cands)
 
     if not episodes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,9 +26,10 @@ def checkpoint_files(path: str) -> list[str]:
     return files
 
 
-def check_fits(prompt_lens: list[int], max_tokens: int, max_model_len: int) -> None:
-    """Raise PromptTooLong for the first prompt that leaves no room for max_tokens."""
-    for i, n in enumerate(prompt_lens):
+def check_fits(prompt_lens: list[int], max_tokens: int, max_model_len: int, first: int = 0) -> None:
+    """Raise PromptTooLong for the first prompt that leaves no room for max_tokens (the prompts are
+    conversations first, first + 1, ... of the call)."""
+    for i, n in enumerate(prompt_lens, start=first):
         if n + max_tokens > max_model_len:
             raise PromptTooLong(
                 f"conversation {i}: prompt of {n} tokens + max_tokens {max_tokens} "
@@ -37,7 +38,8 @@ def check_fits(prompt_lens: list[int], max_tokens: int, max_model_len: int) -> N
 
 
 class HFEngine:
-    """transformers generate() behind the Engine protocol (fp32 on CPU, bf16 on CUDA by default)."""
+    """transformers generate() behind the Engine protocol (fp32 on CPU, bf16 on CUDA by default).
+    Tokens are told (`on_tokens`) as generate() makes them, through its streamer hook."""
 
     def __init__(
         self,
@@ -85,7 +87,11 @@ class HFEngine:
         return ids.to(self.device), mask.to(self.device)
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, conversations: list[Conversation], n: int, params: SamplingParams,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> list[list[Completion]]:
+        """on_tokens: told the tokens generated since it was last told, while the call runs."""
         prompts = [self._ids(c) for c in conversations]
         check_fits([len(p) for p in prompts], params.max_tokens, self.max_model_len)
         # Expanding each prompt n times (rather than num_return_sequences) lets one micro-batch
@@ -99,12 +105,15 @@ class HFEngine:
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(rows), self.max_batch_size):
-                texts.extend(self._generate_batch(rows[start : start + self.max_batch_size], params))
+                texts.extend(self._generate_batch(rows[start : start + self.max_batch_size], params, on_tokens))
         return [list(texts[i * n : (i + 1) * n]) for i in range(len(conversations))]
 
     @torch.inference_mode()
-    def _generate_batch(self, rows: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(
+        self, rows: list[list[int]], params: SamplingParams, on_tokens: Callable[[int], None] | None = None
+    ) -> list[Completion]:
         ids, mask = self._left_pad(rows)
+        counter = None if on_tokens is None else _TokenCount(self.eos_id, on_tokens)
         sample = params.temperature > 0
         kw: dict[str, Any] = {"do_sample": sample}
         if sample:  # top_k=0: no top-k cut, as in vLLM (a checkpoint's generation_config may set 50)
@@ -118,6 +127,7 @@ class HFEngine:
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
             use_cache=True,
+            streamer=counter,
             **kw,
         )
         seqs = out.sequences if params.logprobs else out
@@ -135,6 +145,8 @@ class HFEngine:
             text = self.tokenizer.decode(toks[: end - 1] if finished else toks, skip_special_tokens=True)
             lps = None if logprobs is None else logprobs[i][:end]
             result.append(Completion(text, finished, toks[:end], prompt, lps))
+        if counter is not None and (rest := sum(len(c.token_ids) for c in result) - counter.told):
+            on_tokens(rest)  # what was told now matches the replies' ids (it already should)
         return result
 
     @torch.inference_mode()
@@ -156,6 +168,30 @@ class HFEngine:
         else:
             state = dict(weights)
         load_state_dict_tied(self.model, state)
+
+
+class _TokenCount:
+    """A transformers streamer (put / end, as generate() calls them) that tells on_tokens each
+    step's new tokens: one per row still generating (a row stops after its eos; generate() pads it
+    from then on). The first put is the prompt."""
+
+    def __init__(self, eos_id: int, on_tokens: Callable[[int], None]) -> None:
+        self.eos_id, self.on_tokens = eos_id, on_tokens
+        self.live: torch.Tensor | None = None  # rows still generating
+        self.told = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.live is None:
+            self.live = torch.ones(value.shape[0], dtype=torch.bool)
+            return
+        tokens = int(self.live.sum())
+        self.live &= value.reshape(-1) != self.eos_id
+        if tokens:
+            self.on_tokens(tokens)
+            self.told += tokens
+
+    def end(self) -> None:
+        pass
 
 
 def load_state_dict_tied(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -8,8 +8,9 @@ Steps of `RolloutPool.run`:
      rollout.schedule=async (and no teacher) it hands the batch to the actor, whose engine runs
      each episode's next turn as soon as its reply is graded (no round trip per turn);
   4. the trajectory records come back as Arrow rows with a fixed schema.
-While it runs, each batch's episodes report to a ProgressBoard actor (rise_ray.progress) and a
-driver thread prints their progress: turn, problems finished, samples, tokens/s, ETA. Ray Data's
+While it runs, each batch's episodes report to a ProgressBoard actor (rise_ray.progress), the
+engine actors report each call's tokens there as they make them, and a driver thread prints their
+progress: turn, problems finished, samples, tokens and tokens/s, ETA. Ray Data's
 own progress block (which shows only batches, and a batch ends with its last turn) is turned off.
 
 The actors live across RISE iterations (engines are never rebuilt per round): new weights are
@@ -40,7 +41,13 @@ from rise_ray.envs.base import Problem
 from rise_ray.progress import POLL_TIMEOUT_S, Reporter, remote_tally, start_board
 from rise_ray.rollout.batch import CALL_TIMEOUT_S, EngineTimeout, cached_env, episode_batch, wait  # noqa: F401 (EngineTimeout: re-exported)
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
-from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, run_episodes, samples_per_episode
+from rise_ray.rollout.episodes import (
+    EpisodeSpec,
+    Trajectory,
+    generate_telling,
+    run_episodes,
+    samples_per_episode,
+)
 
 # Deadlines (seconds; environment variables override them). Start-up covers loading and compiling;
 # a model given by hub id (not a local directory) may first be downloaded: that gets DOWNLOAD more.
@@ -89,8 +96,14 @@ class EngineActor:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         }
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
-        return self.engine.generate(conversations, n, params)
+    def generate(
+        self, conversations: list[Conversation], n: int, params: SamplingParams, progress: tuple | None = None
+    ) -> list[list[Completion]]:
+        """progress: (board, run, source) that this call's tokens are reported to as they are made."""
+        if progress is None:
+            return self.engine.generate(conversations, n, params)
+        with remote_tally(progress) as tally:
+            return generate_telling(self.engine, conversations, n, params, tally.made)
 
     def prompt_len(self, conversation: Conversation) -> int:
         return self.engine.prompt_len(conversation)

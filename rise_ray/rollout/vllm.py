@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,6 +34,9 @@ WORKER_EXTENSION = "rise_ray.rollout.vllm_worker.WeightSyncExtension"
 # On CPU vLLM takes a fixed KV cache. 1 GiB holds ~260k tokens of the tiny model: 512 five-turn
 # conversations at once, where 256 MiB held a quarter of them and made late turns ~1.3x slower.
 CPU_KV_CACHE_BYTES = 2**30
+COUNT_EVERY_S = 0.5  # during a call, the tokens made so far are told (on_tokens) this often
+
+
 def _import_vllm() -> Any:
     try:
         import vllm
@@ -113,7 +117,8 @@ def vllm_engine_args(
 
 
 class VLLMEngine:
-    """vllm.LLM with in-place weight sync (engine arguments: `vllm_engine_args`)."""
+    """vllm.LLM with in-place weight sync (engine arguments: `vllm_engine_args`). Generating, it is
+    told (`on_tokens`) the tokens made since it was last told, while the call runs."""
 
     def __init__(
         self,
@@ -172,14 +177,16 @@ class VLLMEngine:
         return len(self._ids(conversation))
 
     # -- generation ---------------------------------------------------------------------------------
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
-        prompts = [self._ids(c) for c in conversations]
-        check_fits([len(p) for p in prompts], params.max_tokens, self.max_model_len)
-        if not prompts or n < 1:
-            return [[] for _ in prompts]
-        sampling = [self._sampling(params, n, i) for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
-        return [_completions(o, prompt, n, params) for prompt, o in zip(prompts, outs, strict=True)]
+    def generate(
+        self, conversations: list[Conversation], n: int, params: SamplingParams,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> list[list[Completion]]:
+        if n < 1:
+            check_fits([self.prompt_len(c) for c in conversations], params.max_tokens, self.max_model_len)
+            return [[] for _ in conversations]
+        outs: list[list[Completion]] = [[] for _ in conversations]
+        self.generate_continuous([(c, n, params) for c in conversations], outs.__setitem__, on_tokens)
+        return outs
 
     def _sampling(self, params: SamplingParams, n: int, i: int) -> Any:
         """vLLM's SamplingParams for the i-th conversation of a call. vLLM gives the j-th of a
@@ -196,20 +203,22 @@ class VLLMEngine:
         )
 
     def generate_continuous(
-        self, first: list[Request], follow_up: Callable[[int, list[Completion]], Request | None]
+        self, first: list[Request], follow_up: Callable[[int, list[Completion]], Request | None],
+        on_tokens: Callable[[int], None] | None = None,
     ) -> None:
-        """Continuous batching in this process (rollout.schedule=async): conversation k starts as
-        first[k]; when all its samples are done, follow_up(k, completions) gives k's next request
-        (or None: k is done), which joins the running batch at the engine's next step, so nobody
-        waits for the slowest reply of a turn. Seeds as generate's, with k for i."""
+        """Continuous batching in this process (rollout.schedule=async; generate is one wave of it):
+        conversation k starts as first[k]; when all its samples are done, follow_up(k, completions)
+        gives k's next request (or None), which joins the running batch at the engine's next step.
+        Seeds as `_sampling`'s, k for i. A reply's tokens are told (on_tokens) before its follow-up."""
         from vllm.sampling_params import RequestOutputKind
 
         engine, live, ids_made = self.llm.llm_engine, {}, itertools.count()
+        count = None if on_tokens is None else _TokenCount(engine, on_tokens)
 
         def add(k: int, request: Request) -> None:
             conversation, n, params = request
             ids = self._ids(conversation)
-            check_fits([len(ids)], params.max_tokens, self.max_model_len)
+            check_fits([len(ids)], params.max_tokens, self.max_model_len, first=k)
             sampling = self._sampling(params, n, k)
             sampling.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, at its end
             rid = f"rise-{k}-{next(ids_made)}"
@@ -220,9 +229,10 @@ class VLLMEngine:
             for k, request in enumerate(first):
                 add(k, request)
             while live:
-                for out in engine.step():
-                    if not out.finished:
-                        continue
+                ended = [out for out in engine.step() if out.finished]
+                if count is not None:
+                    count.update(ended)
+                for out in ended:
                     k, ids, n, params = live.pop(out.request_id)
                     nxt = follow_up(k, _completions(out, ids, n, params))
                     if nxt is not None:
@@ -323,6 +333,28 @@ class VLLMEngine:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+
+
+class _TokenCount:
+    """Tells on_tokens a call's new tokens every COUNT_EVERY_S and at each step where requests ended
+    (before they are handed on). Outputs come only at a request's end (FINAL_ONLY): running ones'
+    tokens are read from vLLM 0.32's output processor (request_states; detokenizer.num_output_tokens())."""
+
+    def __init__(self, engine: Any, on_tokens: Callable[[int], None]) -> None:
+        self.states = engine.output_processor.request_states  # this call's requests only (one caller)
+        self.on_tokens, self.finished, self.told = on_tokens, 0, 0
+        self.due = time.monotonic() + COUNT_EVERY_S
+
+    def update(self, ended: list[Any]) -> None:
+        self.finished += sum(len(c.token_ids) for out in ended for c in out.outputs)
+        if not ended and time.monotonic() < self.due:
+            return
+        self.due = time.monotonic() + COUNT_EVERY_S
+        # a request's samples that end early leave request_states before its output: the sum may dip
+        made = self.finished + sum(s.detokenizer.num_output_tokens() for s in list(self.states.values()))
+        if made > self.told:
+            self.on_tokens(made - self.told)
+            self.told = made
 
 
 def rendered_prompt(engine: Any, prompt_ids: list[int]) -> Any:
