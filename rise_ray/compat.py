@@ -173,3 +173,11 @@ def serve_tokenizing_engine() -> type:
                 self._oai_serving_tokenization = getattr(self._app_state, "serving_tokenization", None)
 
     return TokenizingVLLMEngine
+
+
+def vllm_running_output_tokens(engine: Any) -> int:
+    """Output tokens generated so far by the requests an LLMEngine is still running (vLLM 0.32's
+    output processor: request_states, each with detokenizer.num_output_tokens()); their outputs
+    come only at a request's end (RequestOutputKind.FINAL_ONLY)."""
+    _check_vllm()
+    return sum(s.detokenizer.num_output_tokens() for s in list(engine.output_processor.request_states.values()))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rise_ray import inspect_models_in_process
+from rise_ray.compat import vllm_running_output_tokens
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams, chat_prompt_ids
 from rise_ray.rollout.gpu_room import WAKE_POLL_S, WAKE_TIMEOUT_S, MemoryProbe, wait_for_room
 from rise_ray.rollout.hf import check_fits
@@ -338,10 +339,10 @@ class VLLMEngine:
 class _TokenCount:
     """Tells on_tokens a call's new tokens every COUNT_EVERY_S and at each step where requests ended
     (before they are handed on). Outputs come only at a request's end (FINAL_ONLY): running ones'
-    tokens are read from vLLM 0.32's output processor (request_states; detokenizer.num_output_tokens())."""
+    tokens are read from vLLM's output processor (rise_ray.compat.vllm_running_output_tokens)."""
 
     def __init__(self, engine: Any, on_tokens: Callable[[int], None]) -> None:
-        self.states = engine.output_processor.request_states  # this call's requests only (one caller)
+        self.engine = engine  # its running requests are this call's only (one caller)
         self.on_tokens, self.finished, self.told = on_tokens, 0, 0
         self.due = time.monotonic() + COUNT_EVERY_S
 
@@ -351,7 +352,7 @@ class _TokenCount:
             return
         self.due = time.monotonic() + COUNT_EVERY_S
         # a request's samples that end early leave request_states before its output: the sum may dip
-        made = self.finished + sum(s.detokenizer.num_output_tokens() for s in list(self.states.values()))
+        made = self.finished + vllm_running_output_tokens(self.engine)
         if made > self.told:
             self.on_tokens(made - self.told)
             self.told = made
