@@ -89,10 +89,12 @@ def default_concurrency(needs: list[dict[str, float]], cluster: dict[str, float]
     return max(1, min(fits, default=1))
 
 
-def _trial(params: dict[str, Any]) -> None:
+def _trial(config: dict[str, Any]) -> None:
     """A Tune trainable: one `rise run` joined to this cluster; reports its last iteration."""
     import ray
     from ray import tune
+
+    params = config["trial"]
 
     run_dir = os.path.join(params["trials_dir"], params["name"])
     cmd = [sys.executable, "-m", "rise_ray.cli", "run", *([params["config"]] if params["config"] else []),
