@@ -160,11 +160,15 @@ def cmd_model(ns: argparse.Namespace) -> int:
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
     """A grid of RISE runs on Ray Tune (rise_ray.sweep)."""
-    from rise_ray.sweep import parse_grid, sweep
+    from rise_ray.sweep import SweepError, parse_grid, sweep
 
     path, overrides = _split(ns.args)
     stem = os.path.splitext(os.path.basename(path))[0] if path else "default"
-    sweep(path, parse_grid(ns.grid), overrides, ns.sweep_dir or os.path.join("runs", "sweeps", stem), ns.max_concurrent)
+    try:
+        sweep(path, parse_grid(ns.grid), overrides, ns.sweep_dir or os.path.join("runs", "sweeps", stem), ns.max_concurrent)
+    except SweepError as e:  # the table was still written, with the failed trials marked
+        print(f"rise sweep: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,6 +39,10 @@ METRICS = ("m1@t1", "mP@t1", "m1@tT", "p1@tT")  # P parallel samples, T turns: t
 TRIAL_CPU = 0.01  # the trial's own actor only waits on its `rise run` process
 
 
+class SweepError(RuntimeError):
+    """Trials that ended without results; the message names them and their logs."""
+
+
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     """["data.tau=0.2,0.4", "rollout.best_of_n=4,8"] -> {key: [values]} (values as override text)."""
     grid: dict[str, list[str]] = {}
@@ -276,5 +280,5 @@ def sweep(config: str | None, grid: dict[str, list[str]], overrides: list[str], 
     print(f"wrote {sweep_dir}/sweep.json, sweep.html", flush=True)
     failed = [r["name"] for r in rows if "last" not in r]
     if failed:
-        raise RuntimeError(f"rise sweep: trial(s) without results: {failed} (logs in {trials_dir}/NAME.log)")
+        raise SweepError(f"trial(s) without results: {failed} (logs in {trials_dir}/NAME.log)")
     return rows
