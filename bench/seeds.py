@@ -45,6 +45,10 @@ def seed_overrides(k: int) -> list[str]:
 
 def run_seed(k: int, label: str, run_dir: str, config: str | None, overrides: list[str]) -> dict[str, Any]:
     name = f"{label}-seed{k}"
+    if finished(os.path.join(run_dir, name)):  # read, not resumed: resuming would start the engines first
+        print(f"{name}: finished earlier, read from {run_dir}", flush=True)
+        with open(os.path.join(run_dir, name, "metrics.json"), encoding="utf-8") as f:
+            return json.load(f)
     cmd = [sys.executable, "-m", "rise_ray.cli", "run", *([config] if config else []),
            *overrides, *seed_overrides(k), f"name={name}", f"run_dir={run_dir}"]
     print("$", " ".join(cmd), flush=True)
@@ -54,6 +58,15 @@ def run_seed(k: int, label: str, run_dir: str, config: str | None, overrides: li
         out = json.load(f)
     out["process_s"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def finished(path: str) -> bool:
+    """A run directory whose last stage (the report) is recorded in its manifest."""
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            return "report" in json.load(f)["stages"] and os.path.exists(os.path.join(path, "metrics.json"))
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def mean_sd(xs: list[float]) -> dict[str, float]:
