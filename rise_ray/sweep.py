@@ -117,6 +117,11 @@ def _trial(config: dict[str, Any]) -> None:
     tune.report({f"last/{k}": v for k, v in row["last"].items() if isinstance(v, (int, float))})
 
 
+def _tune_trial_name(trial) -> str:
+    """Tune's name and directory for a trial: ours (its default spells out every parameter)."""
+    return trial.config["trial"]["name"]
+
+
 def turn_pairs(trajs: list) -> dict[str, float | int]:
     """Over every later turn and the turn before it: wrong->right among the pairs starting wrong,
     right->wrong among those starting right, replies repeating the previous one verbatim, and
@@ -261,7 +266,8 @@ def sweep(config: str | None, grid: dict[str, list[str]], overrides: list[str], 
         tuner = tune.Tuner.restore(tune_path, trainable, restart_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(params)},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=n),
+                           tune_config=tune.TuneConfig(max_concurrent_trials=n, trial_name_creator=_tune_trial_name,
+                                                       trial_dirname_creator=_tune_trial_name),
                            run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=1))  # fmt: skip
     tuner.fit()
 
