@@ -87,3 +87,13 @@ def test_two_trial_grid_on_the_tiny_model_writes_the_table_and_resumes(tmp_path)
     for trial in result["trials"]:  # finished trials are not run again: one `rise run` each
         log = (tmp_path / "trials" / (os.path.basename(trial["run_dir"]) + ".log")).read_text()
         assert log.count("$ ") == 1
+
+
+def test_the_embedded_default_runs_one_trial_at_a_time_on_a_two_core_laptop():
+    from rise_ray.config import DEFAULT_CONFIG, load_config
+    from rise_ray.sweep import run_needs
+
+    need = run_needs(load_config(DEFAULT_CONFIG))
+    assert need == {"CPU": 2.0, "GPU": 0.0}  # its warm-up trainer takes both CPUs
+    assert default_concurrency([need], {"CPU": 2.0}) == 1
+    assert default_concurrency([need], {"CPU": 16.0}) == 8
