@@ -121,16 +121,16 @@ README_END = "<!-- end of table -->"
 
 
 def readme_table(result: dict[str, Any]) -> str:
-    """The README's table: every seed's base and last iteration, then the mean, and the commit."""
+    """The README's table: every seed's iterations (0: the base), then the mean, and the commit."""
     last = result["iterations"][-1]["iteration"]
     out = ["| seed | iter | m1@t1 | m5@t1 | m1@t5 | p1@t5 | m1@t5 − m1@t1 | wall |", "|---|---|---|---|---|---|---|---|"]
     for s in result["per_seed"]:
-        for it in (s["iterations"][0], s["iterations"][last]):
+        for it in s["iterations"][: last + 1]:
             gain = 100 * (it["m1@t5"] - it["m1@t1"])
             wall = f"{s['wall_s']:.0f} s" if it["iteration"] == last and s.get("wall_s") else ""
             out.append(f"| {s['seed']} | {it['iteration']} | {100 * it['m1@t1']:.1f} | {100 * it['m5@t1']:.1f} | "
                        f"{100 * it['m1@t5']:.1f} | {100 * it['p1@t5']:.1f} | {gain:+.1f} | {wall} |")  # fmt: skip
-    for r in (result["iterations"][0], result["iterations"][-1]):
+    for r in result["iterations"] if len(result["per_seed"]) > 1 else []:
         gain = 100 * (r["m1@t5"]["mean"] - r["m1@t1"]["mean"])
         out.append(f"| mean | {r['iteration']} | {pm(r['m1@t1'])} | {pm(r['m5@t1'])} | {pm(r['m1@t5'])} | "
                    f"{pm(r['p1@t5'])} | {gain:+.1f} | |")  # fmt: skip
@@ -153,8 +153,10 @@ def write_readme(result_path: str, readme: str = README) -> None:
         table_text = readme_table(json.load(f))
     with open(readme, encoding="utf-8") as f:
         text = f.read()
-    old = readme_block(text)
-    text = text.replace(README_BEGIN + "\n" + old + "\n" + README_END, README_BEGIN + "\n" + table_text + "\n" + README_END)
+    readme_block(text)  # the markers are there
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    text = head + README_BEGIN + "\n" + table_text + "\n" + README_END + tail
     with open(readme, "w", encoding="utf-8") as f:
         f.write(text)
 
