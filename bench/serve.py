@@ -25,7 +25,7 @@ Steps:
     python bench/serve.py --model smollm2-135m-instruct [--max-tokens 32] [--requests 16 64 128] [--rounds 2]
 
 At 2 rounds the ratios move by about +-5% from run to run on a 2-core machine; issue 29's results
-use --rounds 4 --old-ref '' (docs/scaling.md).
+use --rounds 4 --old-ref '' (docs/history.md).
 """
 
 from __future__ import annotations

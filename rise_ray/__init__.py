@@ -33,17 +33,4 @@ def _hide_mismatched_media_packages() -> None:
 _hide_mismatched_media_packages()
 
 
-def inspect_models_in_process() -> None:
-    """vLLM inspects a model class in a fresh `python -m vllm.model_executor.models.registry`, so that
-    CUDA is not initialised in the caller, unless its cache (under VLLM_CACHE_ROOT) already has the
-    class. That process does not import rise_ray, so it imports the CUDA-built torchvision and
-    transformers fails there: on a fresh machine the first engine, in a Serve replica or vLLM's own
-    server, dies with "Model architectures [...] failed to be inspected". Where torch has no CUDA
-    there is nothing to protect, so the inspection runs in this process instead."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    from vllm.model_executor.models import registry
-
-    registry._run_in_subprocess = lambda fn: fn()
+from rise_ray.compat import inspect_models_in_process  # noqa: E402,F401 (its callers import it from here)

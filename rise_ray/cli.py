@@ -29,10 +29,13 @@ def _config(args: list[str]) -> RunConfig:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Evaluate a model: no-oracle multi-turn episodes on the test problems."""
-    from rise_ray.eval.evaluate import eval_problems, evaluate
+    from rise_ray.preflight import check_run
     from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
 
     cfg = _config(ns.args)
+    check_run(cfg, training=False)  # before anything starts or loads: the env, its split, the model source
+    from rise_ray.eval.evaluate import eval_problems, evaluate  # Ray Data: seconds to import
+
     out_dir = ns.out or os.path.join(cfg.run_dir, cfg.name, "eval")
     os.makedirs(out_dir, exist_ok=True)
     env = make_env(cfg.env)
@@ -50,22 +53,27 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     """The RISE loop on a config (no config: the embedded default)."""
-    if ns.dry_run:  # the plan only: nothing starts (no Ray unless RAY_ADDRESS, no engines)
-        from rise_ray.plan import dry_run
-
-        if ns.resume:
-            raise ConfigError("--dry-run plans a config: rise run RUN_DIR/config.yaml --dry-run")
-        return dry_run(_config(ns.args), ns.gpu_memory_gb, as_json=ns.json, strict=ns.strict,
-                       cluster_yaml=ns.cluster_yaml)
-    from rise_ray import driver
+    from rise_ray.preflight import check_run
 
     if ns.resume:
+        if ns.dry_run:
+            raise ConfigError("--dry-run plans a config: rise run RUN_DIR/config.yaml --dry-run")
         path, overrides = _split(ns.args)
         if path:
             raise ConfigError("with --resume the config comes from the run directory; pass only key=value overrides")
+        from rise_ray import driver
+
         driver.resume(ns.resume, overrides, redo_changed=ns.redo_changed)
-    else:
-        driver.run(_config(ns.args), redo_changed=ns.redo_changed)
+        return 0
+    cfg = _config(ns.args)
+    if ns.dry_run:  # the plan only: nothing starts (no Ray unless RAY_ADDRESS, no engines)
+        from rise_ray.plan import dry_run
+
+        check_run(cfg)  # what the run refuses before it starts Ray (driver._run), with the same message
+        return dry_run(cfg, ns.gpu_memory_gb, as_json=ns.json, strict=ns.strict, cluster_yaml=ns.cluster_yaml)
+    from rise_ray import driver
+
+    driver.run(cfg, redo_changed=ns.redo_changed)
     return 0
 
 
@@ -73,23 +81,35 @@ def cmd_report(ns: argparse.Namespace) -> int:
     """Regenerate metrics.json, report.md, turns.png and report.html of a run directory."""
     from rise_ray.report import write_report
 
-    write_report(ns.run_dir)
+    if not os.path.isdir(ns.run_dir):
+        raise ConfigError(f"{ns.run_dir}: no such run directory")
+    try:
+        write_report(ns.run_dir)
+    except FileNotFoundError as e:  # a run with no finished evaluation yet
+        raise ConfigError(str(e)) from None
     print(f"wrote {ns.run_dir}/metrics.json, report.md, turns.png, report.html")
     return 0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
     """Weighted SFT on trajectories (or a built data set): `rise train CONFIG data=PATH model.path=PATH`."""
-    from rise_ray.session import init_ray
-    from rise_ray.train.trainer import train_command
+    from rise_ray.preflight import check_model_source
+    from rise_ray.session import init_ray, make_env
 
     data_args = [a for a in ns.args if a.startswith("data=")]
     if len(data_args) != 1:
         raise ConfigError("rise train needs data=PATH (a trajectories directory or parquet file, or a built data set)")
+    data = data_args[0].split("=", 1)[1]
     cfg = _config([a for a in ns.args if not a.startswith("data=")])
+    if not os.path.exists(data):
+        raise ConfigError(f"data={data}: no such file or directory")
+    check_model_source("model.path", cfg.model.path)
+    make_env(cfg.env, with_data=False)  # the prompts and feedback the examples are built with
     out = ns.out or os.path.join(cfg.run_dir, cfg.name, "train")
+    from rise_ray.train.trainer import train_command  # torch and DeepSpeed: seconds to import
+
     init_ray()
-    path = train_command(cfg, data_args[0].split("=", 1)[1], out)
+    path = train_command(cfg, data, out)
     print(f"wrote {path}")
     return 0
 
@@ -122,11 +142,14 @@ def serve_target(target: str) -> tuple[dict[str, str], str | None]:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """Serve models: Ray Serve LLM's OpenAI API, /v1/rise/solve (multi-turn), /healthz."""
-    from rise_ray.serve.deploy import serve_command, served_models
+    from rise_ray.session import make_env
 
     models, run_config = serve_target(ns.checkpoint)
     path, overrides = _split(ns.args)
     cfg = load_config(path or run_config or DEFAULT_CONFIG, overrides)
+    make_env(cfg.env, with_data=False)  # the env /v1/rise/solve grades with: its name and options, before Ray
+    from rise_ray.serve.deploy import serve_command, served_models  # Ray Serve: a few seconds to import
+
     serve_command(served_models(models, cfg), cfg, host=ns.host, port=ns.port)
     return 0
 
@@ -172,7 +195,8 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line (argparse exits 2 on a malformed one); nothing is run."""
     parser = argparse.ArgumentParser(prog="rise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("eval", help="evaluate a model (m1@t1, m5@t1, m1@t5, p1@t5, accuracy per turn)")
@@ -220,13 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["show"])
     p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...] (no CONFIG: the embedded default)")
     p.set_defaults(fn=cmd_config)
-    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in sub.choices:
         # Options and key=value overrides in any order (`rise serve CKPT --port 1 a.b=2`): argparse
         # mixes them only within one parser without subparsers, so each command parses its own.
-        ns = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
-    else:
-        ns = parser.parse_args(argv)  # --help, or an unknown command's error
+        return sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    return parser.parse_args(argv)  # --help, or an unknown command's error
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return ns.fn(ns)
     except (ConfigError, DataError) as e:  # the message names the field, or the file and line

@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rise_ray.serve.config import ServeConfig
+from rise_ray.serve_config import ServeConfig
 
+SOLVER_TASKS = ("mul", "add")  # the arithmetic tasks teacher.engine=solver reads (rise_ray.rollout.solver)
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "demo", "default.yaml")  # the embedded default
 
 
@@ -231,6 +232,10 @@ class ClusterConfig(_Strict):
     # How long a stage waits for Ray to place its engines or trainer workers before failing: on a
     # cluster that scales from zero the autoscaler is launching their nodes (boot, image, setup).
     scale_up_timeout_s: float = Field(1800.0, gt=0)
+    # Ray's accelerator type of the GPUs every GPU actor asks for (engines, teacher, trainer workers,
+    # NCCL sender, serve replicas), e.g. A100-80G: an autoscaler then launches only the node type
+    # that declares `accelerator_type:<X>` in its resources (cluster/*.yaml). null: any GPU node.
+    accelerator_type: str | None = None
 
 
 class ObserveConfig(_Strict):
@@ -274,6 +279,18 @@ class RunConfig(_Strict):
         if self.teacher.engine == "solver" and self.env.name != "arithmetic":
             raise ValueError(f"teacher.engine 'solver' solves the arithmetic env's questions, not env.name "
                              f"{self.env.name!r}")
+        if self.teacher.engine == "solver" and self.teacher.num_gpus_per_engine > 0:
+            raise ValueError("teacher.engine 'solver' runs no model: set teacher.num_gpus_per_engine=0")
+        task = self.env.options.get("task", "linear")  # the arithmetic env's default task
+        if self.teacher.engine == "solver" and task not in SOLVER_TASKS:
+            raise ValueError(f"teacher.engine 'solver' reads only 'What is a*b?' / 'a+b' (env.options.task mul or add),"
+                             f" not env.options.task {task!r}: every answer would be graded wrong")
+        lora = self.train.lora
+        if lora.enabled and not lora.merge and self.iterations > 0:
+            raise ValueError(f"train.lora.merge=false saves an adapter, which the engines cannot load at the sync of "
+                             f"each of the {self.iterations} iterations: set train.lora.merge=true (or iterations=0)")
+        if self.train.offload and self.train.zero_stage == 0:
+            raise ValueError("train.offload is DeepSpeed ZeRO's offload: set train.zero_stage to 1, 2 or 3")
         r = self.rollout
         if r.colocate_with_trainer and not (self.train.use_gpu and 0.5 < r.num_gpus_per_engine < 1 and r.tensor_parallel_size == 1):
             raise ValueError("rollout.colocate_with_trainer shares each GPU between an engine and a trainer worker: "
@@ -283,9 +300,17 @@ class RunConfig(_Strict):
         if r.colocate_with_trainer and self.train.num_workers > r.num_engines:
             raise ValueError(f"rollout.colocate_with_trainer pairs each trainer worker with an engine's GPU: "
                              f"train.num_workers ({self.train.num_workers}) > rollout.num_engines ({r.num_engines})")
-        if self.sync.method in ("nccl", "ipc") and self.rollout.engine != "vllm":
-            raise ValueError(f"sync.method '{self.sync.method}' is vLLM's weight transfer: set rollout.engine=vllm")
+        if self.sync.method in ("nccl", "ipc") and (r.engine != "vllm" or r.num_gpus_per_engine == 0):
+            raise ValueError(f"sync.method '{self.sync.method}' is vLLM's weight transfer between GPUs: set "
+                             f"rollout.engine=vllm and rollout.num_gpus_per_engine > 0, or sync.method=files")
+        if self.sync.method == "ipc" and r.tensor_parallel_size > 1:
+            raise ValueError("sync.method 'ipc' needs rollout.tensor_parallel_size=1 (or sync.method=nccl)")
         return self
+
+
+def warmup_enabled(cfg: RunConfig) -> bool:
+    """The base model is warmed up: warmup.enabled, or by default when the tiny model is built here."""
+    return cfg.warmup.enabled if cfg.warmup.enabled is not None else cfg.model.path is None
 
 
 def train_gpus_per_worker(cfg: RunConfig) -> float:
@@ -326,15 +351,20 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _format(e: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+    """One line for one error (the usual case: a typo), else a line per error under the header."""
+    lines = []
     for err in e.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
+        if not err["loc"]:  # a cross-field rule (RunConfig's validator): its message names the fields
+            lines.append(msg.removeprefix("Value error, "))
+            continue
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
-        lines.append(f"  {path}: {msg}{got}")
-    return "\n".join(lines)
+        lines.append(f"{'.'.join(str(p) for p in err['loc'])}: {msg}{got}")
+    if len(lines) == 1:
+        return f"invalid config ({source}): {lines[0]}"
+    return "\n".join([f"invalid config ({source}):", *(f"  {line}" for line in lines)])
 
 
 def read_yaml(path: str) -> dict[str, Any]:

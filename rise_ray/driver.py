@@ -27,8 +27,9 @@ from rise_ray.config import ConfigError, RunConfig, load_config
 from rise_ray.data.store import write_trajectories
 from rise_ray.eval.evaluate import eval_problems, evaluate
 from rise_ray.manifest import STAGE_KINDS, Manifest, RunLock, open_run_dir, warmup_enabled
-from rise_ray.models.placement import check_model_on_nodes
+from rise_ray.models.placement import check_model_on_nodes, write_run_marker
 from rise_ray.observe import Observer
+from rise_ray.preflight import check_run
 from rise_ray.protocol import describe_departures
 from rise_ray.report import write_report
 from rise_ray.session import env_options, init_ray, make_env, make_pool, resolve_model
@@ -51,6 +52,7 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
     observer = Observer(cfg, run_dir)  # Ray metrics and experiment tracking of every stage that runs
     manifest.on_stage = observer.stage
     wall_start = time.perf_counter() - manifest.data.get("wall_s", 0.0)
+    check_run(cfg)  # what `rise run --dry-run` refuses is refused here, past the run directory's checks
     env = make_env(cfg.env)
     grader_opts = env_options(cfg.env, with_data=False)
     init_ray()
@@ -58,9 +60,9 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
     base = manifest.run_stage("base_model", build_base, cfg, env, run_dir)
     weights = latest_weights(manifest, cfg.iterations) or base
     check_model_on_nodes(weights)  # also on resume, where base_model was skipped: every node reads it
-    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, pointer, cfg.sync.method,
-                       cfg.cluster.scale_up_timeout_s)
-    teacher = make_teacher(cfg)
+    storage = write_run_marker(run_dir)  # every actor checks it on its own node, also nodes launched later
+    policy = make_pool(cfg.rollout, cfg.model, weights, cfg.seed, pointer, cfg.sync.method, cfg.cluster, storage)
+    teacher = make_teacher(cfg, storage)
 
     def evaluate_stage(k: int) -> dict:
         out = os.path.join(run_dir, f"iter_{k}", "eval")
@@ -73,7 +75,8 @@ def _run(cfg: RunConfig, run_dir: str, manifest: Manifest) -> list[dict]:
         manifest.run_stage(f"iter_{k}/collect", collect_stage, policy, teacher, env, grader_opts, problems, cfg, k, it)
         sources = dataset_sources(manifest, k, cfg.data.aggregate)
         data = manifest.run_stage(f"iter_{k}/dataset", build_data, cfg, sources, weights, it)
-        weights = manifest.run_stage(f"iter_{k}/train", train_stage, cfg, data, weights, os.path.join(it, "checkpoint"), policy)
+        weights = manifest.run_stage(f"iter_{k}/train", train_stage, cfg, data, weights, os.path.join(it, "checkpoint"), policy,
+                                     storage)
         manifest.run_stage(f"iter_{k}/sync", sync, policy, weights, f"iter_{k}", cfg)
         manifest.run_stage(f"iter_{k}/eval", evaluate_stage, k)
 
@@ -108,12 +111,12 @@ def build_base(cfg: RunConfig, env, run_dir: str) -> str:
     path = resolve_model(cfg.model, run_dir)
     if not warmup_enabled(cfg):
         return path
-    from rise_ray.demo.warmup import warmup
+    from rise_ray.train.warmup import warmup
 
     return warmup(cfg, env, path, os.path.join(run_dir, "warmup"))
 
 
-def make_teacher(cfg: RunConfig):
+def make_teacher(cfg: RunConfig, storage: tuple[str, str] | None = None):
     if cfg.rollout.improve_with != "teacher":
         return None
     from rise_ray.config import ModelConfig
@@ -131,7 +134,7 @@ def make_teacher(cfg: RunConfig):
         teacher_model = ModelConfig(path=tcfg.path, max_model_len=tcfg.max_model_len, chat_template=tcfg.chat_template)
         path = resolve_model(teacher_model, os.path.abspath(os.path.join(cfg.run_dir, cfg.name)))
     return make_pool(rollout, teacher_model, path, cfg.seed, sync_method=None,  # never synced
-                     scale_up_timeout_s=cfg.cluster.scale_up_timeout_s)
+                     cluster=cfg.cluster, storage=storage)
 
 
 def collect_stage(policy, teacher, env, grader_opts, problems, cfg: RunConfig, k: int, it: str) -> dict:
@@ -148,14 +151,14 @@ def build_data(cfg: RunConfig, trajectories: list[str], model_path: str, it: str
     return {"path": out}
 
 
-def train_stage(cfg: RunConfig, data: dict, init: str, out: str, policy) -> str:
+def train_stage(cfg: RunConfig, data: dict, init: str, out: str, policy, storage: tuple[str, str] | None = None) -> str:
     from rise_ray.train.trainer import train
 
     if cfg.rollout.colocate_with_trainer:  # the trainer takes the engines' GPUs; sync wakes them
         policy.sleep(level=2)  # level 2 drops the weights too: new ones arrive at the sync
 
     nodes = policy.node_ids() if cfg.rollout.colocate_with_trainer else None  # pair worker i with engine i
-    return train(cfg, data["path"], init, out, engine_nodes=nodes)
+    return train(cfg, data["path"], init, out, engine_nodes=nodes, storage=storage)
 
 
 def sync(policy, checkpoint: str, version: str, cfg: RunConfig) -> dict:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rise_ray.config import ConfigError, RunConfig, read_yaml
+from rise_ray.config import ConfigError, RunConfig, read_yaml, warmup_enabled
 from rise_ray.files import atomic_write_json
 from rise_ray.protocol import flatten
 
@@ -102,10 +102,6 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 # --- config fingerprints ------------------------------------------------------------------------
-
-
-def warmup_enabled(cfg: RunConfig) -> bool:
-    return cfg.warmup.enabled if cfg.warmup.enabled is not None else cfg.model.path is None
 
 
 def _depends_on(cfg: RunConfig, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

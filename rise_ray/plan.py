@@ -1,8 +1,9 @@
 """`rise run CONFIG --dry-run`: what a run would do and need, without doing any of it.
 
-The config is validated (load_config), then the plan is printed: the stages in order, the actors
-and their resources, the memory each GPU is expected to hold, and whether that fits the cluster it
-sees (RAY_ADDRESS: joined only to read its resources; else this machine). Nothing is started: no
+The config is checked as `rise run` checks it before it starts (load_config, then
+preflight.check_run: the same refusals, the same messages), then the plan is printed: the stages
+in order, the actors and their resources, the memory each GPU is expected to hold, and whether
+that fits the cluster it sees (RAY_ADDRESS: joined only to read its resources; else this machine). Nothing is started: no
 Ray without RAY_ADDRESS, no vLLM, no download (shapes come from a local config.json, the built-in
 table below, or model.tiny). Memory figures are estimates (no CUDA context, allocator slack or
 DeepSpeed buffers): leave a few GiB of headroom.
@@ -17,7 +18,7 @@ import re
 import sys
 from typing import Any
 
-from rise_ray.config import RunConfig, TrainConfig, train_gpus_per_worker
+from rise_ray.config import ConfigError, RunConfig, TrainConfig, read_yaml, train_gpus_per_worker
 
 GiB = 2**30
 # Shapes of the hub ids used in configs/ (their config.json): layers, hidden, heads, kv heads,
@@ -168,13 +169,12 @@ def cluster_from_yaml(path: str) -> dict[str, Any]:
     max_workers (within the file's max_workers), by the resources each type declares. A cluster
     that starts its workers at zero is planned at the size its autoscaler may reach, not the nodes
     up now."""
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        spec = yaml.safe_load(f) or {}
+    if not os.path.isfile(path):
+        raise ConfigError(f"--cluster-yaml {path}: no such file")
+    spec = read_yaml(path)  # not YAML, or not a mapping: a ConfigError naming the file (and the line)
     types, head = spec.get("available_node_types") or {}, spec.get("head_node_type")
     if not types or head not in types:
-        raise ValueError(f"{path}: no available_node_types with the head_node_type {head!r}: not a Ray cluster file")
+        raise ConfigError(f"--cluster-yaml {path}: no available_node_types with the head_node_type {head!r}: not a Ray cluster file")
     room = int(spec.get("max_workers", sum(int(t.get("max_workers", 0)) for t in types.values())))
     nodes: list[tuple[str, dict]] = [(head, types[head].get("resources") or {})]
     for name, t in types.items():
@@ -218,8 +218,7 @@ def place_on_nodes(node_gpus: list[int], groups: list[tuple[str, int, float]]) -
     return problems
 
 
-def _actor(name: str, model: str | None, count: int, gpus: float, tp: int, cpus: float) -> dict:
-    model = model or "tiny (model.tiny)"
+def _actor(name: str, model: str, count: int, gpus: float, tp: int, cpus: float) -> dict:
     return dict(actor=name, model=model, count=count, gpus_each=gpus, tp=tp, cpus_each=cpus, memory=None)
 
 
@@ -236,10 +235,7 @@ def plan_stages(cfg: RunConfig, policy_gpus: float, teacher_gpus: float, train_g
 
     t, r = cfg.train, cfg.rollout
     wt = warmup_train_config(cfg) if warmup_enabled(cfg) else None
-    try:
-        sync = resolve_method(cfg.sync.method, r)
-    except ValueError as e:
-        sync = f"{cfg.sync.method}: {e}"
+    sync = resolve_method(cfg.sync.method, r)  # what cannot work was refused at load (RunConfig)
     on = _on("policy engines", policy_gpus)
     collect = on + (" + " + _on("teacher engines", teacher_gpus) if r.improve_with == "teacher" else "")
     base = "warm-up SFT on Ray Train workers" if wt else f"model.path {cfg.model.path}: no work"
@@ -268,7 +264,8 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
         tp = tp if e.engine == "vllm" else 1
         max_len = max_len or (shape or {}).get("context") or DEFAULT_CONTEXT  # None: the model's own
         name = f"{role} engines ({e.engine})"
-        a = _actor(name, path, e.num_engines, e.num_gpus_per_engine, tp, e.num_cpus_per_engine)
+        model = "none (programmatic solver)" if e.engine == "solver" else path or "tiny (model.tiny)"
+        a = _actor(name, model, e.num_engines, e.num_gpus_per_engine, tp, e.num_cpus_per_engine)
         if shape and e.num_gpus_per_engine > 0:
             nbytes = 4 if dtype == "float32" else 2  # auto: bf16 on GPU
             if e.engine == "vllm":
@@ -280,10 +277,11 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
 
     shape = model_shape(m.path, m.tiny)
     actors = [engines("policy", r, m.path, shape, r.tensor_parallel_size, m.max_model_len, m.dtype)]
-    t_shape = model_shape(tc.path) if distill else None
+    teacher_model = distill and tc.engine != "solver"  # the solver has no model: no shape, no memory
+    t_shape = model_shape(tc.path) if teacher_model else None
     if distill:
         actors.append(engines("teacher", tc, tc.path, t_shape, tc.tensor_parallel_size, tc.max_model_len, "auto"))
-    trainer = _actor("Ray Train workers", m.path, t.num_workers, train_gpus_per_worker(cfg), 1, t.cpus_per_worker)
+    trainer = _actor("Ray Train workers", m.path or "tiny (model.tiny)", t.num_workers, train_gpus_per_worker(cfg), 1, t.cpus_per_worker)
     if shape and t.use_gpu:
         trainer["memory"] = trainer_memory(shape, t, cfg.data.max_length)
     actors.append(trainer)
@@ -315,7 +313,7 @@ def build_plan(cfg: RunConfig, gpu_memory_gb: float | None = None, cluster: dict
     plan = dict(config=cfg.name, iterations=cfg.iterations, cluster=cluster, gpu_memory_gib=gpu_gib)
     plan.update(params=count_params(shape) if shape else None, stages=stages, actors=actors)
     plan.update(
-        gpus_needed=needed, cpus_needed=cpus, note=None if shape and (t_shape or not distill) else UNKNOWN
+        gpus_needed=needed, cpus_needed=cpus, note=None if shape and (t_shape or not teacher_model) else UNKNOWN
     )
     return {
         **plan,
@@ -355,6 +353,12 @@ def print_plan(plan: dict) -> None:
     con.print(st, at, mt if on_gpu else "Memory: every actor runs on CPU (host memory)")
     if plan["note"]:
         con.print(f"[yellow]{plan['note']}[/]")
+    if plan.get("node_types"):
+        nt = Table("stage", "bundles go to", "autoscaler launches", title="Node types (Ray's autoscaler, from the head alone)")
+        for p in plan["node_types"]:
+            launches = ", ".join(f"{k} x {n}" for n, k in p["launches"].items()) or "nothing new"
+            nt.add_row(p["what"], ", ".join(p["on"]) + (f"; unplaceable: {p['unplaced']}" if p["unplaced"] else ""), launches)
+        con.print(nt)
     con.print(f"GPUs needed: {plan['gpus_needed']}, CPUs needed: {plan['cpus_needed']:g}")
     con.print("[bold green]fits[/]" if not plan["problems"] else f"[bold red]{plan['verdict']}[/]")
 
@@ -372,8 +376,81 @@ def dry_run(
     if not cluster_yaml and os.environ.get("RAY_ADDRESS") and os.path.exists(bootstrap):
         cluster_yaml = bootstrap
     plan = build_plan(cfg, gpu_memory_gb, cluster_from_yaml(cluster_yaml) if cluster_yaml else None)
+    if cluster_yaml:
+        import yaml
+
+        with open(cluster_yaml, encoding="utf-8") as f:
+            plan["node_types"] = launch_plan(cfg, yaml.safe_load(f))
     if as_json:
         print(json.dumps(plan, indent=1))
     else:
         print_plan(plan)
     return 1 if strict and plan["problems"] else 0
+
+
+# --- which node types a cluster launcher file launches for each stage ----------------------------
+
+
+def stage_demands(cfg: RunConfig) -> list[tuple[str, list[dict[str, float]], bool]]:
+    """(what, its placement bundles, held for the run) in the order the driver asks: the policy's
+    and the teacher's engines (held), Ray Train's workers and the NCCL sender (each while its stage
+    runs, beside the engines), then `rise serve`'s engine replicas. The bundles are those the code
+    asks Ray for."""
+    from rise_ray.cluster import gpu_bundle
+    from rise_ray.rollout.weight_transfer import resolve_method
+    from rise_ray.serve.llm_config import serve_devices
+    from rise_ray.train.placement import worker_placement
+
+    r, t, tc, acc = cfg.rollout, cfg.train, cfg.teacher, cfg.cluster.accelerator_type
+    out = [("policy engines", [gpu_bundle({"CPU": r.num_cpus_per_engine, "GPU": r.num_gpus_per_engine}, acc)] * r.num_engines, True)]
+    if r.improve_with == "teacher":
+        out.append(("teacher engines", [gpu_bundle({"CPU": tc.num_cpus_per_engine, "GPU": tc.num_gpus_per_engine}, acc)]
+                    * tc.num_engines, True))
+    if cfg.iterations > 0:
+        worker, _ = worker_placement(cfg)  # colocated workers pair with engines by node label: same nodes
+        if not r.colocate_with_trainer:
+            out.append(("Ray Train workers", [gpu_bundle(worker, acc)] * t.num_workers, False))
+        try:
+            nccl = resolve_method(cfg.sync.method, r) == "nccl"
+        except ValueError:
+            nccl = False
+        if nccl:
+            out.append(("nccl weight sender", [gpu_bundle({"CPU": 0.1, "GPU": 1}, acc)], False))
+    # `rise serve RUN_DIR` afterwards, on the same cluster: its first replicas, as decided on the
+    # GPU-less head (the config and the cluster, never the head's hardware)
+    devices = serve_devices(cfg, {})
+    out.append(("serve replicas (rise serve)", devices.bundles() * max(1, cfg.serve.min_replicas), False))
+    return out
+
+
+def launch_plan(cfg: RunConfig, launcher: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each stage of `stage_demands`, the node types a cluster launcher file's autoscaler
+    launches for it (asked of Ray's own scheduler, rise_ray.compat), starting from its head alone:
+    [{"what", "launches": {type: count}, "on": [types its bundles use], "unplaced": [...]}]."""
+    from rise_ray.compat import autoscaler_nodes_for, bin_pack_residual
+
+    types = {n: {**t, "resources": dict(t.get("resources") or {})} for n, t in launcher["available_node_types"].items()}
+    head = launcher["head_node_type"]
+    nodes: list[tuple[str, dict]] = [(head, dict(types[head]["resources"]))]  # (type, free resources)
+    room = int(launcher.get("max_workers", 10))
+    plan = []
+    for what, bundles, held in stage_demands(cfg):
+        before = [dict(free) for _, free in nodes]
+        left, _ = bin_pack_residual([free for _, free in nodes], bundles)
+        existing = {n: sum(t == n for t, _ in nodes) for n in types}
+        existing[head] -= 1  # the scheduler counts the head apart
+        launches, unplaced = autoscaler_nodes_for(types, existing, head, room - (len(nodes) - 1), left)
+        for n, k in launches.items():
+            nodes += [(n, dict(types[n]["resources"])) for _ in range(k)]
+        # place the stage's bundles, as Ray's scheduler would, and note the node types they use
+        frees = [free for _, free in nodes]
+        _, after = bin_pack_residual(frees, [b for b in bundles if b not in unplaced])
+        used = sorted({nodes[i][0] for i, (a, b) in enumerate(zip(frees, after, strict=True)) if a != b})
+        if held:
+            for i, free in enumerate(after):
+                nodes[i] = (nodes[i][0], free)
+        else:
+            for i in range(len(before)):
+                nodes[i] = (nodes[i][0], before[i])
+        plan.append(dict(what=what, launches=launches, on=used, unplaced=unplaced))
+    return plan

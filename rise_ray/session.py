@@ -2,76 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from rise_ray.config import EnvConfig, ModelConfig, RolloutConfig
-from rise_ray.envs import env_options as env_options  # it lives with the envs (rise_ray.data reads it too)
+from rise_ray.config import ClusterConfig, ModelConfig, RolloutConfig
 
-
-def init_ray(num_cpus: int | None = None) -> str | None:
-    """Join the cluster at RAY_ADDRESS, or start an embedded local Ray; returns the dashboard's URL
-    when it started one."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return None
-    # With the dashboard (on 127.0.0.1; the next free port if 8265 is taken): users watch runs
-    # there, and Ray Train's placement-group cleaner polls the state API it serves (without it, a
-    # warning every second of training).
-    # address="local": a new Ray of our own. Without it ray.init joins whatever cluster was started
-    # last on this machine (another user's run, a test's), which can vanish mid-run.
-    from rise_ray import cluster
-
-    ctx = ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
-    cluster.OWN_RAY = ray.get_runtime_context().gcs_address  # no autoscaler behind a Ray of our own
-    return ctx.dashboard_url
-
-
-def make_env(cfg: EnvConfig):
-    """The environment with its problems; a bad name or option is a ConfigError naming it."""
-    from rise_ray.config import ConfigError
-    from rise_ray.envs import get_env
-
-    try:
-        return get_env(cfg.name, **env_options(cfg))
-    except (TypeError, ValueError) as e:
-        if type(e).__name__ == "DataError":
-            raise
-        raise ConfigError(f"env (name={cfg.name!r}, options={cfg.options}): {e}") from None
-
-
-def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
-    """The model directory: cfg.path (any source `rise model get` takes), or the tiny model built
-    (once) under work_dir; with a chat template either way (model.chat_template).
-
-    Every node reads the same directory: a model that was fetched or converted (the hub's cache,
-    ~/.cache/rise-ray: download caches on this node) is placed under work_dir's models/ (or
-    $RISE_MODELS_DIR), on the run's storage; a local HF directory the user named stays as it is.
-    With Ray up, every node that may host an engine or trainer is then checked to read it."""
-    from rise_ray.models.placement import check_model_on_nodes, model_slug, models_dir, place_model
-    from rise_ray.models.source import get_model, with_chat_template
-
-    if cfg.path:
-        path = with_chat_template(get_model(cfg.path), cfg.chat_template)
-        own = os.path.isdir(cfg.path) and os.path.abspath(path) == os.path.abspath(cfg.path)
-        if work_dir and not own:
-            path = place_model(path, os.path.join(models_dir(work_dir), model_slug(cfg.path, path)))
-        check_model_on_nodes(path)
-        return path
-    from rise_ray.demo.tiny import build_tiny_model
-
-    out = os.path.join(work_dir, "base_model")
-    if not os.path.exists(os.path.join(out, "config.json")):
-        tmp = out + ".tmp"
-        build_tiny_model(tmp, **cfg.tiny.model_dump())
-        os.replace(tmp, out)
-    check_model_on_nodes(out)
-    return out
+# Imported from here by cli.py; they live lower down, where the layers below the session reach them
+# (rise_ray.data and rise_ray.serve read env_options, rise_ray.preflight make_env, rise_ray.train and
+# rise_ray.serve the others).
+from rise_ray.envs import env_options as env_options
+from rise_ray.envs import make_env as make_env
+from rise_ray.models.placement import resolve_model as resolve_model
+from rise_ray.ray_init import init_ray as init_ray
 
 
 def context_length(cfg_len: int | None, model_path: str | None) -> int:
@@ -121,9 +62,14 @@ def make_pool(
     seed: int,
     pointer_path: str | None = None,
     sync_method: str | None = "auto",
-    scale_up_timeout_s: float = 1800.0,
+    cluster: ClusterConfig | None = None,
+    storage: tuple[str, str] | None = None,
 ):
+    """The engine actors of `rollout`, placed as one group on the nodes `cluster` asks for;
+    `storage`: the run's marker (path, token) each engine checks on its node."""
     from rise_ray.rollout.pool import RolloutPool
+
+    cluster = cluster or ClusterConfig()
 
     return RolloutPool(
         rollout.engine,
@@ -134,5 +80,7 @@ def make_pool(
         engine_kwargs=engine_kwargs(rollout, model, seed, sync_method, model_path),
         pointer_path=pointer_path,
         cpu_threads=rollout.cpu_threads,
-        scale_up_timeout_s=scale_up_timeout_s,
+        scale_up_timeout_s=cluster.scale_up_timeout_s,
+        accelerator_type=cluster.accelerator_type,
+        storage=storage,
     )

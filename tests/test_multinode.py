@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -124,3 +125,60 @@ def test_train_placement_has_a_deadline_naming_what_it_waited_for(gpu_cluster):
     reserve({"CPU": 0.1, "GPU": 1.0}, 2, [{"ray.io/node-id": node}] * 2, timeout=60)
     with pytest.raises(PlacementTimeout, match="on the node of engine i"):
         reserve({"CPU": 0.1, "GPU": 1.0}, 3, [{"ray.io/node-id": node}] * 3, timeout=3)
+
+
+# --- issue 36: placement held for the actors' life, the sender placed, the storage checked --------
+
+
+@pytest.mark.timeout(300)
+def test_a_pool_holds_its_placement_group_with_engine_i_in_bundle_i(gpu_cluster, tiny_model_dir, tmp_path):
+    """Until the pool shuts down, its group holds the engines' capacity (nothing else can take a
+    GPU from under it between stages) and each engine runs in its own bundle; shutdown frees it."""
+    from rise_ray.models.placement import write_run_marker
+    from rise_ray.rollout.pool import RolloutPool
+
+    pool = RolloutPool("hf", tiny_model_dir, num_engines=2, num_cpus=0.1, num_gpus=1,
+                       storage=write_run_marker(str(tmp_path)))  # fmt: skip
+    try:
+        table = ray.util.placement_group_table(pool.placement)
+        assert table["state"] == "CREATED" and len(table["bundles"]) == 2
+        infos = pool.infos()
+        assert [table["bundles_to_node_id"][i] for i in range(2)] == [i["node_id"] for i in infos]
+        # Ray accounts a bundle's GPU as GPU_group_<i>_<group id>: each bundle's is taken by its engine
+        free, total = ray.available_resources(), ray.cluster_resources()
+        for i in range(2):
+            key = f"GPU_group_{i}_{pool.placement.id.hex()}"
+            assert total[key] == 1 and free.get(key, 0) == 0, (key, free.get(key))
+        assert ray.available_resources().get("GPU", 0) == 2  # 4 declared, 2 held by the group
+    finally:
+        pool.shutdown()
+    time.sleep(1.0)
+    assert ray.util.placement_group_table(pool.placement)["state"] == "REMOVED"
+
+
+@pytest.mark.timeout(180)
+def test_the_nccl_sender_waits_for_placement_like_every_actor(gpu_cluster, tiny_model_dir, tmp_path):
+    """With every GPU taken, the sender is a demand an autoscaler can act on, waited for up to
+    cluster.scale_up_timeout_s and then named; not a fixed 300 s on an actor no group asked for."""
+    from rise_ray.cluster import PlacementTimeout
+    from rise_ray.rollout.pool import RolloutPool
+
+    pool = RolloutPool("hf", tiny_model_dir, num_engines=4, num_cpus=0.1, num_gpus=1, scale_up_timeout_s=4,
+                       engine_kwargs={}, storage=None)  # fmt: skip
+    pool.engine_kwargs["weight_transfer"] = "nccl"  # as make_pool builds GPU engines for nccl
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PlacementTimeout, match=r"nccl weight sender .* could not be placed within 4 s"):
+            pool.sync_native(tiny_model_dir, "v1", "nccl", 2**20)
+        assert time.monotonic() - t0 < 60
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_an_engine_on_a_node_without_the_run_storage_fails_naming_the_node(gpu_cluster, tiny_model_dir, tmp_path):
+    from rise_ray.rollout.pool import RolloutPool
+
+    marker = (str(tmp_path / "elsewhere" / ".rise-storage-marker.json"), "token-of-the-driver")
+    with pytest.raises(Exception, match=r"node [\d.]+ does not see the run directory the driver writes: .*elsewhere"):
+        RolloutPool("hf", tiny_model_dir, num_engines=1, num_cpus=0.1, num_gpus=1, storage=marker)

@@ -28,7 +28,8 @@ TINY_RUN = [
 def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tmp_path, monkeypatch):
     """Engines need 1.5 CPUs: the driver's node (1 CPU) cannot hold them, so they run elsewhere and
     get weights through the object store. Mid-collection their node is removed: the engine comes
-    back on the other node with the synced weights and no problem is lost."""
+    back on the other node with the synced weights and no problem is lost. The node is the one Ray's
+actor table puts an engine on, and it goes while the collect stage runs (the manifest's times)."""
     import json
     import threading
     import time
@@ -46,16 +47,18 @@ def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tm
 
     def remove_engine_node():
         try:
-            from ray._private.state import available_resources_per_node
+            from ray._private.state import actors
 
             manifest = run_dir / "manifest.json"
             while "iter_0/eval" not in (json.loads(manifest.read_text())["stages"] if manifest.exists() else {}):
                 time.sleep(0.2)
-            time.sleep(1.0)  # collection is under way
-            # the engine's node: the worker node with the least CPU left (it holds 1.5 of 2)
-            free = available_resources_per_node()
-            victim = min(nodes, key=lambda n: free.get(n.node_id, {}).get("CPU", 2.0))
-            seen["engine_node"] = victim.node_id
+            time.sleep(1.0)  # let the collection's first requests reach the engine (checked below)
+            # the engines' nodes, from Ray's actor table (EngineActor: rise_ray.rollout.pool)
+            seen["engine_nodes"] = {a["Address"]["NodeID"] for a in actors(actor_state_name="ALIVE").values()
+                                    if a["ActorClassName"] == "EngineActor"}
+            victim = next(n for n in nodes if n.node_id in seen["engine_nodes"])
+            seen["stages_before"] = set(json.loads(manifest.read_text())["stages"])
+            seen["removed_at"] = time.time()
             cluster.remove_node(victim)
             seen["removed"] = victim.node_id
         except Exception as e:  # shown by the assertion below
@@ -69,8 +72,12 @@ def test_rise_run_with_engines_off_the_driver_node_survives_losing_their_node(tm
         watcher.join(timeout=5)
         head = cluster.head_node.node_id
         assert seen.get("removed"), f"the engine's node was not removed during the run: {seen}"
-        assert seen["engine_node"] != head  # engines never on the driver's node
+        assert seen["engine_nodes"] and head not in seen["engine_nodes"]  # engines never on the driver's node
         manifest = json.loads((run_dir / "manifest.json").read_text())
+        # mid-collection: the collect stage had started (iter_0/eval done) and had not finished
+        collect = manifest["stages"]["iter_1/collect"]
+        assert "iter_1/collect" not in seen["stages_before"], seen["stages_before"]
+        assert collect["finished_at"] - collect["seconds"] < seen["removed_at"] < collect["finished_at"], (collect, seen)
         assert manifest["stages"]["iter_1/collect"]["output"]["trajectories"] == 32  # none lost
         check = manifest["stages"]["iter_1/sync"]["output"]["check"]
         assert check["max_logprob_error"] <= check["tolerance"] and check["reference_node"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -94,8 +95,21 @@ def expected_stages(iterations):
     return names + ["report"]
 
 
+EVAL_ONLY = [os.path.join(ROOT, "configs", "math_eval.yaml")]  # `rise eval` configs: no training problems
+
+
+def test_rise_run_refuses_an_eval_only_config_before_planning_it(capsys):
+    from rise_ray.cli import main
+
+    for path in EVAL_ONLY:
+        assert main(["run", path, "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "env 'math' has no train problems: set env.train_path" in err and "\n" not in err
+
+
 @pytest.mark.cpu_only  # plans against this machine: expects no GPU
-@pytest.mark.parametrize("path", [None, *CONFIGS], ids=lambda p: os.path.basename(p) if p else "embedded")
+@pytest.mark.parametrize("path", [None, *sorted(set(CONFIGS) - set(EVAL_ONLY))],
+                         ids=lambda p: os.path.basename(p) if p else "embedded")
 def test_every_config_plans(path, capsys, monkeypatch):
     rc, plan = dry_run_json(capsys, monkeypatch, [path] if path else [])
     assert rc == 0
@@ -379,3 +393,46 @@ def test_a_cluster_file_that_scales_from_zero_is_planned_at_its_autoscalers_limi
     assert cli.main(["run", config, "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["verdict"] == "fits" and "up to 2 x gpu8, 3 x cpu" in plan["cluster"]["source"]
+
+
+def test_the_solver_teacher_is_planned_as_an_engine_with_no_model_and_no_gpu(capsys, monkeypatch):
+    """docs/results.md's programmatic-teacher run, planned: the solver engines hold no model and no
+    GPU, and the plan is not marked as missing a model shape."""
+    config = os.path.join(ROOT, "configs", "smollm2_arithmetic.yaml")
+    solver = ["rollout.improve_with=teacher", "teacher.engine=solver", "teacher.num_cpus_per_engine=0.1",
+              "rollout.best_of_n=1"]
+    rc, plan = dry_run_json(capsys, monkeypatch, [config, *solver])
+    assert rc == 0
+    teacher = next(a for a in plan["actors"] if a["actor"].startswith("teacher engines"))
+    assert teacher["actor"] == "teacher engines (solver)" and teacher["model"] == "none (programmatic solver)"
+    assert (teacher["count"], teacher["gpus"], teacher["cpus_each"], teacher["memory"]) == (1, 0, 0.1, None)
+    collect = next(s for s in plan["stages"] if s["stage"] == "iter_1/collect")
+    assert "teacher engines (CPU)" in collect["runs_on"] and collect["gpus"] == 0
+    assert plan["note"] is None and plan["verdict"] == "fits"
+    assert main(["run", config, *solver, "--dry-run"]) == 0  # the printed table too
+    assert "none (programmatic solver)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("broken", [
+    ["env.options.bogus=1"],
+    ["env.name=nosuch"],
+    ["model.path=/nonexistent"],
+    ["model.path=/tmp"],  # a directory that is not a model
+    ["model.path=someone/model", "rollout.improve_with=teacher", "teacher.path=./missing-teacher"],
+    ["env.name=gsm8k", "env.options={}", "env.test_path=openai/gsm8k", "env.train_path=/nonexistent/train.jsonl"],
+    ["env.name=gsm8k", "env.options={}", "env.test_path=openai/gsm8k", "model.path=someone/model"],  # no train data
+    ["env.name=gsm8k", "env.options={}", "env.test_path=openai/gsm8k", "env.train_path=openai/gsm8k"],  # warm-up
+    ["env.options.num_val=0", "eval.split=val", "model.path=someone/model"],
+    ["env.name=arithmetic", "env.options={}", "env.train_path=openai/gsm8k"],  # it generates its problems
+    *([["observe.tracking=mlflow"]] if importlib.util.find_spec("mlflow") is None else []),
+], ids=lambda b: b[-1])
+def test_dry_run_refuses_what_rise_run_refuses_with_the_same_line(broken, capsys, monkeypatch, tmp_path):
+    """One decision (preflight.check_run) for both, before Ray: `rise run` itself stops there (past
+    its run directory's checks), so this runs nothing; --dry-run gave `fits` for these before."""
+    monkeypatch.chdir(tmp_path)  # the run's directory: runs/default here
+    assert main(["run", *broken, "--dry-run"]) == 2
+    dry = capsys.readouterr()
+    assert main(["run", *broken]) == 2
+    run = capsys.readouterr()
+    assert dry.err == run.err and dry.err.startswith("rise: ") and dry.err.count("\n") == 1, dry.err
+    assert "fits" not in dry.out and "Traceback" not in dry.err

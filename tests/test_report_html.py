@@ -3,6 +3,8 @@ rendered in headless Chromium: it loads without script errors and its filters sh
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import re
 import shutil
@@ -79,9 +81,16 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 def page_data(page: str) -> dict:
+    """The page's index with each view's problems unpacked (base64, gzip, JSON), as its script does."""
     m = re.search(r'<script type="application/json" id="rise-data">(.*?)</script>', page, re.S)
     assert m, "no embedded data"
-    return json.loads(m.group(1))
+    data = json.loads(m.group(1))
+    for v in data["views"]:
+        packed = re.search(rf'<script type="application/gzip" id="rise-view-{v["id"]}">([A-Za-z0-9+/=]*)</script>', page)
+        assert packed, v["id"]
+        v["problems"] = json.loads(gzip.decompress(base64.b64decode(packed.group(1))))
+        assert v["shown"] == len(v["problems"])
+    return data
 
 
 def test_page_holds_metrics_flips_and_every_trajectory(run_dir: Path) -> None:
@@ -114,8 +123,9 @@ def test_flip_matrix_counts_each_turn_pair() -> None:
 
 def test_model_text_cannot_end_the_data_or_become_markup(run_dir: Path) -> None:
     page = (run_dir / "report.html").read_text(encoding="utf-8")
-    # The only </script> tags are the page's own two (data and script); no injected tag or comment.
-    assert page.count("</script>") == 2 and "<img src=x" not in page and "<!-- &" not in page
+    # The only </script> tags are the page's own (index, one per view, script); no injected tag or comment.
+    views = page_data(page)["views"]
+    assert page.count("</script>") == 2 + len(views) and "<img src=x" not in page and "<!-- &" not in page
     assert "pwned" not in page.split('id="rise-data">')[0]
     evil = next(p for p in page_data(page)["views"][1]["problems"] if p["id"] == "p-evil")
     assert evil["q"] == EVIL and evil["t"][0]["r"] == EVIL  # and it reads back exactly
@@ -130,19 +140,37 @@ def test_run_name_and_protocol_are_escaped(tmp_path: Path) -> None:
     assert "&lt;b&gt;odd" in page and "<b>odd" not in page
 
 
-def test_mean_and_sd_over_sibling_seed_runs(tmp_path: Path) -> None:
-    for s, trajs in ((0, EVAL), (1, [traj(t.problem_id, "RRR") for t in EVAL])):
+def write_config(run_dir: Path, seed: int, **changes: object) -> None:
+    import yaml
+
+    cfg = {"name": run_dir.name, "run_dir": str(run_dir.parent), "seed": seed, "model": {"tiny": {"seed": seed}},
+           "eval": {"seed": 1234 + seed, "turns": 3}, "train": {"lr": 0.001, "seed": seed}}
+    for key, value in changes.items():
+        section, field = key.split("__")
+        cfg[section][field] = value
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_mean_and_sd_over_sibling_seed_runs_of_the_same_config(tmp_path: Path) -> None:
+    for s, trajs in ((0, EVAL), (1, [traj(t.problem_id, "RRR") for t in EVAL]), (2, EVAL)):
         d = tmp_path / f"exp-seed{s}"
         write_eval(d, 0, trajs)
-        write_report(str(d))
+        write_config(d, s, **({"train__lr": 0.5} if s == 2 else {}))  # seed 2: another learning rate
+        write_report(str(d))  # its metrics.json
+    write_report(str(tmp_path / "exp-seed1"))  # with every sibling in place
     page = (tmp_path / "exp-seed1" / "report.html").read_text(encoding="utf-8")
-    assert "Mean ± sd over 2 seeds" in page and "exp-seed0, exp-seed1" in page
+    assert "Mean ± sd over 2 seeds" in page and "Averaged: exp-seed0, exp-seed1" in page
+    assert "Seed run not averaged: exp-seed2: its config differs in train.lr." in page
     # m1@t1: seed 0 has 2 of 6 right at turn 1, seed 1 all: mean 66.7, sample sd 47.1
     assert "66.7 ± 47.1" in page
     alone = tmp_path / "single"
     write_eval(alone, 0, EVAL)
     write_report(str(alone))
     assert "seeds" not in (alone / "report.html").read_text(encoding="utf-8")
+    (tmp_path / "exp-seed0" / "config.yaml").unlink()  # a sibling without its config is not averaged
+    write_report(str(tmp_path / "exp-seed1"))
+    page = (tmp_path / "exp-seed1" / "report.html").read_text(encoding="utf-8")
+    assert "Mean ± sd" not in page and "Seed run not averaged: exp-seed0: no config.yaml." in page
 
 
 def test_an_unreadable_records_file_costs_the_browser_view_not_the_report(tmp_path: Path) -> None:
@@ -159,10 +187,10 @@ def test_an_unreadable_records_file_costs_the_browser_view_not_the_report(tmp_pa
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def render(page: Path, fragment: str, profile: Path) -> tuple[str, str]:
+def render(page: Path, fragment: str, profile: Path, budget_ms: int = 3000) -> tuple[str, str]:
     """The DOM after the page's script ran (Chromium headless), and Chromium's log (console errors)."""
     cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-           f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom", page.as_uri() + fragment]
+           f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", page.as_uri() + fragment]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout, out.stderr
@@ -200,3 +228,25 @@ def test_page_renders_in_chromium_and_filters_show_the_right_problems(run_dir: P
     assert shown(dom) == {"c-teacher"} and script_errors(log) == [] and ">teacher<" in dom
     dom, _ = render(page, "#view=collected-1&filter=fixed-2", tmp_path / "profile")
     assert shown(dom) == {"c-self", "c-teacher"} and ">best-of-4<" in dom
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; .ci/run does)")
+def test_a_gsm8k_size_run_gives_a_page_under_25_mb_that_draws_its_first_view(tmp_path: Path) -> None:
+    """bench/report_size.py's run: 1,319 problems, 5 turns, 5 parallel answers, iterations 0..4,
+    GSM8K-length replies. The time to the first view is bench/report_size.py's to measure (no timed
+    assertion here); this checks the size and that the page unpacks and draws the view."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from report_size import build_run
+
+    run_dir = build_run(str(tmp_path / "gsm8k-size"))
+    write_report(run_dir)
+    page = Path(run_dir) / "report.html"
+    assert page.stat().st_size < 25e6, page.stat().st_size
+    dom, log = render(page, "", tmp_path / "profile", budget_ms=30000)
+    assert 'data-ready="1"' in dom and script_errors(log) == [], script_errors(log) or log[-2000:]
+    assert len(shown(dom)) == 50 and "data-first-draw-ms=" in dom  # the first page of the last evaluation
+    assert "showing 1\u201350 of 1319 matching" in dom

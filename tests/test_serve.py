@@ -19,6 +19,7 @@ import re
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -458,25 +459,44 @@ def _metric_total(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def _settled(read: Callable[[], float], quiet_s: float = 15.0, deadline_s: float = 120.0) -> float:
+    """READ's value once it has not moved for quiet_s: more than Ray's metrics export interval
+    (metrics_report_interval_ms, 10 s), so what earlier requests did has been exported."""
+    end = time.monotonic() + deadline_s
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < end, f"the metric kept moving: {value}"
+        time.sleep(2)
+        if (now := read()) != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 @pytest.mark.slow
 def test_prometheus_metrics_count_solves_turns_and_changes(server):
+    # Only this test's requests count: its solves use env=arithmetic, which no other test here
+    # solves (the RISE counters are labelled by env), and Serve's HTTP count (no env label) is
+    # read against a baseline taken once earlier tests' requests are all exported.
+    def http_solves() -> float:
+        text = httpx.get(server.metrics_url, timeout=10).text
+        return _metric_total(text, "ray_serve_num_http_requests_total", application="rise", route="/v1/rise/solve")
+
+    before = _settled(http_solves)
     with server.client() as c:
-        outs = [solve(c, turns=4, seed=s) for s in (100, 101)]
-    turns = sum(o["turns_used"] for o in outs)
-    changes = sum(o["answer_changes"] for o in outs)
-    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+        outs = [solve(c, env="arithmetic", turns=4, seed=s) for s in (100, 101)]
+    want = (2, sum(o["turns_used"] for o in outs), sum(o["answer_changes"] for o in outs), before + 2)
+    deadline = time.monotonic() + 60  # Ray exports metrics every 10 s
     while True:
         text = httpx.get(server.metrics_url, timeout=10).text
         got = (
-            _metric_total(text, "ray_rise_solve_requests_total", application="rise", env="search"),
-            _metric_total(text, "ray_rise_solve_turns_total", env="search"),
-            _metric_total(text, "ray_rise_solve_answer_changes_total", env="search"),
+            _metric_total(text, "ray_rise_solve_requests_total", application="rise", env="arithmetic"),
+            _metric_total(text, "ray_rise_solve_turns_total", env="arithmetic"),
+            _metric_total(text, "ray_rise_solve_answer_changes_total", env="arithmetic"),
             _metric_total(text, "ray_serve_num_http_requests_total", application="rise", route="/v1/rise/solve"),
         )
-        # Earlier tests solved too: the counters are at least this test's share.
-        if got[0] >= 2 and got[1] >= turns and got[2] >= changes and got[3] >= 2:
+        if got == want:
             break
-        assert time.monotonic() < deadline, f"metrics not exported in time: {got}"
+        assert time.monotonic() < deadline, f"metrics: {got}, this test's requests: {want}"
         time.sleep(2)
 
 

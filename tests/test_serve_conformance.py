@@ -6,8 +6,10 @@ Steps:
   1. train the tiny "\\boxed{x}" model (tests/test_serve.py); start vLLM's server on it and
      `rise serve` (serve_command) on it, both on 127.0.0.1, no token;
   2. make each call of CALLS against both: the call vLLM's server accepts, ours accepts, and the
-     two responses have the same shape (every key path, recursively; values may differ: sampling);
-     a call vLLM refuses, ours refuses with the same status;
+     two responses have the same shape (every key path and the type of each value, recursively;
+     values may differ: sampling); a call vLLM refuses, ours refuses with the same status; a call
+     that fails otherwise (an assertion inside it, a dropped connection) fails the row, even when
+     both servers fail it the same way;
   3. print the table (call | vLLM | rise).
 """
 
@@ -25,7 +27,6 @@ import httpx
 import pytest
 from test_serve import QUESTION, free_port, train_boxed_model
 
-pytestmark = [pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-rise"
 KV_BYTES = 268435456
@@ -65,7 +66,8 @@ def servers(tmp_path_factory):
 
 
 def shape(x: Any) -> Any:
-    """Every key path of a JSON value, without the values (a list: the union of its items' shapes)."""
+    """Every key path of a JSON value and its values' types, without the values (a list: the union
+    of its items' shapes)."""
     if isinstance(x, dict):
         return {k: shape(v) for k, v in sorted(x.items())}
     if isinstance(x, list):
@@ -74,7 +76,7 @@ def shape(x: Any) -> Any:
             s = shape(item)
             merged[json.dumps(s, sort_keys=True)] = s
         return sorted(merged, key=str)
-    return type(x).__name__ if x is None or isinstance(x, bool) else "value"
+    return type(x).__name__  # str, int, float, bool, NoneType: a value changing type is a difference
 
 
 def _openai(base: str):
@@ -143,28 +145,60 @@ SHAPE_EXEMPT = {"models list", "GET /health", "GET /metrics"}
 
 
 def outcome(call: Callable[[str], Any], base: str) -> tuple[str, Any]:
+    """("ok", the response), (the HTTP status, None) for a refusal, or ("error: ...", None) for any
+    other failure (an assertion inside the call, a connection error): never a match."""
+    from openai import APIStatusError
+
     try:
         return "ok", call(base)
     except httpx.HTTPStatusError as e:
         return str(e.response.status_code), None
-    except Exception as e:  # noqa: BLE001 - the OpenAI client's APIStatusError carries the status
-        return str(getattr(e, "status_code", type(e).__name__)), None
+    except APIStatusError as e:
+        return str(e.status_code), None
+    except Exception as e:  # noqa: BLE001 - reported as the row's failure
+        return f"error: {type(e).__name__}: {e}", None
 
 
+def compare(name: str, vllm: tuple[str, Any], rise: tuple[str, Any]) -> str | None:
+    """Why the row fails, or None: the same outcome, and for a success the same shape."""
+    (v, v_body), (r, r_body) = vllm, rise
+    if v.startswith("error") or r.startswith("error"):
+        return f"{name}: the call failed (vLLM {v}; rise {r})"
+    if v != r:
+        return f"{name}: vLLM {v}, rise {r}"
+    if v == "ok" and name not in SHAPE_EXEMPT and shape(v_body) != shape(r_body):
+        return f"{name}: shapes differ:\n  vLLM {shape(v_body)}\n  rise {shape(r_body)}"
+    return None
+
+
+def test_shape_sees_a_value_change_type():
+    assert shape({"a": [{"b": 1}, {"b": 2}], "c": "x"}) == shape({"a": [{"b": 3}], "c": "y"})
+    assert shape({"a": 1}) != shape({"a": "1"})
+    assert shape({"a": 1}) != shape({"a": 1.0})
+    assert shape({"a": [{"b": None}]}) != shape({"a": [{"b": "x"}]})
+
+
+def test_a_call_failing_alike_on_both_servers_is_a_failure():
+    same = ("error: AssertionError: ", None)
+    assert compare("chat seed repeatable", same, same) is not None
+    assert compare("chat", ("400", None), ("400", None)) is None
+    assert compare("chat", ("ok", {"a": 1}), ("ok", {"a": None})) is not None
+
+
+@pytest.mark.slow
 def test_every_call_vllms_server_accepts_ours_accepts_with_the_same_shape(servers):
     rows, failures = [], []
     for name, call in CALLS.items():
-        (v, v_body), (r, r_body) = outcome(call, servers["vllm"]), outcome(call, servers["rise"])
-        rows.append(f"| {name} | {v} | {r} |")
-        if v != r:
-            failures.append(f"{name}: vLLM {v}, rise {r}")
-        elif v == "ok" and name not in SHAPE_EXEMPT and shape(v_body) != shape(r_body):
-            failures.append(f"{name}: shapes differ:\n  vLLM {shape(v_body)}\n  rise {shape(r_body)}")
+        v, r = outcome(call, servers["vllm"]), outcome(call, servers["rise"])
+        rows.append(f"| {name} | {v[0]} | {r[0]} |")
+        if (why := compare(name, v, r)) is not None:
+            failures.append(why)
     print("\n| call | vLLM's server | rise serve |\n|---|---|---|\n" + "\n".join(rows))
     assert not failures, "\n".join(failures)
     assert sum(row.endswith("| ok | ok |") for row in rows) >= 18
 
 
+@pytest.mark.slow
 def test_the_vllm_server_here_is_vllms_own(servers):
     # bench/vllm_server.py runs vllm.entrypoints.openai.api_server's __main__, nothing of ours.
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "vllm_server.py"), "--help"], capture_output=True,

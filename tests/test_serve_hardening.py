@@ -12,6 +12,9 @@ checkpoint trained, Ray and Serve started): CI runs them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -62,13 +65,18 @@ def url(hmodel):
     if ray.is_initialized():
         ray.shutdown()
     os.environ[TOKEN_ENV] = f"  {TOKEN}\n"  # as read from a file: whitespace around the token
+    # HAProxy's stats and metrics pages bind fixed ports on every interface: free ones, so another
+    # Serve app with HAProxy on this machine does not stop ours (Ray's processes inherit these).
+    haproxy_ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    os.environ.update(haproxy_ports)
     # address="local": a Ray of our own even when another is running on this machine
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield serve_command({"tiny-rise": hmodel}, load_config(overrides=OVERRIDES), "127.0.0.1", free_port(),
                             blocking=False)
     finally:
-        os.environ.pop(TOKEN_ENV, None)
+        for name in (TOKEN_ENV, *haproxy_ports):
+            os.environ.pop(name, None)
         serve.shutdown()
         ray.shutdown()
 
@@ -238,20 +246,73 @@ def test_grading_that_runs_past_the_time_limit_is_422_and_the_server_keeps_servi
     assert_serving(url)
 
 
-# -- 3. a client that goes away -------------------------------------------------------------------------
-@pytest.mark.slow
-def test_a_solve_whose_client_went_away_stops_and_frees_its_thread(url):
-    # Grading against this gold runs until the grading time limit (2 s): the client leaves first.
-    long = {"problem": QUESTION, "env": "math", "turns": 6, "temperature": 0, "answer": "a+9^{9^{9^{9}}}"}
-    before = httpx.get(url + "/healthz", timeout=30).json()["solve"]["cancelled"]
-    for _ in range(3):
-        with client(url, timeout=0.3) as c, pytest.raises(httpx.TimeoutException):
-            c.post("/v1/rise/solve", json=long)
-    for _ in range(120):  # bounded polls: the episodes stop at their next turn
-        solve = httpx.get(url + "/healthz", timeout=30).json()["solve"]
-        if solve["in_flight"] == 0 and solve["cancelled"] > before:
+def solve_stats(url: str) -> dict:
+    return httpx.get(url + "/healthz", timeout=30).json()["solve"]
+
+
+def wait_until_freed(url: str, cancelled_before: int) -> dict:
+    for _ in range(120):  # bounded polls: the episode stops at its next await
+        solve = solve_stats(url)
+        if solve["in_flight"] == 0 and solve["cancelled"] > cancelled_before:
             break
         time.sleep(0.25)
+    return solve
+
+
+# -- 3. a client that goes away -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_solve_whose_client_went_away_stops_and_frees_its_slot(url):
+    # Six turns of up to 64 tokens at temperature 2: the client leaves once the episode runs (seen in
+    # /healthz, not guessed from a client timeout: a busy machine can take longer than any fixed
+    # timeout to start it, and a grading-bound request ends with its 2 s grading budget).
+    long = {"problem": QUESTION, "turns": 6, "temperature": 2.0, "max_tokens": 64}
+    before = solve_stats(url)["cancelled"]
+
+    async def leave_while_it_runs() -> bool:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+            request = asyncio.create_task(c.post("/v1/rise/solve", json=long))
+            for _ in range(300):  # bounded polls
+                if (await c.get("/healthz")).json()["solve"]["in_flight"] > 0 or request.done():
+                    break
+                await asyncio.sleep(0.05)
+            running = not request.done()
+            request.cancel()  # the client goes away: httpx closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+            return running
+
+    assert asyncio.run(leave_while_it_runs()), "the solve ended before it was seen running"
+    solve = wait_until_freed(url, before)
+    assert solve["in_flight"] == 0 and solve["cancelled"] > before, solve
+    assert_serving(url)
+
+
+@pytest.mark.slow
+def test_a_streamed_solve_sends_each_attempt_once_graded_then_the_result_then_done(url):
+    body = {"problem": QUESTION, "turns": 3, "seed": 7, "answer": "e"}
+    with client(url) as c:
+        with c.stream("POST", "/v1/rise/solve", json={**body, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+        whole = c.post("/v1/rise/solve", json=body).json()  # the same seed: the same episode
+    assert events[-1] == "[DONE]", events
+    *attempts, final = [json.loads(e) for e in events[:-1]]
+    assert [a["turn"] for a in attempts] == list(range(1, whole["turns_used"] + 1))
+    assert [{"turn": a["turn"], "reply": a["response"], "answer": a["answer"], "correct": a["correct"]}
+            for a in whole["attempts"]] == attempts
+    assert {k: v for k, v in final.items() if k != "id"} == {k: v for k, v in whole.items() if k != "id"}
+
+
+@pytest.mark.slow
+def test_a_client_dropping_a_streamed_solve_frees_its_slot(url):
+    # Six turns of up to 64 tokens at temperature 2: the client reads the first attempt and leaves.
+    body = {"problem": QUESTION, "turns": 6, "temperature": 2.0, "max_tokens": 64, "stream": True}
+    before = solve_stats(url)["cancelled"]
+    with client(url) as c, c.stream("POST", "/v1/rise/solve", json=body) as r:
+        assert r.status_code == 200, r.read()
+        first = json.loads(next(line for line in r.iter_lines() if line).removeprefix("data: "))
+        assert first["turn"] == 1 and set(first) == {"turn", "reply", "answer", "correct"}, first
+    solve = wait_until_freed(url, before)  # closing the stream closed the connection
     assert solve["in_flight"] == 0 and solve["cancelled"] > before, solve
     assert_serving(url)
 

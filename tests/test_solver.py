@@ -41,10 +41,19 @@ def test_a_question_it_cannot_read_gets_a_reply_graded_wrong_not_an_error():
 
 
 def test_configs_that_cannot_use_the_solver_are_refused():
+    solver = ["rollout.improve_with=teacher", "teacher.engine=solver"]
     with pytest.raises(ConfigError, match="solver.*arithmetic"):
-        load_config(None, ["env.name=gsm8k", "rollout.improve_with=teacher", "teacher.engine=solver"])
-    cfg = load_config(None, ["env.name=arithmetic", "rollout.improve_with=teacher", "teacher.engine=solver"])
-    assert cfg.teacher.path is None  # no model to name
+        load_config(None, ["env.name=gsm8k", *solver])
+    # The arithmetic env's default task is linear ("Solve for x: ..."), which the solver cannot read:
+    # every answer it gave would be graded wrong in silence.
+    for task in ([], ["env.options.task=linear"], ["env.options.task=muladd"]):
+        with pytest.raises(ConfigError, match="teacher.engine 'solver'.*env.options.task '(linear|muladd)'"):
+            load_config(None, ["env.name=arithmetic", *solver, *task])
+    with pytest.raises(ConfigError, match="teacher.num_gpus_per_engine=0"):
+        load_config(None, ["env.name=arithmetic", "env.options.task=mul", *solver, "teacher.num_gpus_per_engine=1"])
+    for task in ("mul", "add"):
+        cfg = load_config(None, ["env.name=arithmetic", f"env.options.task={task}", *solver])
+        assert cfg.teacher.path is None  # no model to name
 
 
 @pytest.mark.timeout(300)

@@ -160,7 +160,7 @@ def test_a_lora_model_is_exported_merged_or_as_its_adapter(tiny_model_dir, tmp_p
 
     model = _lora_model(tiny_model_dir)
     tcfg = load_config(None, ["train.lora.enabled=true", "train.lora.r=4", "train.lora.alpha=8",
-                              f"train.lora.merge={merge}"]).train  # fmt: skip
+                              f"train.lora.merge={merge}", "iterations=0"]).train  # fmt: skip
     out = str(tmp_path / "model")
     export_hf({k: v.detach().clone() for k, v in model.state_dict().items()}, tiny_model_dir, tcfg, out, torch.float32)
     sent = _sent(out)

@@ -63,6 +63,19 @@ def get_env(name: str, **options) -> Env:
     return REGISTRY[name](**options)
 
 
+def make_env(cfg: EnvConfig, with_data: bool = True):
+    """The environment with its problems (without: only what grading and prompting need); a bad
+    name or option is a ConfigError naming it."""
+    from rise_ray.config import ConfigError
+
+    try:
+        return get_env(cfg.name, **env_options(cfg, with_data=with_data))
+    except (TypeError, ValueError) as e:
+        if type(e).__name__ == "DataError":
+            raise
+        raise ConfigError(f"env (name={cfg.name!r}, options={cfg.options}): {e}") from None
+
+
 def env_options(cfg: EnvConfig, with_data: bool = True) -> dict[str, Any]:
     """Options for `get_env` from the config's env section. Without data: only what grading and
     prompting need (cheap to build in every worker)."""
@@ -98,5 +111,6 @@ __all__ = [
     "check_line",
     "env_options",
     "get_env",
+    "make_env",
     "register_env",
 ]

@@ -209,6 +209,14 @@ def load_splits(
     }
 
 
+def is_hub_name(path: str) -> bool:
+    """Whether iter_rows reads `path` from the hub: not a local file, and not written as one (a
+    mistyped local path is a DataError, never a hub query)."""
+    import os
+
+    return not os.path.isfile(path) and not (path.endswith((".jsonl", ".json")) or path.startswith(("/", "./", "../", "~")))
+
+
 def iter_rows(path: str, split: str, hub_config: str | None = None) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(where, line or row number, row) from a local JSONL file, else from a `datasets` hub name.
 
@@ -221,7 +229,7 @@ def iter_rows(path: str, split: str, hub_config: str | None = None) -> Iterator[
         for lineno, row in iter_jsonl(path):
             yield f"{path}:{lineno}", lineno, row
         return
-    if path.endswith((".jsonl", ".json")) or path.startswith(("/", "./", "../", "~")):
+    if not is_hub_name(path):
         raise DataError(f"{path}: no such data file")
     try:
         import datasets

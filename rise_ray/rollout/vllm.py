@@ -135,6 +135,11 @@ class VLLMEngine:
             # the core busy-waits on it (spinning on shared memory) and takes a core from the
             # model's threads.
             engine_args.setdefault("distributed_executor_backend", "uni")
+        elif engine_args.get("tensor_parallel_size", 1) > 1:
+            # This actor holds all of its engine's GPUs, in a bundle of the pool's placement group:
+            # vLLM would see that group and default to its Ray executor, which asks the group for
+            # one bundle per GPU. Worker processes on this actor's GPUs instead.
+            engine_args.setdefault("distributed_executor_backend", "mp")
         kw = vllm_engine_args(model_path, **engine_args)
         if weight_transfer is not None:
             from vllm.config import WeightTransferConfig

@@ -236,6 +236,11 @@ def send_ipc(source: Any, client: Any, bucket_bytes: int, rank: int = 0) -> None
 class CheckpointSender:
     """The NCCL sender of the sync stage: a GPU other than the engines' (the trainer's, idle now)."""
 
+    def __init__(self, storage: tuple[str, str] | None = None):
+        from rise_ray.models.placement import check_run_storage
+
+        check_run_storage(storage, None)  # it reads checkpoints from the run directory on its own node
+
     def ready(self) -> bool:
         return True
 

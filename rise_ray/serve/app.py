@@ -3,14 +3,17 @@
 One ingress deployment (`RiseIngress`, a subclass of Ray Serve LLM's `OpenAiIngress`) in front of
 one `LLMServer` deployment per model (rise_ray.serve.llm_config). Steps of a request:
   1. `BodyLimit`: a body over serve.max_body_bytes is 413 before anything parses it; `BearerAuth`:
-     every route but /healthz and /health needs the bearer token when one is set (rise_ray.serve.auth);
+     every route but /healthz and /health needs the bearer token when one is set (both in
+     rise_ray.serve.limits, with the error handlers that answer in the OpenAI shape);
   2. the OpenAI routes (/v1/chat/completions, /v1/completions, /v1/models, /tokenize, ...) are
      OpenAiIngress's own: vLLM's request models validate, its serving code generates, streams and
      answers errors. Chat message text first has its special tokens kept text (TextOnly);
-  3. /v1/rise/solve runs `run_episodes` on a worker thread. Each turn is a chat request to the
-     model's LLMServer through its Serve handle, the call the OpenAI route makes; grading runs in
-     time-limited child processes (rise_ray.serve.grading). A client that goes away cancels the
-     turn in flight (vLLM aborts it) and the episode stops;
+  3. /v1/rise/solve drives the episode generator (rise_ray.rollout.episodes.episode) from the
+     event loop: each turn is an awaited chat request to the model's LLMServer through the handle
+     Serve gave the ingress; grading runs in time-limited child processes (rise_ray.serve.grading).
+     With "stream": true each attempt is a server-sent event once graded. Serve's
+     max_ongoing_requests admits requests; a client that goes away cancels the task, and with it
+     the turn in flight (vLLM aborts it) or the grading call (its process is killed);
   4. /healthz reports the ingress and each model's engine (LLMServer.check_health): 503 when one
      is dead, while Serve's own health check replaces that replica; /health and /metrics answer
      as vLLM's own server's do (/metrics: Ray's Prometheus export of this node).
@@ -21,159 +24,66 @@ one `LLMServer` deployment per model (rise_ray.serve.llm_config). Steps of a req
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
-import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+from rise_ray.compat import serve_openai_routes
 from rise_ray.config import RunConfig
 from rise_ray.envs.base import Env, Problem
+from rise_ray.progress import EpisodeTally
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
-from rise_ray.rollout.episodes import EpisodeSpec, run_episodes
-from rise_ray.serve.auth import replica_token_digest, token_digest
-from rise_ray.serve.grading import BoundedEnv, GraderPool, serve_env
-from rise_ray.serve.limits import (
-    Cancelled,
-    CancelToken,
-    LoopEngine,
-    SolveSlots,
-    TextOnly,
-    check_seed,
-    read_body,
-)
+from rise_ray.rollout.episodes import EpisodeSpec, Trajectory, advance, episode
+from rise_ray.serve.auth import replica_token_digest
+from rise_ray.serve.grading import GraderPool, RequestGrader, serve_env
+from rise_ray.serve.limits import TextOnly, check_seed, http_app
 from rise_ray.serve.results import ServeMetrics, solve_result
-from rise_ray.serve.schemas import ApiError, SolveRequest, param_name, parse
+from rise_ray.serve.schemas import ApiError, SolveRequest, parse
 
 HEALTH_TIMEOUT_S = 10.0  # an engine that cannot answer its health check within this is reported dead
 
 
-# -- middleware (pure ASGI: streamed replies pass through untouched) ----------------------------------
-async def _send_error(scope: dict[str, Any], receive: Any, send: Any, err: ApiError) -> None:
-    await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
-
-
-class BodyLimit:
-    """413 for a body over `limit` bytes, from Content-Length before reading anything, else while it
-    streams in; nothing over the limit is kept. The app then reads the buffered body."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        try:
-            body = await read_body(Request(scope, receive), self.limit)
-        except ApiError as err:
-            await _send_error(scope, receive, send, err)
-            return
-        sent = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: the disconnect, when the client goes away
-
-        await self.app(scope, replay, send)
-
-
-class BearerAuth:
-    """Every route but /healthz and /health needs `Authorization: Bearer <token>` when this replica has a token
-    (given at build time as its SHA-256, else read from $token_env: rise_ray.serve.auth). CORS
-    preflights pass: they carry no credentials and reach no model."""
-
-    OPEN = ("/healthz", "/health")
-
-    def __init__(self, app: Any, token_sha256: str | None, token_env: str, require_token: bool) -> None:
-        self.app = app
-        self.token_sha256 = replica_token_digest(token_sha256, token_env, require_token)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if (scope["type"] == "http" and self.token_sha256 is not None and scope["method"] != "OPTIONS"
-                and scope["path"] not in self.OPEN):
-            headers = dict(scope["headers"])
-            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), self.token_sha256):
-                await _send_error(scope, receive, send, ApiError(401, "missing or wrong bearer token", "authorization",
-                                                 "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-                return
-        await self.app(scope, receive, send)
-
-
-async def _api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-class _NonFinite(str):
-    """NaN, Infinity or -Infinity as Python's json reads them (JSON itself has no such numbers)."""
-
-
-def _unreadable(body: bytes) -> tuple[str, str]:
-    """(message, param) for a body FastAPI did not take as JSON: a non-finite number (NaN, Infinity:
-    Python's json reads them, JSON does not allow them) names its field; anything else the body."""
-
-    try:
-        obj = json.loads(body, parse_constant=_NonFinite)
-    except ValueError as e:
-        return f"request body is not valid JSON: {e}", "body"
-    for key, value in obj.items() if isinstance(obj, dict) else ():
-        if isinstance(value, _NonFinite):
-            return f"{key}: must be a finite number, not {value}", key
-    return "request body: must be a JSON object", "body"
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """A body vLLM's request model rejects: 400 naming the first bad field. (Ray Serve LLM's own
-    handler answers 500 when the rejected value is bytes, as for a NaN temperature.)"""
-    assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request body", "type": ""}
-    loc = tuple(first.get("loc", ()))
-    loc = loc[1:] if loc[:1] == ("body",) else loc
-    if not loc and isinstance(exc.body, bytes):  # FastAPI could not read it as JSON: say why
-        err = ApiError(400, *_unreadable(exc.body))
-        return JSONResponse(err.body(), status_code=400)
-    param = "body" if first.get("type") == "json_invalid" or not loc else param_name(loc)
-    err = ApiError(400, f"{param}: {first.get('msg', 'invalid')}", param)
-    return JSONResponse(err.body(), status_code=400)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    """Starlette's 404/405 (and OpenAiIngress's "no such model") in the OpenAI error shape."""
-    assert isinstance(exc, StarletteHTTPException)
-    err = ApiError(exc.status_code, str(exc.detail), None, "not_found" if exc.status_code == 404 else None)
-    return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-
-def http_app(cfg: RunConfig, token_sha256: str | None) -> FastAPI:
-    """Ray Serve LLM's FastAPI app (its error, CORS and request-id middleware) with ours outside it."""
-    app = init()
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(BodyLimit, limit=cfg.serve.max_body_bytes)
-    app.add_middleware(BearerAuth, token_sha256=token_sha256, token_env=cfg.serve.token_env,
-                       require_token=cfg.serve.require_token)  # added last: runs first
-    return app
-
-
 # -- the ingress ----------------------------------------------------------------------------------------
+@dataclass
+class PromptLength:
+    """What an episode asks of its engine before each turn (rise_ray.rollout.engine.Engine's
+    prompt_len and max_model_len): the prompt's tokens, by the model's own chat template."""
+
+    tokenizer: Any
+    max_model_len: int
+
+    def prompt_len(self, conversation: Conversation) -> int:
+        return len(self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True,
+                                                      return_dict=False))
+
+
+@dataclass
+class Solve:
+    """One checked /v1/rise/solve request: what its episode needs."""
+
+    model: str
+    env_name: str
+    problem: Problem
+    spec: EpisodeSpec
+    grader: RequestGrader
+    graded: bool  # the request gave the gold answer
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event, as OpenAI's streams write them."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
 class RiseIngress(OpenAiIngress):
     """OpenAiIngress plus /v1/rise/solve and /healthz. `model_dirs`: each model id's HF directory
     (its tokenizer: prompt lengths and special tokens); `default_model`: solve's model when the
@@ -190,51 +100,37 @@ class RiseIngress(OpenAiIngress):
         # Auth fails closed at start-up too: a blank token, or serve.require_token without one.
         replica_token_digest(token_sha256, s.token_env, s.require_token)
         self.default_model = default_model
-        self.tokenizers = {m: AutoTokenizer.from_pretrained(d) for m, d in model_dirs.items()}
-        self._tok_lock = threading.Lock()  # solve threads share the tokenizers
-        self.max_model_len = {m: int(card.metadata["max_request_context_length"]) for m, card in model_cards.items()}
-        tok = self.tokenizers[default_model]
+        # The engines' deployment handles, as Serve passes them: solve's chat calls stream (LLMServer.chat
+        # is a generator), /healthz calls check_health.
+        self.engines = dict(llm_deployments)
+        self.chat_handles = {m: h.options(stream=True) for m, h in self.engines.items()}
+        self.prompts = {m: PromptLength(AutoTokenizer.from_pretrained(d), int(model_cards[m].metadata[
+            "max_request_context_length"])) for m, d in model_dirs.items()}
+        tok = self.prompts[default_model].tokenizer
         special = {*tok.all_special_tokens,
                    *(t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if t.special)}
         self._text_only = TextOnly(special)
-        # Solve work is counted while it runs, and the pool has a thread for each: nothing queues.
-        self._slots = SolveSlots(s.max_ongoing_requests, s.retry_after_s)
-        self._solve_threads = ThreadPoolExecutor(s.max_ongoing_requests, thread_name_prefix="rise-solve")
         self._grader = GraderPool(s.grade_workers)  # ends with this replica's process
         self._grader.warm()
-        self._envs: dict[str, Env] = {}
-        self._env_lock = threading.Lock()
         self.default_env = s.env or self.cfg.env.name
-        self._env(self.default_env)  # fail at start-up, not at the first request, if it is broken
+        self._envs: dict[str, Env] = {self.default_env: serve_env(self.cfg, self.default_env)}  # broken: fail now
         self.metrics = ServeMetrics()
         self._metrics_url: str | None = None
+        self.solving = 0  # solve requests running now (Serve's max_ongoing_requests bounds them)
+        self.abandoned = 0  # solve requests stopped because their client went away
 
-    def _env(self, name: str) -> Env:
-        with self._env_lock:
-            if name not in self._envs:
-                self._envs[name] = serve_env(self.cfg, name)
-            return self._envs[name]
+    async def _env(self, name: str) -> Env:
+        if name not in self._envs:  # built off the loop (an env's first build imports its grader)
+            self._envs[name] = await asyncio.to_thread(serve_env, self.cfg, name)
+        return self._envs[name]
 
-    def prompt_len(self, model: str, conversation: Conversation) -> int:
-        with self._tok_lock:
-            ids = self.tokenizers[model].apply_chat_template(
-                conversation, tokenize=True, add_generation_prompt=True, return_dict=False)
-        return len(ids)
-
-    async def generate(self, model: str, conversations: list[Conversation], n: int,
-                       params: SamplingParams) -> list[list[Completion]]:
-        """The Engine protocol's generate, for solve: one chat request per conversation to the model's
-        LLMServer (vLLM batches them with every other request it runs)."""
-        return list(await asyncio.gather(*(self._chat_once(model, c, n, params) for c in conversations)))
-
-    async def _chat_once(self, model: str, conversation: Conversation, n: int, params: SamplingParams) -> list[Completion]:
+    async def _chat(self, model: str, conversation: Conversation, n: int, params: SamplingParams) -> list[Completion]:
+        """One chat request to the model's LLMServer, through the handle Serve gave this ingress (the
+        call the OpenAI route makes; vLLM batches it with every other request). Cancelling the
+        awaiting task cancels it in the engine."""
         body = ChatCompletionRequest(model=model, messages=conversation, n=n, temperature=params.temperature,
                                      top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed)
-        gen = self._get_response(body=body, call_method="chat")
-        try:
-            out = await gen.__anext__()
-        finally:
-            await gen.aclose()
+        (out,) = [o async for o in self.chat_handles[model].chat.remote(body)]  # not streamed: one response
         out = out[0] if isinstance(out, list) else out
         if isinstance(out, ErrorResponse):  # vLLM refused the request or failed
             code = int(out.error.code)
@@ -261,7 +157,7 @@ class RiseIngress(OpenAiIngress):
     async def _engines(self) -> dict[str, str]:
         """Each model's engine: "ok", or "dead: <why>" (LLMServer.check_health through its handle)."""
         engines: dict[str, str] = {}
-        for model, handle in self._default_serve_handles.items():
+        for model, handle in self.engines.items():
             try:
                 await asyncio.wait_for(handle.check_health.remote(), HEALTH_TIMEOUT_S)
                 engines[model] = "ok"
@@ -273,7 +169,7 @@ class RiseIngress(OpenAiIngress):
         engines = await self._engines()
         dead = any(v != "ok" for v in engines.values())
         body = {"status": "engine_dead" if dead else "ok", "models": engines,
-                "solve": {"in_flight": self._slots.in_flight, "cancelled": self._slots.cancelled}}
+                "solve": {"in_flight": self.solving, "cancelled": self.abandoned}}
         return JSONResponse(body, status_code=503 if dead else 200)
 
     async def health(self) -> Response:
@@ -290,15 +186,26 @@ class RiseIngress(OpenAiIngress):
             r = await client.get(self._metrics_url)
         return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
-    async def solve(self, request: Request) -> dict[str, Any]:
-        s, ev = self.cfg.serve, self.cfg.eval
+    async def solve(self, request: Request) -> Response:
+        """/v1/rise/solve: the episode's result as one JSON object, or with "stream": true each attempt
+        as a server-sent event the moment it is graded, then the result, then `data: [DONE]`."""
         req = parse(SolveRequest, await request.body())
+        run = await self._check(req)
+        if req.stream:
+            return StreamingResponse(self._events(run), media_type="text/event-stream")
+        async for event in self._solve(run):
+            result = event
+        return JSONResponse(result)
+
+    async def _check(self, req: SolveRequest) -> Solve:
+        """The request's episode, or ApiError(4xx) naming what the server's limits refuse."""
+        s, ev = self.cfg.serve, self.cfg.eval
         model = req.model or self.default_model
-        if model not in self.tokenizers:
-            raise ApiError(404, f"model: {model!r} is not served here; served: {sorted(self.tokenizers)}",
+        if model not in self.prompts:
+            raise ApiError(404, f"model: {model!r} is not served here; served: {sorted(self.prompts)}",
                            "model", "model_not_found")
         env_name = req.env or self.default_env
-        env = self._env(env_name)
+        env = await self._env(env_name)
         if req.turns is not None and req.turns > s.max_turns:
             raise ApiError(400, f"turns: {req.turns} is above this server's limit of {s.max_turns}", "turns")
         turns = req.turns or min(ev.turns, s.max_turns)
@@ -318,45 +225,56 @@ class RiseIngress(OpenAiIngress):
             seed=req.seed,
         )
         problem = Problem(f"solve-{uuid.uuid4().hex}", self._text_only(req.problem), req.answer or "")
-        prompt_tokens = self.prompt_len(model, env.first_prompt(problem))
-        if prompt_tokens + params.max_tokens > self.max_model_len[model]:
+        prompt_tokens = self.prompts[model].prompt_len(env.first_prompt(problem))
+        context = self.prompts[model].max_model_len
+        if prompt_tokens + params.max_tokens > context:
             raise ApiError(400, f"problem: the prompt is {prompt_tokens} tokens; with max_tokens {params.max_tokens} "
-                           f"that exceeds the model's context of {self.max_model_len[model]} tokens",
-                           "problem", "context_length_exceeded")
+                           f"that exceeds the model's context of {context} tokens", "problem", "context_length_exceeded")
         spec = EpisodeSpec(turns=turns, params=params, choose="first", oracle=req.oracle,
                            context_window=req.context_window)
-        cancel = CancelToken()
-        self._slots.take()
-        try:
-            fut = self._solve_threads.submit(self._episode, model, env, problem, spec, req.answer is not None,
-                                             cancel, asyncio.get_running_loop())
-        except BaseException:
-            self._slots.give(False)
-            raise
-        try:
-            out = await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:  # the client went away (Serve cancels the handler)
-            cancel.cancel()
-            if fut.cancelled():  # it never started, so it gives back no slot itself
-                self._slots.give(True)
-            raise
-        self.metrics.solved(env_name, req.oracle, out)
-        return {"id": problem.id, "model": model, "env": env_name, **out}
+        grader = RequestGrader(env, self._grader, s.grade_timeout_s)
+        return Solve(model, env_name, problem, spec, grader, req.answer is not None)
 
-    def _episode(self, model: str, env: Env, problem: Problem, spec: EpisodeSpec, graded: bool,
-                 cancel: CancelToken, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
-        """On a solve thread: the episode and its result, grading under the request's time limit."""
-        stopped = False
+    async def _solve(self, run: Solve) -> AsyncIterator[dict[str, Any]]:
+        """The episode (rise_ray.rollout.episodes.episode), driven from the event loop: each turn's
+        chat call is awaited, its replies are graded in the grading processes, and the attempt is
+        yielded; the last item is the response body. A client that goes away cancels the task:
+        the turn in flight stops in the engine, a grading call in progress is killed."""
+        traj = Trajectory(run.problem.id, run.problem.question, run.problem.reference)
+        steps = episode(run.grader, run.problem, traj, run.spec, self.prompts[run.model], None, EpisodeTally(), 0)
+        self.solving += 1
         try:
-            bounded: Any = BoundedEnv(env, self._grader, self.cfg.serve.grade_timeout_s, cancel.event)
-            engine = LoopEngine(self, model, self.max_model_len[model], loop, cancel)
-            (traj,) = run_episodes(engine, bounded, [problem], spec)
-            return solve_result(traj, bounded, spec.turns, graded)
-        except Cancelled:
-            stopped = True
+            turn = advance(steps, None)
+            while turn is not None:
+                _, conversation, n, params = turn
+                replies = await self._chat(run.model, conversation, n, params)
+                for reply in replies:
+                    await run.grader.grade(reply.text, run.problem)
+                turn = advance(steps, replies)  # the episode keeps the attempt (grades read back)
+                last = traj.turns[-1]
+                yield {"turn": len(traj.turns), "reply": last.response, "answer": last.answer,
+                       "correct": last.correct if run.graded else None}
+            for answer in {t.answer for t in traj.turns}:
+                await run.grader.key(answer)
+            out = solve_result(traj, run.grader, run.spec.turns, run.graded)
+            self.metrics.solved(run.env_name, run.spec.oracle, out)
+            yield {"id": run.problem.id, "model": run.model, "env": run.env_name, **out}
+        except (asyncio.CancelledError, GeneratorExit):
+            self.abandoned += 1
             raise
         finally:
-            self._slots.give(stopped)
+            steps.close()
+            self.solving -= 1
+
+    async def _events(self, run: Solve) -> AsyncIterator[str]:
+        """_solve as server-sent events; an error after the first event is an event too (the status
+        line is sent)."""
+        try:
+            async for event in self._solve(run):
+                yield sse(event)
+        except ApiError as err:
+            yield sse(err.body())
+        yield sse("[DONE]")
 
 
 def _metrics_export_url() -> str:
@@ -369,7 +287,7 @@ def _metrics_export_url() -> str:
 
 
 ENDPOINTS = {
-    **DEFAULT_ENDPOINTS,
+    **serve_openai_routes(),
     "solve": lambda app: app.post("/v1/rise/solve"),
     "healthz": lambda app: app.get("/healthz"),
     "health": lambda app: app.get("/health"),

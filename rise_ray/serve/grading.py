@@ -1,11 +1,11 @@
-"""Grading for /v1/rise/solve, bounded in time on any thread.
+"""Grading for /v1/rise/solve, bounded in time, off the event loop.
 
 An env's grader may be slow on hostile input (math: a quadratic LaTeX fixer, sympy expanding
-towers of powers), and its own signal-based time limit works on the main thread only, while
-solve grades on worker threads. So every grading call (extract, grade, answer_key) runs in a
-small pool of child processes: a call over the request's budget kills its process (a fresh one
-replaces it) and the request gets a 422. Each request has `serve.grade_timeout_s` of grading time
-in all, counted only while one of its calls runs.
+towers of powers), and its own signal-based time limit works on the main thread only. So every
+grading call (extract, grade, answer_key) runs in a small pool of child processes: a call over the
+request's budget kills its process (a fresh one replaces it) and the request gets a 422; a call
+whose request is cancelled (its client went away) kills its process too. Each request has `serve.grade_timeout_s` of grading time in all,
+counted only while one of its calls runs.
 
 The children are plain `python -m rise_ray.serve.grading` processes talking JSON over pipes
 (multiprocessing's spawn would re-run the Ray worker's own __main__).
@@ -13,10 +13,10 @@ The children are plain `python -m rise_ray.serve.grading` processes talking JSON
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
-import queue
 import struct
 import subprocess
 import sys
@@ -26,11 +26,9 @@ from typing import Any
 
 from rise_ray.config import RunConfig
 from rise_ray.envs.base import Env, Grade, Problem
-from rise_ray.serve.limits import Cancelled
 from rise_ray.serve.schemas import ApiError
 
 _LEN = struct.Struct("!Q")
-CANCEL_POLL_S = 0.1  # how soon a grading call notices that its client went away
 READY_TIMEOUT_S = 120.0  # a fresh child imports the envs and math-verify (sympy) before serving
 
 
@@ -55,75 +53,62 @@ class _Worker:
         )
         self.ready = False
 
-    def wait(self, timeout: float) -> bool:
-        """Whether a reply is there within `timeout` seconds."""
+    def ensure_ready(self) -> None:
+        """Wait (blocking) until the process has imported what grading needs."""
         import select
 
-        r, _, _ = select.select([self.proc.stdout], [], [], max(timeout, 0.0))
-        return bool(r)
+        if not self.ready:
+            r, _, _ = select.select([self.proc.stdout], [], [], READY_TIMEOUT_S)
+            if not r or _read(self.proc.stdout) != "ready":
+                raise RuntimeError("grading process did not start")
+            self.ready = True
 
-    def kill(self) -> None:
+    def ask(self, message: Any) -> Any:
+        """Send one call, wait (blocking) for its reply."""
+        _write(self.proc.stdin, message)
+        return _read(self.proc.stdout)
+
+    def kill(self) -> None:  # a thread blocked in ask() then reads EOF
         self.proc.kill()
         self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            f.close()
 
 
 class GraderPool:
-    """`size` grading processes. A caller waits for a free one (callers are solve threads, so at
-    most serve.max_ongoing_requests wait); a call that outlives its budget kills its process."""
+    """`size` grading processes for the event loop. A call waits for a free process; its blocking
+    pipe I/O runs on a thread, so the loop never waits on a grader. A call that outlives its budget,
+    or whose request is cancelled (the client went away), kills its process; a fresh one replaces it."""
 
     def __init__(self, size: int) -> None:
-        self._idle: queue.Queue[_Worker] = queue.Queue()
-        for _ in range(size):
-            self._idle.put(_Worker())
+        self._workers = [_Worker() for _ in range(size)]
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        for w in self._workers:
+            self._idle.put_nowait(w)
 
     def warm(self) -> None:
-        """Wait until every process has imported what grading needs (start-up, not per request)."""
-        workers = [self._idle.get() for _ in range(self._idle.qsize())]
-        try:
-            for w in workers:
-                self._ensure_ready(w)
-        finally:
-            for w in workers:
-                self._idle.put(w)
+        """Wait until every process is ready (start-up, not per request): a broken one fails here."""
+        for w in self._workers:
+            w.ensure_ready()
 
-    def _ensure_ready(self, w: _Worker) -> None:
-        if not w.ready:
-            if not w.wait(READY_TIMEOUT_S) or _read(w.proc.stdout) != "ready":
-                raise RuntimeError("grading process did not start")
-            w.ready = True
-
-    def call(
-        self, env: Env, method: str, args: tuple[Any, ...], budget_s: float, cancelled: threading.Event | None = None
-    ) -> tuple[Any, float]:
-        """`env.method(*args)` in a child process: (result, seconds it took). Over `budget_s`:
-        GradingTimeout; `cancelled` set meanwhile: Cancelled; either way the process is replaced."""
-        w = self._idle.get()
+    async def call(self, spec: dict[str, Any], method: str, args: tuple[Any, ...], budget_s: float) -> tuple[Any, float]:
+        """`method(*args)` of the env `spec` (serve_env) in a child process: (result, seconds it
+        took). Over `budget_s`: GradingTimeout."""
+        w = await self._idle.get()
         ok = False
         try:
-            self._ensure_ready(w)
+            await asyncio.to_thread(w.ensure_ready)  # a fresh process: not counted in the budget
             start = time.monotonic()
-            _write(w.proc.stdin, [env.serve_spec, method, list(args)])  # type: ignore[attr-defined]
-            while not w.wait(min(CANCEL_POLL_S, budget_s - (time.monotonic() - start))):
-                if cancelled is not None and cancelled.is_set():
-                    raise Cancelled()
-                if time.monotonic() - start >= budget_s:
-                    raise GradingTimeout()
-            status, value = _read(w.proc.stdout)
+            status, value = await asyncio.wait_for(asyncio.to_thread(w.ask, [spec, method, list(args)]), budget_s)
             ok = True
+        except TimeoutError:
+            raise GradingTimeout() from None
         finally:
             if not ok:
                 w.kill()
                 w = _Worker()
-            self._idle.put(w)
+            self._idle.put_nowait(w)
         if status == "error":
             raise RuntimeError(f"grading failed: {value}")
         return (Grade(**value) if method == "grade" else value), time.monotonic() - start
-
-    def close(self) -> None:
-        while not self._idle.empty():
-            self._idle.get().kill()
 
 
 class GradingTimeout(ApiError):
@@ -139,7 +124,7 @@ def serve_env(cfg: RunConfig, name: str) -> Env:
     options (the prompts and feedback it was trained on), any other with the shared ones."""
     from rise_ray.envs import REGISTRY, get_env
     from rise_ray.envs import accepted_options as env_options
-    from rise_ray.session import env_options as cfg_env_options
+    from rise_ray.envs import env_options as cfg_env_options
 
     if name not in REGISTRY:
         raise ApiError(400, f"env: unknown env {name!r}; known: {sorted(REGISTRY)}", "env", "unknown_env")
@@ -156,42 +141,50 @@ def serve_env(cfg: RunConfig, name: str) -> Env:
     return env
 
 
-class BoundedEnv:
-    """An env for one solve request: prompts come from `env`; grading goes through the pool under
-    the request's time budget. Grading uses `grade` (answer and correctness), not `grade_problem`:
-    a problem typed by a client carries none of the data set's meta that reward shaping reads, and
-    a served answer needs no reward."""
+class RequestGrader:
+    """The env of one solve request. Prompts come from `env`; grading runs in the pool under the
+    request's time budget (serve.grade_timeout_s in all, counted while its calls run), awaited by
+    the ingress (`grade`, `key`) before the episode, which reads the results (`grade_problem`,
+    `answer_key`: the Env methods rise_ray.rollout.episodes and serve.results call).
 
-    def __init__(self, env: Env, pool: GraderPool, budget_s: float, cancelled: threading.Event | None = None) -> None:
+    Grading uses `grade` (answer and correctness), not `grade_problem`: a problem typed by a client
+    carries none of the data set's meta that reward shaping reads, and a served answer needs no reward."""
+
+    def __init__(self, env: Env, pool: GraderPool, budget_s: float) -> None:
         self.env = env
         self.pool = pool
-        self.cancelled = cancelled
         self.left_s = budget_s
-        self._keys: dict[str | None, str | None] = {}
-        self._lock = threading.Lock()
-
-    def _call(self, method: str, *args: Any) -> Any:
-        with self._lock:
-            if self.left_s <= 0:
-                raise GradingTimeout()
-            value, took = self.pool.call(self.env, method, args, self.left_s, self.cancelled)
-            self.left_s -= took
-            return value
+        self._grades: dict[str, Grade] = {}
+        self._keys: dict[str | None, str | None] = {None: None}
 
     def __getattr__(self, name: str) -> Any:  # first_prompt, feedback_message, name, ...
         return getattr(self.env, name)
 
-    def grade_problem(self, response: str, problem: Problem) -> Grade:
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self.left_s <= 0:
+            raise GradingTimeout()
+        value, took = await self.pool.call(self.env.serve_spec, method, args, self.left_s)  # type: ignore[attr-defined]
+        self.left_s -= took
+        return value
+
+    async def grade(self, response: str, problem: Problem) -> None:
+        if response in self._grades:
+            return
         if not problem.reference:  # no gold answer: only the answer is read
-            answer = self._call("extract", response)
-            return Grade(False, answer, self.env.unparsed_reward if answer is None else self.env.wrong_reward)
-        return self._call("grade", response, problem.reference)
+            answer = await self._call("extract", response)
+            reward = self.env.unparsed_reward if answer is None else self.env.wrong_reward
+            self._grades[response] = Grade(False, answer, reward)
+        else:
+            self._grades[response] = await self._call("grade", response, problem.reference)
+
+    async def key(self, answer: str | None) -> None:
+        if answer not in self._keys:
+            self._keys[answer] = await self._call("answer_key", answer)
+
+    def grade_problem(self, response: str, problem: Problem) -> Grade:
+        return self._grades[response]
 
     def answer_key(self, answer: str | None) -> str | None:
-        if answer is None:
-            return None
-        if answer not in self._keys:
-            self._keys[answer] = self._call("answer_key", answer)
         return self._keys[answer]
 
 

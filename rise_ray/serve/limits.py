@@ -1,26 +1,24 @@
-"""Request limits of the HTTP API: body size, seeds, special tokens, and solve work in flight."""
+"""The HTTP layer in front of the routes: the body size limit and bearer auth (pure ASGI
+middleware: streamed replies pass through untouched), errors in the OpenAI shape, seeds, and
+special tokens kept text. `http_app` is Ray Serve LLM's FastAPI app with these added."""
 
 from __future__ import annotations
 
-import asyncio
+import hmac
+import json
 import re
-import threading
 from collections.abc import Iterable
-from concurrent.futures import CancelledError, Future
-from typing import Any, Protocol
+from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
-from rise_ray.serve.schemas import SEED_MAX, ApiError
-
-
-class _Generates(Protocol):
-    """What LoopEngine needs of the ingress (RiseIngress): prompt lengths and its async generate."""
-
-    def prompt_len(self, model: str, conversation: Conversation) -> int: ...
-
-    def generate(self, model: str, conversations: list[Conversation], n: int, params: SamplingParams) -> Any: ...
+from rise_ray.compat import serve_openai_app
+from rise_ray.config import RunConfig
+from rise_ray.serve.auth import replica_token_digest, token_digest
+from rise_ray.serve.schemas import SEED_MAX, ApiError, param_name
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -63,77 +61,113 @@ class TextOnly:
         return text
 
 
-class Cancelled(Exception):
-    """The client of a solve request went away: its episode stops at the next engine call."""
+async def _send_error(scope: dict[str, Any], receive: Any, send: Any, err: ApiError) -> None:
+    await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
 
 
-class SolveSlots:
-    """The solve threads' work, counted while it really runs (a cancelled request's thread counts
-    until it stops), so a full replica answers 503 instead of queueing without bound."""
+class BodyLimit:
+    """413 for a body over `limit` bytes, from Content-Length before reading anything, else while it
+    streams in; nothing over the limit is kept. The app then reads the buffered body."""
 
-    def __init__(self, size: int, retry_after_s: float) -> None:
-        self.size = size
-        self.in_flight = 0
-        self.cancelled = 0  # episodes stopped early because their client went away
-        self._lock = threading.Lock()
-        self._retry = str(int(retry_after_s)) if float(retry_after_s).is_integer() else str(retry_after_s)
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
 
-    def take(self) -> None:
-        with self._lock:
-            if self.in_flight >= self.size:
-                raise ApiError(503, f"this replica is running {self.size} solve requests already; retry later",
-                               None, "overloaded", headers={"Retry-After": self._retry})
-            self.in_flight += 1
-
-    def give(self, cancelled: bool) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            self.cancelled += cancelled
-
-
-class CancelToken:
-    """Shared by a solve handler and its thread: set when the client goes away; cancels the engine
-    call the thread waits on (its queued batch job is then dropped) and refuses further calls."""
-
-    def __init__(self) -> None:
-        self.event = self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._current: Future[Any] | None = None
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._event.set()
-            if self._current is not None:
-                self._current.cancel()
-
-    def run(self, coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
-        """Run `coro` on `loop` from a worker thread, unless cancelled."""
-        with self._lock:
-            if self._event.is_set():
-                coro.close()
-                raise Cancelled()
-            fut = self._current = asyncio.run_coroutine_threadsafe(coro, loop)
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
         try:
-            return fut.result()
-        except (CancelledError, asyncio.CancelledError):
-            raise Cancelled() from None
-        finally:
-            with self._lock:
-                self._current = None
+            body = await read_body(Request(scope, receive), self.limit)
+        except ApiError as err:
+            await _send_error(scope, receive, send, err)
+            return
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when the client goes away
+
+        await self.app(scope, replay, send)
 
 
-class LoopEngine:
-    """The Engine protocol for run_episodes on a worker thread: generate() runs the ingress's async
-    generate for `model` on its event loop, cancelled with the request."""
+class BearerAuth:
+    """Every route but /healthz and /health needs `Authorization: Bearer <token>` when this replica has a token
+    (given at build time as its SHA-256, else read from $token_env: rise_ray.serve.auth). CORS
+    preflights pass: they carry no credentials and reach no model."""
 
-    def __init__(self, server: _Generates, model: str, max_model_len: int, loop: asyncio.AbstractEventLoop,
-                 cancel: CancelToken) -> None:
-        self.server, self.model, self.max_model_len = server, model, max_model_len
-        self.loop = loop
-        self.cancel = cancel
+    OPEN = ("/healthz", "/health")
 
-    def prompt_len(self, conversation: Conversation) -> int:
-        return self.server.prompt_len(self.model, conversation)
+    def __init__(self, app: Any, token_sha256: str | None, token_env: str, require_token: bool) -> None:
+        self.app = app
+        self.token_sha256 = replica_token_digest(token_sha256, token_env, require_token)
 
-    def generate(self, conversations: list[Conversation], n: int, params: SamplingParams) -> list[list[Completion]]:
-        return self.cancel.run(self.server.generate(self.model, conversations, n, params), self.loop)
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and self.token_sha256 is not None and scope["method"] != "OPTIONS"
+                and scope["path"] not in self.OPEN):
+            headers = dict(scope["headers"])
+            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), self.token_sha256):
+                await _send_error(scope, receive, send, ApiError(401, "missing or wrong bearer token", "authorization",
+                                                 "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+                return
+        await self.app(scope, receive, send)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+class _NonFinite(str):
+    """NaN, Infinity or -Infinity as Python's json reads them (JSON itself has no such numbers)."""
+
+
+def _unreadable(body: bytes) -> tuple[str, str]:
+    """(message, param) for a body FastAPI did not take as JSON: a non-finite number (NaN, Infinity:
+    Python's json reads them, JSON does not allow them) names its field; anything else the body."""
+
+    try:
+        obj = json.loads(body, parse_constant=_NonFinite)
+    except ValueError as e:
+        return f"request body is not valid JSON: {e}", "body"
+    for key, value in obj.items() if isinstance(obj, dict) else ():
+        if isinstance(value, _NonFinite):
+            return f"{key}: must be a finite number, not {value}", key
+    return "request body: must be a JSON object", "body"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """A body vLLM's request model rejects: 400 naming the first bad field. (Ray Serve LLM's own
+    handler answers 500 when the rejected value is bytes, as for a NaN temperature.)"""
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request body", "type": ""}
+    loc = tuple(first.get("loc", ()))
+    loc = loc[1:] if loc[:1] == ("body",) else loc
+    if not loc and isinstance(exc.body, bytes):  # FastAPI could not read it as JSON: say why
+        err = ApiError(400, *_unreadable(exc.body))
+        return JSONResponse(err.body(), status_code=400)
+    param = "body" if first.get("type") == "json_invalid" or not loc else param_name(loc)
+    err = ApiError(400, f"{param}: {first.get('msg', 'invalid')}", param)
+    return JSONResponse(err.body(), status_code=400)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's 404/405 (and OpenAiIngress's "no such model") in the OpenAI error shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    err = ApiError(exc.status_code, str(exc.detail), None, "not_found" if exc.status_code == 404 else None)
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def http_app(cfg: RunConfig, token_sha256: str | None) -> FastAPI:
+    """Ray Serve LLM's FastAPI app (its error, CORS and request-id middleware) with ours outside it."""
+    app = serve_openai_app()
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(BodyLimit, limit=cfg.serve.max_body_bytes)
+    app.add_middleware(BearerAuth, token_sha256=token_sha256, token_env=cfg.serve.token_env,
+                       require_token=cfg.serve.require_token)  # added last: runs first
+    return app

@@ -1,23 +1,12 @@
-"""The LLMServer deployment class of `rise serve`: Ray Serve LLM's own, with /tokenize working.
-
-Ray 2.60's VLLMEngine looks for vLLM's tokenization server as `state.openai_serving_tokenization`;
-vLLM 0.32 names it `state.serving_tokenization`, so /tokenize and /detokenize answer "This model
-does not support the 'tokenization' task" (docs/serve_llm.md). The engine below takes vLLM's name
-when Ray's finds nothing, and changes nothing once a Ray release reads it itself.
-"""
+"""The LLMServer deployment class of `rise serve`: Ray Serve LLM's own, with /tokenize working
+(its engine: rise_ray.compat.serve_tokenizing_engine, which says why)."""
 
 from __future__ import annotations
 
-from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm.deployment import LLMServer
 
-
-class TokenizingVLLMEngine(VLLMEngine):
-    async def start(self) -> None:
-        await super().start()
-        if self._oai_serving_tokenization is None:
-            self._oai_serving_tokenization = getattr(self._app_state, "serving_tokenization", None)
+from rise_ray.compat import serve_tokenizing_engine
 
 
 class RiseLLMServer(LLMServer):
-    _default_engine_cls = TokenizingVLLMEngine
+    _default_engine_cls = serve_tokenizing_engine()

@@ -57,6 +57,7 @@ class SolveRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)  # per attempt; None: eval.max_tokens
     seed: int | None = Field(None, ge=0, le=SEED_MAX)  # turn t samples with seed + t - 1
+    stream: bool = False  # each attempt as a server-sent event once graded, then the result, then [DONE]
 
 
 def param_name(loc: tuple[int | str, ...]) -> str:

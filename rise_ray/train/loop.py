@@ -54,6 +54,7 @@ class WorkerConfig:
     plan: StepPlan
     pad_id: int
     log_path: str | None = None
+    storage: tuple[str, str] | None = None  # the run's marker (rise_ray.models.placement.check_run_storage)
 
 
 # --- the loss -------------------------------------------------------------------------------------
@@ -157,6 +158,9 @@ def _arrow_rows(column: Any) -> list[Any]:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     job = WorkerConfig(**config)
     tcfg, plan = job.train, job.plan
+    from rise_ray.models.placement import check_run_storage
+
+    check_run_storage(job.storage, job.model_path)  # on this worker's node, before any work
 
     # 1. environment --------------------------------------------------------------------------
     setup_environment(tcfg.use_gpu)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from rise_ray.cluster import PlacementTimeout as PlacementTimeout
-from rise_ray.cluster import wait_for_placement
+from rise_ray.cluster import place, release
 
 NODE_LABEL = "ray.io/node-id"  # a label Ray gives every node
 STRATEGY = "PACK"  # Ray Train's default placement_strategy, used by both
@@ -34,6 +34,8 @@ def worker_placement(cfg: Any, engine_nodes: list[str] | None = None) -> tuple[d
     res: dict[str, float] = {"CPU": t.cpus_per_worker}
     if not t.use_gpu:
         return res, None
+    if cfg.cluster.accelerator_type:  # as cluster.gpu_bundle adds it: the node type meant for the config
+        res[f"accelerator_type:{cfg.cluster.accelerator_type}"] = 0.001
     if r.colocate_with_trainer and engine_nodes:
         if len(engine_nodes) < t.num_workers:
             raise ValueError(f"colocation pairs each of train.num_workers={t.num_workers} with an engine, "
@@ -49,5 +51,5 @@ def reserve(resources: dict[str, float], num_workers: int, labels: list[dict] | 
     selectors), then release it; raise PlacementTimeout naming it when Ray cannot place it within
     `timeout` (cluster.scale_up_timeout_s: an autoscaler may be launching the nodes)."""
     where = f", worker i on the node of engine i ({[s[NODE_LABEL][:8] for s in labels]})" if labels else ""
-    wait_for_placement([dict(resources)] * num_workers, f"Ray Train placement: {num_workers} worker(s) of {resources}{where}",
-                  timeout, labels, STRATEGY)
+    release(place([dict(resources)] * num_workers, f"Ray Train placement: {num_workers} worker(s) of {resources}{where}",
+                  timeout, labels, STRATEGY))

@@ -98,9 +98,13 @@ def _pad_id(model_path: str) -> int:
     return 0
 
 
-def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, engine_nodes: list[str] | None = None) -> str:
+def train(
+    cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, engine_nodes: list[str] | None = None,
+    storage: tuple[str, str] | None = None,
+) -> str:
     """Train on the data set directory from `init_model_path`; returns `out_dir/model`.
-    `engine_nodes`: colocated, the node of each policy engine (rise_ray.train.placement)."""
+    `engine_nodes`: colocated, the node of each policy engine (rise_ray.train.placement).
+    `storage`: the run's marker, which every worker checks on its own node."""
     import ray
     import ray.train
     from ray.data import ExecutionOptions
@@ -122,7 +126,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
         log.info("train: %s is already trained", model_dir)
         return model_dir
     if not ray.is_initialized():
-        from rise_ray.session import init_ray
+        from rise_ray.ray_init import init_ray
 
         init_ray()
     resources, labels = worker_placement(cfg, engine_nodes)
@@ -132,7 +136,7 @@ def train(cfg: RunConfig, dataset_dir: str, init_model_path: str, out_dir: str, 
         raise TrainError(str(e)) from None
 
     log_path = os.path.join(out_dir, TRAIN_LOG_FILE)
-    job = WorkerConfig(os.path.abspath(init_model_path), tcfg, plan, _pad_id(init_model_path), log_path)
+    job = WorkerConfig(os.path.abspath(init_model_path), tcfg, plan, _pad_id(init_model_path), log_path, storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dict(job.__dict__),
@@ -221,7 +225,8 @@ def train_command(cfg: RunConfig, data_path: str, out_dir: str) -> str:
     recursively), built first into out_dir/dataset. Trains from model.path (or the tiny model)
     and returns the final model directory; out_dir gets train_log.jsonl and train_summary.json."""
     from rise_ray.data.builder import is_dataset_dir, prepare_dataset
-    from rise_ray.session import init_ray, resolve_model
+    from rise_ray.models.placement import resolve_model
+    from rise_ray.ray_init import init_ray
 
     init_ray()  # first: resolve_model checks that every node reads the model
     model_path = resolve_model(cfg.model, os.path.join(cfg.run_dir, cfg.name))

@@ -1,5 +1,6 @@
 """The `serve` section of the run configuration (rise_ray.config.RunConfig): `rise serve`'s
-bind address, limits, replicas and auth. Its own module: only the serving code reads it."""
+bind address, limits, replicas and auth. Beside config.py, below the serving code that reads it
+(rise_ray.serve imports the config, never the other way)."""
 
 from __future__ import annotations
 

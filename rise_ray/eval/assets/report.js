@@ -1,56 +1,13 @@
-"""The style and script of `report.html` (rise_ray/eval/html_report.py), kept apart from the data code.
-
-The script reads the embedded JSON (`#rise-data`) and builds the trajectory browser. Model text
-only ever reaches the page through `textContent`, never as markup. Its state (view, filter,
-search, page) lives in the URL's hash, `#view=eval-1&filter=fixed-3&q=12&page=0`, so a filtered
-view can be linked, reloaded, or opened headless by a test.
-"""
-
-from __future__ import annotations
-
-CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d232b; background: #f6f7f9; }
-header { background: #22313f; color: #fff; padding: 14px 24px; }
-header h1 { margin: 0 0 4px; font-size: 20px; }
-header .note { color: #cdd6df; margin: 0; }
-main { padding: 8px 24px 40px; max-width: 1400px; }
-h2 { margin: 28px 0 8px; font-size: 17px; border-bottom: 1px solid #d5dae0; padding-bottom: 4px; }
-h3 { font-size: 15px; margin: 18px 0 6px; }
-.note { color: #5a6572; font-size: 12.5px; margin: 4px 0; }
-.warn { color: #8a4b00; background: #fff4e0; padding: 4px 8px; border-radius: 4px; }
-table { border-collapse: collapse; background: #fff; margin: 4px 0; }
-th, td { border: 1px solid #d5dae0; padding: 3px 8px; text-align: left; vertical-align: top; }
-th { background: #eef1f4; font-weight: 600; }
-table.num td { text-align: right; font-variant-numeric: tabular-nums; }
-img.plot { max-width: 560px; display: block; margin: 8px 0; border: 1px solid #d5dae0; background: #fff; }
-#controls { display: flex; flex-wrap: wrap; gap: 8px 14px; align-items: center; background: #fff;
-  border: 1px solid #d5dae0; padding: 8px 10px; border-radius: 6px; position: sticky; top: 0; z-index: 1; }
-#controls label { font-weight: 600; }
-#controls select, #controls input { font: inherit; padding: 2px 4px; }
-#controls input[type=search] { width: 18em; }
-#count { color: #3c4650; }
-.pager button { font: inherit; margin: 0 2px; }
-.problem { background: #fff; border: 1px solid #d5dae0; border-radius: 6px; margin: 10px 0; padding: 8px 12px; }
-.phead { display: flex; flex-wrap: wrap; gap: 6px; align-items: baseline; }
-.pid { font-weight: 700; font-family: ui-monospace, monospace; }
-.badge { font-size: 12px; padding: 0 6px; border-radius: 9px; background: #e7ebef; }
-.badge.fixed { background: #d8f0dc; color: #17612a; }
-.badge.broken { background: #fbe0de; color: #8c1d17; }
-.badge.never { background: #ececec; color: #555; }
-pre { white-space: pre-wrap; word-break: break-word; margin: 2px 0; font: 12.5px/1.4 ui-monospace, Menlo, Consolas, monospace; }
-.question { background: #f8f9fb; padding: 4px 6px; border-left: 3px solid #8aa0b5; }
-pre.reply { max-height: 14em; overflow: auto; }
-table.turns { width: 100%; margin-top: 6px; }
-table.turns td.ok { color: #17612a; font-weight: 700; }
-table.turns td.bad { color: #8c1d17; font-weight: 700; }
-table.turns td.reply { width: 72%; }
-table.turns td:not(.reply) { white-space: nowrap; }
-.cands { font-size: 12px; color: #3c4650; margin-top: 3px; }
-.cands .ok { color: #17612a; } .cands .bad { color: #8c1d17; }
-details summary { cursor: pointer; color: #3c4650; font-size: 12.5px; }
-"""
-
-SCRIPT = r"""
+// report.html's script (rise_ray/eval/html_report.py inlines it into the page).
+//
+// The page carries an index (#rise-data: the run's name and its views) and each view's problems as
+// gzip-compressed JSON in base64 (<script type="application/gzip" id="rise-view-ID">): a view is
+// unpacked (DecompressionStream) the first time it is shown, so opening the page costs one view,
+// not the whole run. Model text only ever reaches the page through textContent, never as markup.
+// The state (view, filter, search, page) lives in the URL's hash,
+// #view=eval-1&filter=fixed-3&q=12&page=0, so a filtered view can be linked, reloaded, or opened
+// headless by a test. body[data-ready] is set once a view is drawn; body[data-first-draw-ms] holds
+// performance.now() at the first one (bench/report_size.py reads it).
 (function () {
   "use strict";
   var DATA = JSON.parse(document.getElementById("rise-data").textContent);
@@ -58,6 +15,19 @@ SCRIPT = r"""
   var root = document.getElementById("browser");
   var state = {view: "", filter: "all", q: "", page: 0};
   var lastHash = null;
+  var unpacking = {};  // view id -> Promise of its problems
+
+  // base64 -> gzip -> JSON, in the page (no network: the bytes are in the page itself)
+  function unpack(v) {
+    if (!unpacking[v.id]) {
+      var bin = atob(document.getElementById("rise-view-" + v.id).textContent.trim());
+      var bytes = new Uint8Array(bin.length);
+      for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+      var text = new Response(new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"))).text();
+      unpacking[v.id] = text.then(function (t) { v.problems = JSON.parse(t); return v.problems; });
+    }
+    return unpacking[v.id];
+  }
 
   // Elements are built with text only: model text never becomes markup.
   function el(tag, cls, text) {
@@ -250,6 +220,14 @@ SCRIPT = r"""
     }
     var v = view();
     state.view = v.id;
+    if (!v.problems) {  // unpacked on first use; drawn when it is (unless another view was chosen)
+      root.textContent = "Unpacking " + v.label + "\u2026";
+      unpack(v).then(function () { if (state.view === v.id) render(); }, function (e) {
+        root.textContent = "Could not unpack " + v.label + ": " + e;
+        document.body.setAttribute("data-ready", "1");
+      });
+      return;
+    }
     var q = state.q.toLowerCase();
     var hits = v.problems.filter(function (p) { return matches(p, state.filter) && (!q || haystack(p).indexOf(q) >= 0); });
     var pages = Math.max(1, Math.ceil(hits.length / PAGE));
@@ -282,7 +260,10 @@ SCRIPT = r"""
     list.id = "problems";
     hits.slice(start, end).forEach(function (p) { list.appendChild(card(v, p)); });
     root.appendChild(list);
-    document.body.setAttribute("data-ready", "1");  // tests wait for this: the script ran to the end
+    if (!document.body.hasAttribute("data-ready")) {  // tests wait for this: the first view is drawn
+      document.body.setAttribute("data-first-draw-ms", String(Math.round(performance.now())));
+      document.body.setAttribute("data-ready", "1");
+    }
   }
 
   window.addEventListener("hashchange", function () {
@@ -293,4 +274,3 @@ SCRIPT = r"""
   readHash();
   render();
 })();
-"""
