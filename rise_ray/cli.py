@@ -181,6 +181,20 @@ def cmd_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    """A grid of RISE runs on Ray Tune (rise_ray.sweep)."""
+    from rise_ray.sweep import SweepError, parse_grid, sweep
+
+    path, overrides = _split(ns.args)
+    stem = os.path.splitext(os.path.basename(path))[0] if path else "default"
+    try:
+        sweep(path, parse_grid(ns.grid), overrides, ns.sweep_dir or os.path.join("runs", "sweeps", stem), ns.max_concurrent)
+    except SweepError as e:  # the table was still written, with the failed trials marked
+        print(f"rise sweep: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The parsed command line (argparse exits 2 on a malformed one); nothing is run."""
     parser = argparse.ArgumentParser(prog="rise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,6 +214,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cluster-yaml", help="--dry-run: plan for the size this Ray cluster file can autoscale to")
     p.add_argument("--strict", action="store_true", help="--dry-run: exit 1 when the plan does not fit")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("sweep", help="a grid of RISE runs on Ray Tune; a table of every trial's metrics")
+    p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...] (shared by every trial)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a swept key (repeat for a product)")
+    p.add_argument("--sweep-dir", help="where the trials' run directories go (default: runs/sweeps/CONFIG_NAME)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster has room for)")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("train", help="reward-weighted SFT on trajectories (Ray Train + DeepSpeed)")
     p.add_argument("args", nargs="*", help="[CONFIG] data=PATH [model.path=PATH] [key=value ...]")
     p.add_argument("--out", help="output directory (default: RUN_DIR/NAME/train)")

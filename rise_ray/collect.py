@@ -29,6 +29,7 @@ def collect_spec(cfg: RolloutConfig, iteration: int) -> EpisodeSpec:
         context_window=cfg.context_window,
         drop_degenerate=True,
         schedule=cfg.schedule,
+        improve_distinct=cfg.improve_distinct,
     )
 
 

@@ -90,6 +90,10 @@ class RolloutConfig(_Strict):
     context_window: int | None = Field(None, ge=1)
     stop_when_correct: bool = True  # the paper's collection: a trajectory ends at its first correct answer
     problems_per_iteration: int | None = Field(None, ge=1)  # None: every training problem each iteration
+    # At turns >= 2, a candidate whose answer repeats a wrong earlier answer of the episode is never
+    # the improved response; where every candidate does, the turn stays in the context but is not
+    # trained (a copy of a wrong answer teaches keeping it). The paper's code has no such rule.
+    improve_distinct: bool = False
     # GPU: share the trainer's GPUs instead of holding GPUs of their own. The engines sleep (vLLM
     # sleep mode frees weights and KV cache) while the trainer runs and wake after the sync.
     colocate_with_trainer: bool = False

@@ -16,7 +16,7 @@ from rise_ray.config import RunConfig, load_config, parse_overrides, read_yaml
 # embedded default does, for a tiny model on a laptop), and `rise run` says where it does.
 PROTOCOL_FIELDS = (
     "env.feedback", "env.repeat_question", "env.unparsed_reward",
-    "rollout.turns", "rollout.best_of_n", "rollout.improve_with", "rollout.stop_when_correct",
+    "rollout.turns", "rollout.best_of_n", "rollout.improve_with", "rollout.stop_when_correct", "rollout.improve_distinct",
     "data.criteria", "data.tau", "data.center_rewards", "data.max_weight", "data.only_successful",
     "data.dedupe", "data.stop_at_correct", "data.turns_after_correct", "data.after_correct_weight",
     "data.aggregate",

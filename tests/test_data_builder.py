@@ -444,3 +444,13 @@ def test_data_aggregates_iterations(tmp_path, env, tok):
     assert [r["input_ids"] for r in read_rows(str(tmp_path / "ds"))] == [r["input_ids"] for r in direct]
     alone = build_dataset(union[1:], env, tok, cfg(layout="packed"), str(tmp_path / "ds2"))
     assert alone["trajectories_in"] == 2 and alone["source"] == union[1]
+
+
+def test_turns_repeating_a_wrong_answer_stay_in_context_but_are_not_trained(env, tok):
+    copy = make_turn("wrong", 0.0)
+    copy.repeats_wrong = True  # rollout.improve_distinct found only copies of a wrong answer
+    traj = Trajectory("p", "Q?", "0", [make_turn("wrong", 0.0), copy, make_turn("right", 1.0)])
+    rows, stats = build_examples([traj], env, tok, cfg(layout="packed", dedupe=False, criteria="all"))
+    assert stats["turns_repeating_wrong_skipped"] == 1 and stats["examples"] == 2
+    (row,) = rows
+    assert tok.decode(row["input_ids"]).count("wrong") == 2

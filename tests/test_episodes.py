@@ -211,3 +211,25 @@ def test_generate_must_return_one_list_per_conversation(bad):
 
     with pytest.raises(ValueError):
         run_episodes(Short({}), ENV, P, EpisodeSpec(turns=1))
+
+
+def test_improve_distinct_never_picks_a_repeat_of_a_wrong_earlier_answer_and_marks_all_repeats():
+    # q1: turn 2's candidates are [wrong 1 again, wrong 3]; turn 3's are all repeats of wrong answers.
+    # q2: turn 1 right (7); turn 2 may repeat the right 7: only wrong answers are excluded.
+    script = {"q1": [[box(1)], [box(1), box(3)], [box(3), box(1)]], "q2": [[box(7)], [box(7), box(0)], [box(0), box(7)]]}
+    spec = EpisodeSpec(turns=3, later_n=2, choose="best", improve_distinct=True)
+    t1, t2 = run_episodes(ScriptedEngine(script), ENV, P, spec)
+    assert [t.answer for t in t1.turns] == ["1", "3", "3"]
+    assert [t.repeats_wrong for t in t1.turns] == [False, False, True]
+    assert [t.answer for t in t2.turns] == ["7", "7", "7"] and not any(t.repeats_wrong for t in t2.turns)
+    # without the lever the first of equally rewarded candidates is kept: the copy of wrong 1
+    (plain, _) = run_episodes(ScriptedEngine(script), ENV, P, EpisodeSpec(turns=3, later_n=2, choose="best"))
+    assert [t.answer for t in plain.turns] == ["1", "1", "3"] and not any(t.repeats_wrong for t in plain.turns)
+
+
+def test_repeats_wrong_survives_the_parquet_round_trip(tmp_path):
+    script = {"q1": [[box(1)], [box(1)]], "q2": [[box(7)], [box(7)]]}
+    trajs = run_episodes(ScriptedEngine(script), ENV, P, EpisodeSpec(turns=2, choose="best", improve_distinct=True))
+    write_trajectories(trajs, str(tmp_path / "part-00000.parquet"))
+    back = read_trajectories(str(tmp_path))
+    assert [[t.repeats_wrong for t in tr.turns] for tr in back] == [[False, True], [False, False]]

@@ -191,6 +191,9 @@ def build_examples(
             if turn.degenerate:
                 stats["turns_degenerate_skipped"] += 1
                 continue
+            if turn.repeats_wrong:  # rollout.improve_distinct found no candidate but copies of wrong answers
+                stats["turns_repeating_wrong_skipped"] += 1
+                continue
             if not selected[i]:
                 stats["turns_not_selected"] += 1
                 continue

@@ -56,6 +56,10 @@ class Turn:
     prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # Collection with `improve_distinct`: every usable candidate repeated a wrong earlier answer. The
+    # turn stays in the context (the episode goes on from it) but is never trained: a copy of a
+    # wrong answer is not an improvement.
+    repeats_wrong: bool = False
 
 
 @dataclass
@@ -73,12 +77,13 @@ class Trajectory:
 
     @staticmethod
     def from_record(rec: dict) -> Trajectory:
-        turns = [Turn(**{k: _plain(v) for k, v in t.items() if v is not None or k not in _ID_FIELDS}) for t in rec["turns"]]
+        turns = [Turn(**{k: _plain(v) for k, v in t.items() if v is not None or k not in _OPTIONAL_FIELDS}) for t in rec["turns"]]
         fields = {k: rec[k] for k in ("problem_id", "question", "reference", "degenerate_dropped", "stop_reason", "meta")}
         return Trajectory(turns=turns, **fields)
 
 
 _ID_FIELDS = ("prompt_ids", "token_ids", "logprobs")  # absent (null) in records written before they were kept
+_OPTIONAL_FIELDS = (*_ID_FIELDS, "repeats_wrong")
 
 
 def _plain(v):
@@ -97,6 +102,9 @@ class EpisodeSpec:
     context_window: int | None = None  # keep only the latest k attempts in the prompt
     drop_degenerate: bool = False  # collection drops runaway repetitions; evaluation keeps them
     schedule: Literal["waves", "async"] = "waves"  # async: each episode advances on its own
+    # choose="best" at turns >= 2: a candidate whose answer repeats a wrong earlier answer of the
+    # episode is never the improved response (rollout.improve_distinct)
+    improve_distinct: bool = False
 
 
 def is_degenerate(text: str, finished: bool, min_repeats: int = 4, max_period: int = 64) -> bool:
@@ -199,7 +207,8 @@ def episode(
             tally.asks(k, t + 1)
             cands = yield producer, conv, spec.first_n if t == 0 else spec.later_n, params
             tally.answered(k, cands)
-            traj.turns.append(_choose(env, problem, cands, spec, "teacher" if use_teacher else "policy"))
+            wrong_before = {x.answer for x in traj.turns if not x.correct and x.answer is not None}
+            traj.turns.append(_choose(env, problem, cands, spec, "teacher" if use_teacher else "policy", wrong_before))
             traj.degenerate_dropped += sum(
                 spec.drop_degenerate and is_degenerate(c.text, c.finished) for c in cands
             )
@@ -294,10 +303,20 @@ def _run_on_threads(episodes: list, tally: EpisodeTally, max_threads: int = 256)
             fut.result()  # the first failure is raised (the rest still finish first)
 
 
-def _choose(env: Env, problem: Problem, cands: list[Completion], spec: EpisodeSpec, source: str) -> Turn:
+def _choose(
+    env: Env, problem: Problem, cands: list[Completion], spec: EpisodeSpec, source: str,
+    wrong_before: set[str] | frozenset[str] = frozenset(),
+) -> Turn:
     grades = [env.grade_problem(c.text, problem) for c in cands]
     bad = [spec.drop_degenerate and is_degenerate(c.text, c.finished) for c in cands]
     usable = [k for k in range(len(cands)) if not bad[k]] or [0]
+    repeats_wrong = False
+    if spec.improve_distinct and spec.choose == "best" and wrong_before:
+        # the env's equivalence, not string equality: "0.5" repeats "1/2"
+        fresh = [k for k in usable if grades[k].answer is None
+                 or not any(env.is_equivalent(grades[k].answer, w) for w in wrong_before)]
+        repeats_wrong = not fresh
+        usable = fresh or usable
     # best: by reward, ties to the earliest candidate; first: evaluation never peeks at the gold
     k = max(usable, key=lambda j: (grades[j].reward, -j)) if spec.choose == "best" else usable[0]
     return Turn(
@@ -315,6 +334,7 @@ def _choose(env: Env, problem: Problem, cands: list[Completion], spec: EpisodeSp
         prompt_ids=list(cands[k].prompt_ids),
         token_ids=list(cands[k].token_ids),
         logprobs=list(cands[k].logprobs or ()),
+        repeats_wrong=repeats_wrong,
     )
 
 
@@ -338,6 +358,7 @@ def trajectory_schema():
             ("prompt_ids", pa.list_(pa.int32())),
             ("token_ids", pa.list_(pa.int32())),
             ("logprobs", pa.list_(pa.float64())),
+            ("repeats_wrong", pa.bool_()),
         ]
     )
     return pa.schema(
