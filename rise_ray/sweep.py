@@ -34,6 +34,7 @@ import sys
 from typing import Any
 
 from rise_ray.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config
+from rise_ray.preflight import check_run
 
 METRICS = ("m1@t1", "mP@t1", "m1@tT", "p1@tT")  # P parallel samples, T turns: the eval's settings
 TRIAL_CPU = 0.01  # the trial's own actor only waits on its `rise run` process
@@ -234,6 +235,7 @@ def sweep(config: str | None, grid: dict[str, list[str]], overrides: list[str], 
     for name, point in zip(names, points, strict=True):
         try:
             cfgs.append(load_config(config or DEFAULT_CONFIG, [*overrides, *(f"{k}={v}" for k, v in point.items())]))
+            check_run(cfgs[-1])  # what each trial's `rise run` would refuse, refused before Tune starts
         except ConfigError as e:
             raise ConfigError(f"sweep trial {name}: {e}") from None
     spec = {"config": os.path.abspath(config) if config else None, "grid": grid, "overrides": overrides}

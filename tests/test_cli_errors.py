@@ -40,6 +40,7 @@ SUBCOMMANDS = {
     "train": (["train"], ["data={data}"], ALL),
     "serve": (["serve", "{model}"], [], ALL - {"model path not a model"}),  # serve takes the model as TARGET
     "config show": (["config", "show"], [], ALL - {"model path not a model", "env option the task does not take"}),
+    "sweep": (["sweep"], ["--grid", "data.tau=0.2,0.4"], ALL),
 }
 # Broken arguments of the commands that take no config, and what the message names.
 OTHER = {
@@ -56,6 +57,7 @@ OTHER = {
     "run --resume: not a run directory": (["run", "--resume", "{not_a_model}"], "not a run directory"),
     "run --dry-run: no such cluster file": (["run", "--dry-run", "--cluster-yaml", "{missing}.yaml"],
                                             "--cluster-yaml {missing}.yaml: no such file"),
+    "sweep: a grid that is not key=values": (["sweep", "--grid", "data.tau"], "expected key=v1,v2"),
     "run --dry-run: not a cluster file": (["run", "--dry-run", "--cluster-yaml", "{not_a_model}/c.yaml"],
                                           "not a Ray cluster file"),
 }
@@ -123,6 +125,7 @@ PROCESSES = {  # one real process per subcommand: its whole output, Ray's and Py
     "report": ["report", "{not_a_model}"],
     "model get": ["model", "get", "{not_a_model}"],
     "config show": ["config", "show", "{missing}.yaml"],
+    "sweep": ["sweep", "--grid", "rollout.tunrs=2,3"],
 }
 
 

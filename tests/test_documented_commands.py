@@ -250,6 +250,15 @@ def test_documented_command(command, mirror, tiny_model_dir, capsys, monkeypatch
     elif sub == "report":
         assert ns.run_dir
         rc = 0
+    elif sub == "sweep":  # every trial's config loads (what rise sweep checks before starting Ray)
+        from rise_ray.cli import _split
+        from rise_ray.config import DEFAULT_CONFIG, load_config
+        from rise_ray.sweep import grid_points, parse_grid
+
+        path, overrides = _split(ns.args)
+        for point in grid_points(parse_grid(ns.grid)):
+            load_config(path or DEFAULT_CONFIG, [*overrides, *(f"{k}={v}" for k, v in point.items())])
+        rc = 0
     else:
         pytest.fail(f"{where}: `rise {sub}`: tests/test_documented_commands.py has no check for this subcommand")
     out = capsys.readouterr()
