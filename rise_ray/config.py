@@ -66,8 +66,7 @@ class ModelConfig(_Strict):
 class RolloutConfig(_Strict):
     engine: Literal["hf", "vllm"] = "hf"
     # waves: every turn of a batch waits for its slowest reply; async: each episode advances on its
-    # own, inside the engine actor (with vllm: its next turn joins the running batch; see
-    # rise_ray/rollout/episodes.py)
+    # own inside the engine actor (vllm: its next turn joins the running batch; rollout/episodes.py)
     schedule: Literal["waves", "async"] = "waves"
     num_engines: int = Field(1, ge=1)  # persistent engine actors
     num_cpus_per_engine: float = Field(1.0, gt=0)
@@ -90,9 +89,8 @@ class RolloutConfig(_Strict):
     context_window: int | None = Field(None, ge=1)
     stop_when_correct: bool = True  # the paper's collection: a trajectory ends at its first correct answer
     problems_per_iteration: int | None = Field(None, ge=1)  # None: every training problem each iteration
-    # At turns >= 2, a candidate whose answer repeats a wrong earlier answer of the episode is never
-    # the improved response; where every candidate does, the turn stays in the context but is not
-    # trained (a copy of a wrong answer teaches keeping it). The paper's code has no such rule.
+    # Turns >= 2: a candidate repeating a wrong earlier answer is never the improved response (where
+    # all do, the turn is context, not trained). Not in the paper's code.
     improve_distinct: bool = False
     # GPU: share the trainer's GPUs instead of holding GPUs of their own. The engines sleep (vLLM
     # sleep mode frees weights and KV cache) while the trainer runs and wake after the sync.
@@ -232,9 +230,8 @@ class ClusterConfig(_Strict):
     # How long a stage waits for Ray to place its engines or trainer workers before failing: on a
     # cluster that scales from zero the autoscaler is launching their nodes (boot, image, setup).
     scale_up_timeout_s: float = Field(1800.0, gt=0)
-    # Ray's accelerator type of the GPUs every GPU actor asks for (engines, teacher, trainer workers,
-    # NCCL sender, serve replicas), e.g. A100-80G: an autoscaler then launches only the node type
-    # that declares `accelerator_type:<X>` in its resources (cluster/*.yaml). null: any GPU node.
+    # Ray's accelerator type every GPU actor asks for (e.g. A100-80G): an autoscaler launches only
+    # node types declaring `accelerator_type:<X>` (cluster/*.yaml). null: any GPU node.
     accelerator_type: str | None = None
 
 

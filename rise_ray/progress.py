@@ -1,35 +1,18 @@
-"""Progress of long rollouts (collection, evaluation) while they run: in the terminal and as Ray metrics.
-
-Where the numbers travel:
-  1. `run_episodes` counts into an `EpisodeTally` wherever it runs (a Ray Data task, inside an
-     engine actor, or this process): the turn each live episode is on, episodes finished, samples
-     generated, and the work done (samples, plus the samples an episode that ended early will never
-     need). Tokens are counted as the engine makes them (`made`; vLLM every COUNT_EVERY_S,
-     transformers each step), so the line moves during a long turn; an engine whose generate takes
-     no `on_tokens` is counted when its call returns. An engine actor answering a Ray Data task
-     reports each call's tokens itself (one source per call): the task's tally does not count them;
-  2. a tally with a sender sends its snapshot, when it changed, every SEND_EVERY_S from a daemon
-     thread to one `ProgressBoard` actor per pool (fire and forget; the latest snapshot of each
-     source replaces the last, so a retried batch or call is not counted twice);
-  3. in the driver a `Reporter` thread polls the board's totals and prints: one updating line on a
-     TTY (every TTY_REFRESH_S), else a plain line every LINE_EVERY_S (`ray job logs`, CI), and a
-     last line when the run ends; it also sets the gauges below (Ray prefixes `ray_`, tag `stage`).
-       rise_progress_problems_finished    problems whose episode ended
-       rise_progress_fraction             work done (samples, episodes ended early counted whole), 0..1
-       rise_progress_samples              samples generated
-       rise_progress_tokens_per_second    generated tokens / s since the first episode began
-       rise_progress_eta_seconds          estimated seconds left (-1: not known yet)
-       rise_progress_turn                 the highest turn in progress
+"""Progress of long rollouts (collection, evaluation) while they run: in the terminal and as Ray
+metrics. Where the numbers travel:
+  1. `run_episodes` counts into an `EpisodeTally` wherever it runs (Ray Data task, engine actor,
+     this process): each live episode's turn, episodes finished, samples, work done, and tokens as
+     the engine makes them (`made`: vLLM every COUNT_EVERY_S, transformers each step), so the line
+     moves during a long turn. An engine actor reports each call's tokens itself (one source a call);
+  2. a tally with a sender sends its changed snapshot every SEND_EVERY_S (a daemon thread) to one
+     `ProgressBoard` actor per pool, where each source's latest replaces its last (no double count);
+  3. a driver `Reporter` thread polls the totals and prints a line (TTY: every TTY_REFRESH_S, else
+     every LINE_EVERY_S) and sets Ray gauges `ray_rise_progress_*` (tag `stage`).
 Progress never fails a run: what cannot be sent, polled or printed is skipped.
 
-What is a library's and what stays ours: the gauges are Ray's metrics (ray.util.metrics: Ray's
-dashboard and Prometheus endpoint). Ray's distributed tqdm (ray.experimental.tqdm_ray, Ray 2.60)
-does not fit the line: it draws one bar per tqdm object grouped by process (a bar per Ray Data task
-and engine actor, not one line of their sums), travels in the workers' log stream (nothing with
-log_to_driver off), sets no metric, and counts one number per bar where the line merges turns,
-problems, samples and tokens across sources. So the counting (tally), the merge (board: one actor
-holding each source's latest snapshot) and the line (Reporter) stay ours.
-This module imports nothing from rise_ray.
+Library vs ours: the gauges are Ray's metrics. Ray's tqdm_ray does not fit the line (a bar per tqdm
+object and process, not their sums; the log stream, so nothing with log_to_driver off; no metric;
+one number a bar): the tally, board and line stay ours. This module imports nothing from rise_ray.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ handles (RemoteEngine speaks the Engine protocol over an actor), with deadlines 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -13,9 +14,9 @@ from typing import Any
 import ray
 
 from rise_ray.envs.base import Problem
-from rise_ray.progress import remote_tally
+from rise_ray.progress import POLL_TIMEOUT_S, Reporter, remote_tally
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams, chat_prompt_ids
-from rise_ray.rollout.episodes import run_episodes, to_table
+from rise_ray.rollout.episodes import EpisodeSpec, run_episodes, samples_per_episode, to_table
 
 CALL_TIMEOUT_S = float(os.environ.get("RISE_ENGINE_CALL_TIMEOUT_S", "3600"))  # one generate / load call
 
@@ -112,3 +113,42 @@ def episode_batch(
     with remote_tally(report_to) as tally:
         trajs = run_episodes(engine, env, problems, spec, improver=improver, progress=tally)
     return to_table(trajs)
+
+
+# --- the driver's side of a pipeline run: Ray Data's own output off, our progress line on --------------
+
+
+def quiet_ray_data(ctx: Any, no_progress_bars: bool) -> None:
+    """This pipeline's DataContext. A batch answers only when the last turn of its episodes is done:
+    on CPUs that can take longer than Ray Data's no-progress guard (30 min) with nothing to show,
+    and the guard then kills a healthy run (every engine call inside has its own deadline,
+    CALL_TIMEOUT_S). Ray Data's progress block and start-up lines show only batches ("0/1" for the
+    whole run, logged every 10 s off a TTY): off where our own progress reports."""
+    ctx.execution_no_progress_timeout_s = -1
+    if no_progress_bars:
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        # Ray Data warns once per process that its bars are off ("To enable, set ..."): ours replace them.
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")
+
+
+@contextlib.contextmanager
+def report_progress(label: str | None, report_to: tuple | None, problems: int, spec: EpisodeSpec):
+    """The driver's progress lines while the pipeline runs (nothing where there is no board)."""
+    if label is None or report_to is None:
+        yield None
+        return
+    board, run = report_to
+    poll = functools.partial(_poll, board, run)
+    try:
+        with Reporter(label, problems, spec.turns, samples_per_episode(spec), poll) as reporter:
+            yield reporter
+    finally:
+        with contextlib.suppress(Exception):
+            board.end.remote(run)  # the board forgets the run
+
+
+def _poll(board: Any, run: str) -> dict:
+    return ray.get(board.totals.remote(run), timeout=POLL_TIMEOUT_S)

@@ -8,10 +8,8 @@ Steps of `RolloutPool.run`:
      rollout.schedule=async (and no teacher) it hands the batch to the actor, whose engine runs
      each episode's next turn as soon as its reply is graded (no round trip per turn);
   4. the trajectory records come back as Arrow rows with a fixed schema.
-While it runs, each batch's episodes report to a ProgressBoard actor (rise_ray.progress), the
-engine actors report each call's tokens there as they make them, and a driver thread prints their
-progress: turn, problems finished, samples, tokens and tokens/s, ETA. Ray Data's
-own progress block (which shows only batches, and a batch ends with its last turn) is turned off.
+Progress (rise_ray.progress) replaces Ray Data's own block, which shows only batches: episodes
+and engine actors report to a board, and a driver thread prints turn, problems, tokens/s, ETA.
 
 The actors live across RISE iterations (engines are never rebuilt per round): new weights are
 loaded in place with `update_weights` (files), or on GPU streamed by vLLM's native weight transfer
@@ -24,8 +22,6 @@ Every wait on the actors has a deadline, and its error names what was waited for
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import os
 import sys
@@ -38,15 +34,22 @@ import torch
 
 from rise_ray.cluster import gpu_bundle, in_bundle, place, release
 from rise_ray.envs.base import Problem
-from rise_ray.progress import POLL_TIMEOUT_S, Reporter, remote_tally, start_board
-from rise_ray.rollout.batch import CALL_TIMEOUT_S, EngineTimeout, cached_env, episode_batch, wait  # noqa: F401 (EngineTimeout: re-exported)
+from rise_ray.progress import remote_tally, start_board
+from rise_ray.rollout.batch import (  # noqa: F401 (EngineTimeout: re-exported)
+    CALL_TIMEOUT_S,
+    EngineTimeout,
+    cached_env,
+    episode_batch,
+    quiet_ray_data,
+    report_progress,
+    wait,
+)
 from rise_ray.rollout.engine import Completion, Conversation, SamplingParams
 from rise_ray.rollout.episodes import (
     EpisodeSpec,
     Trajectory,
     generate_telling,
     run_episodes,
-    samples_per_episode,
 )
 
 # Deadlines (seconds; environment variables override them). Start-up covers loading and compiling;
@@ -261,7 +264,7 @@ class RolloutPool:
         )
         quiet_ray_data(ds.context, report_to is not None)
         by_id = {}
-        with _reporter(progress, report_to, len(problems), spec):
+        with report_progress(progress, report_to, len(problems), spec):
             for rec in ds.iter_rows():
                 by_id[rec["problem_id"]] = Trajectory.from_record(rec)
         missing = [p.id for p in problems if p.id not in by_id]
@@ -394,39 +397,3 @@ class RolloutPool:
 def _custom(bundle: dict[str, float]) -> dict[str, float]:
     """A bundle's resources other than CPU and GPU (an actor names those with num_cpus / num_gpus)."""
     return {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
-
-
-def quiet_ray_data(ctx: Any, no_progress_bars: bool) -> None:
-    """This pipeline's DataContext. A batch answers only when the last turn of its episodes is done:
-    on CPUs that can take longer than Ray Data's no-progress guard (30 min) with nothing to show,
-    and the guard then kills a healthy run (every engine call inside has its own deadline,
-    CALL_TIMEOUT_S). Ray Data's progress block and start-up lines show only batches ("0/1" for the
-    whole run, logged every 10 s off a TTY): off where our own progress reports."""
-    ctx.execution_no_progress_timeout_s = -1
-    if no_progress_bars:
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        # Ray Data warns once per process that its bars are off ("To enable, set ..."): ours replace them.
-        from ray.util.debug import log_once
-
-        log_once("ray_data_progress_manager_disabled")
-
-
-@contextlib.contextmanager
-def _reporter(label: str | None, report_to: tuple | None, problems: int, spec: EpisodeSpec):
-    """The driver's progress lines while the pipeline runs (nothing where there is no board)."""
-    if label is None or report_to is None:
-        yield None
-        return
-    board, run = report_to
-    poll = functools.partial(_poll, board, run)
-    try:
-        with Reporter(label, problems, spec.turns, samples_per_episode(spec), poll) as reporter:
-            yield reporter
-    finally:
-        with contextlib.suppress(Exception):
-            board.end.remote(run)  # the board forgets the run
-
-
-def _poll(board: Any, run: str) -> dict:
-    return ray.get(board.totals.remote(run), timeout=POLL_TIMEOUT_S)
