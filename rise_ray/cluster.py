@@ -95,15 +95,19 @@ def place(
     kw: dict[str, Any] = {"bundle_label_selector": labels} if labels else {}
     pg = placement_group([dict(b) for b in bundles], strategy=strategy, **kw)
     start = time.monotonic()
-    while True:
-        if pg.wait(timeout_seconds=max(0.0, min(PROGRESS_EVERY_S, timeout - (time.monotonic() - start)))):
-            return pg
-        waited = time.monotonic() - start
-        if waited >= timeout:
-            break
-        pending = autoscaler_pending()
-        print(f"[rise] waiting for nodes: {what} ({waited:.0f} s of cluster.scale_up_timeout_s="
-              f"{timeout:.0f}){'; autoscaler: ' + pending if pending else ''}", flush=True)
+    try:
+        while True:
+            if pg.wait(timeout_seconds=max(0.0, min(PROGRESS_EVERY_S, timeout - (time.monotonic() - start)))):
+                return pg
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                break
+            pending = autoscaler_pending()
+            print(f"[rise] waiting for nodes: {what} ({waited:.0f} s of cluster.scale_up_timeout_s="
+                  f"{timeout:.0f}){'; autoscaler: ' + pending if pending else ''}", flush=True)
+    except BaseException:  # Ctrl-C while waiting: the demand must not outlive the wait
+        remove_placement_group(pg)
+        raise
     remove_placement_group(pg)
     pending = autoscaler_pending()
     raise PlacementTimeout(
