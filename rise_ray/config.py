@@ -136,18 +136,18 @@ class DataConfig(_Strict):
     only_successful: bool = False  # keep only trajectories that end correct
     dedupe: bool = True  # drop empty and repeated responses within a trajectory (the paper's code)
     stop_at_correct: bool = True  # cut a trajectory after its first correct turn (the paper's code)
-    # With stop_at_correct false: the turns kept after the first correct one (None: all). Every kept
-    # turn after a right answer teaches "keep it"; many of them outweigh the turns that teach
-    # changing a wrong one, and the model then keeps wrong answers too.
+    # With stop_at_correct false: the turns kept after the first correct one (None: all); each
+    # teaches "keep it", and many outweigh the turns that teach changing a wrong one.
     turns_after_correct: int | None = Field(None, ge=0)
-    # Times the weight of every kept turn after the first correct one: below 1 teaches "keep it"
-    # at every turn without letting those turns outweigh the ones that change a wrong answer.
+    # Times the weight of every kept turn after the first correct one (below 1: see above).
     after_correct_weight: float = Field(1.0, ge=0)
+    # Times the first turn's weight: at full weight its right answers lift m1@t1 (and m5@t1) faster
+    # than later turns learn to correct; 0 trains only turns that follow an attempt.
+    first_turn_weight: float = Field(1.0, ge=0)
     layout: Literal["packed", "prefix"] = "packed"  # packed: one row per trajectory; prefix: per turn
     max_length: int = Field(2048, ge=8)  # tokens per example
     overflow: Literal["truncate_left", "drop"] = "truncate_left"  # too-long examples
-    # Attempts kept in the prompt: "rollout" = rollout.context_window (the conversation the model
-    # saw), None = the whole history, k = the latest k.
+    # Attempts in the prompt: "rollout" = as the rollout's, None = all, k = the latest k.
     context_window: Annotated[int, Field(ge=1)] | Literal["rollout"] | None = "rollout"
     shuffle: bool = True
     seed: int = 0

@@ -143,6 +143,20 @@ def test_after_correct_weight_scales_only_the_turns_past_the_first_right_one(env
         DataConfig(after_correct_weight=-1)
 
 
+
+def test_first_turn_weight_scales_the_first_turn_and_zero_leaves_it_untrained(env, tok):
+    traj = make_trajectory("p", "Q?", [("a", 1.0), ("b", 0.0), ("c", 1.0)])
+    kw = dict(layout="prefix", stop_at_correct=False, dedupe=False)
+    e = math.exp(1 / 0.4)
+    rows, _ = build_examples([traj], env, tok, cfg(first_turn_weight=0.5, **kw))
+    assert {t: sum(r["weights"]) for (_, t), r in by_turn(rows).items()} == pytest.approx({0: 0.5 * e, 1: 1.0, 2: e})
+    rows, stats = build_examples([traj], env, tok, cfg(first_turn_weight=0.0, **kw))
+    assert sorted(t for _, t in by_turn(rows)) == [1, 2] and stats["turns_zero_weight_skipped"] == 1
+    # the first attempt stays in the later turns' context
+    assert all(r["num_tokens"] > r["trained_tokens"] for r in rows)
+    with pytest.raises(ValueError, match="first_turn_weight"):
+        DataConfig(first_turn_weight=-1)
+
 # --- token weights --------------------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ Steps, per trajectory (one problem, one rollout):
      repetitions) stay in the context but are never trained;
   3. weight each trained turn `exp(r / tau)` (optionally with the prompt's mean reward subtracted
      first, the AWR-like variant), capped at `max_weight`; a turn after the first correct one
-     also times `after_correct_weight`;
+     also times `after_correct_weight`, the first turn times `first_turn_weight` (a turn of weight 0
+     is not trained);
   4. assemble each trained turn's ids from stored ids, in the conversation the rollout engine
      built (`build_conversation`: same env feedback, same context window): the chat template's
      texts tokenized, each assistant reply as the ids the engine sampled (rise_ray.data.assemble),
@@ -201,6 +202,11 @@ def build_examples(
             w = turn_weight(rewards[i], cfg.tau, baselines.get(p.traj.problem_id, 0.0), cfg.max_weight)
             if p.first_correct is not None and i > p.first_correct:
                 w *= cfg.after_correct_weight
+            if i == 0:
+                w *= cfg.first_turn_weight
+            if w == 0:
+                stats["turns_zero_weight_skipped"] += 1
+                continue
             shown = p.turns[:i][-context_window:] if context_window else p.turns[:i]  # as build_conversation
             conv = build_conversation(env, problem, attempts[:i], context_window)
             try:
@@ -276,17 +282,6 @@ def build_examples(
             stats.get("dropped_too_long", 0),
         )
     return rows, stats
-
-
-
-
-
-
-
-
-
-
-
 
 
 def build_dataset(
