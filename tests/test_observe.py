@@ -39,7 +39,7 @@ def ray_dashboard():
 
     if ray.is_initialized():
         ray.shutdown()
-    ctx = ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    ctx = ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     dash = int(ctx.dashboard_url.rsplit(":", 1)[1])  # the ports Ray bound, read back
     (metrics,) = [n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]
     yield {"dashboard": dash, "metrics": metrics, "node_ip": ctx.address_info["node_ip_address"]}

@@ -303,7 +303,7 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
 
