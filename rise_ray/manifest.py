@@ -117,7 +117,7 @@ def _depends_on(cfg: RunConfig, stage: str) -> tuple[tuple[str, ...], tuple[str,
         # its data settings are overridden too, and its demonstrations' reward 0 weighs exp(0 / tau) = 1
         return ("model", "warmup", "env", "train", "data"), (
             *test_only, *overridden, "data.criteria", "data.center_rewards", "data.dedupe", "data.tau",
-            "data.turns_after_correct", "data.after_correct_weight")
+            "data.turns_after_correct", "data.after_correct_weight", "data.first_turn_weight")
     if kind == "collect":
         teacher = ("teacher",) if cfg.rollout.improve_with == "teacher" else ()
         return (*engines, "rollout", "env", *teacher), test_only

@@ -134,6 +134,8 @@ def test_lock_stops_a_second_run_and_is_taken_over_after_sigkill(tmp_path, capsy
     ("train.lr=0.5", "train.lr (0.002 -> 0.5)", "iter_1/train"),  # but with warmup.train's lr
     ("eval.turns=3", "eval.turns (5 -> 3)", "iter_0/eval"),
     ("data.tau=0.1", "data.tau (0.4 -> 0.1)", "iter_1/dataset"),
+    # the warm-up trains its demonstrations' first turns whatever the RISE data's setting
+    ("data.first_turn_weight=0", "data.first_turn_weight (1.0 -> 0.0)", "iter_1/dataset"),
 ])
 def test_a_changed_config_is_refused_naming_the_fields(tmp_path, capsys, change, field, first):
     run_dir = tmp_path / "r"

@@ -63,7 +63,7 @@ def warmup(cfg: RunConfig, env: Env, model_path: str, out_dir: str) -> str:
     train_cfg = warmup_train_config(cfg)
     data_cfg = cfg.data.model_copy(
         update={"criteria": "all", "center_rewards": False, "dedupe": False, "turns_after_correct": None,
-                "after_correct_weight": 1.0}
+                "after_correct_weight": 1.0, "first_turn_weight": 1.0}
     )
     wcfg = cfg.model_copy(update={"train": train_cfg, "data": data_cfg})
     data_dir = os.path.join(out_dir, "dataset")
