@@ -143,7 +143,6 @@ def test_after_correct_weight_scales_only_the_turns_past_the_first_right_one(env
         DataConfig(after_correct_weight=-1)
 
 
-
 def test_first_turn_weight_scales_the_first_turn_and_zero_leaves_it_untrained(env, tok):
     traj = make_trajectory("p", "Q?", [("a", 1.0), ("b", 0.0), ("c", 1.0)])
     kw = dict(layout="prefix", stop_at_correct=False, dedupe=False)
